@@ -1,0 +1,248 @@
+"""The one config loader: YAML presets -> typed pydantic sections, with dotted overrides.
+
+Every entry point (CLI command, Prefect flow, test) calls `load_config` once and passes the
+typed sections down. Sections map one-to-one to YAML top-level keys:
+`data`, `model`, `train`, `scaling`, `eval`, `registry`, `services`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = ("debug", "local", "cluster")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the input and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where raw data comes from and how it is cleaned, split and sharded."""
+
+    source: str | None = None  # raw data path/URI; None = synthesise the shapes set
+    format: str | None = None  # coco|vqa|jsonl|csv|parquet|folder|webdataset; None = guess
+    root: str | None = None  # where dataset versions live; None = $MMFUSION_HOME/datasets
+    synth_num: int = 600
+    synth_seed: int = 0
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    image_size: int = 256  # resize target of the stored (cleaned) image
+    resize_mode: Literal["shorter", "longer", "center_crop", "none"] = "shorter"
+    jpeg_quality: int = 90
+    min_side: int = 16
+    max_aspect: float = 6.0
+    max_pixels: int = 64_000_000
+    min_caption_chars: int = 3
+    max_caption_chars: int = 500
+    dedup_distance: int = 4  # perceptual-hash Hamming distance for near duplicates; <0 disables
+    shard_samples: int = 1000
+    shard_max_bytes: int = 256 * 1024 * 1024
+    http_timeout_s: float = 10.0
+    http_retries: int = 2
+    columns: dict[str, str] = Field(default_factory=dict)  # csv/parquet column names
+
+
+class ModelConfig(_Section):
+    """Which mmcore preset to build, and the few knobs worth changing from YAML."""
+
+    preset: Literal["debug", "small", "base"] = "debug"
+    fusion: Literal["cross_attention", "gated", "concat"] | None = None  # None = the preset's
+    image_encoder: str | None = None  # e.g. resnet18, resnet50, vit; None = the preset's
+    image_size: int | None = None  # model input resolution; None = the preset's
+    vocab_size: int = 1000  # size of the locally trained WordPiece tokenizer
+    max_text_len: int = 32
+    max_answer_len: int = 8
+    tokenizer: str | None = None  # local dir of a pretrained tokenizer; None = train one
+    image_pretrained: str | None = None  # torchvision state-dict file
+    text_pretrained: str | None = None  # HF BERT directory
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys into mmcore's config
+
+
+class TrainConfig(_Section):
+    steps: int = 300  # pretraining optimiser steps
+    finetune_steps: int = 150
+    finetune_tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa"])
+    batch_size: int = 32  # per worker
+    grad_accum: int = 1
+    lr: float = 1e-3
+    finetune_lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    lm_weight: float = 1.0
+    label_smoothing: float = 0.1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 100
+    max_failures: int = 2
+    loader_workers: int = 1
+    shuffle_buffer: int = 256
+    seed: int = 0
+    log_every: int = 10
+    storage: str | None = None  # Ray Train storage path / URI; None = $MMFUSION_HOME/ray_results
+
+
+class ScalingConfig(_Section):
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+
+
+class EvalConfig(_Section):
+    batch_size: int = 64
+    max_len: int = 24
+    num_beams: int = 1
+    itm_rerank_k: int = 0  # 0 = no ITM re-ranking
+    num_samples_shown: int = 5
+    bootstrap_samples: int = 1000
+
+
+class RegistryConfig(_Section):
+    model_name: str = "mmfusion-debug"
+    primary_metric: str = "i2t_r1"
+    higher_is_better: bool = True
+    margin: float = 0.0
+    confidence: float = 0.95
+    experiment: str = "mmfusion"
+
+
+class ServicesConfig(_Section):
+    """Service addresses. None means: the usual variable if set, else the embedded default."""
+
+    home: str | None = None  # state dir; None = $MMFUSION_HOME or ./.mmfusion
+    ray_address: str | None = None  # None = $RAY_ADDRESS or a local in-process Ray
+    prefect_api_url: str | None = None  # None = $PREFECT_API_URL or Prefect's ephemeral API
+    mlflow_tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite under home
+    ray_num_cpus: int | None = None  # local Ray only
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """A short, stable hash of the whole config (lineage tag)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_config_path(path_or_preset: str | os.PathLike | None) -> Path | None:
+    """A file path, or a preset name (`debug`, `local`, `cluster`) looked up in configs/."""
+    if path_or_preset is None:
+        return None
+    p = Path(path_or_preset)
+    if p.is_file():
+        return p
+    if str(path_or_preset) in PRESETS and (CONFIG_DIR / f"{path_or_preset}.yaml").is_file():
+        return CONFIG_DIR / f"{path_or_preset}.yaml"
+    raise ConfigError(
+        f"config file not found: {path_or_preset!s}. Pass a YAML file path or one of the presets "
+        f"{', '.join(PRESETS)} (in {CONFIG_DIR})."
+    )
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 3, 0.5, true, null, [a, b], {k: v}, plain strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` to a nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"bad --set {assignment!r}: expected dotted.key=value, e.g. train.steps=50")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"bad --set {assignment!r}: empty key")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"bad --set {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = _parse_value(raw)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Parse a YAML file (or preset name; None = all defaults) and apply `--set` overrides."""
+    tree: dict[str, Any] = {}
+    resolved = resolve_config_path(path)
+    if resolved is not None:
+        try:
+            tree = yaml.safe_load(resolved.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{resolved}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{resolved}: top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        where = f" in {resolved}" if resolved else ""
+        lines = [
+            f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+        ]
+        raise ConfigError(f"invalid config{where} (after --set overrides):\n" + "\n".join(lines)) from e
+
+
+# ----------------------------------------------------------------------------- state + services
+
+
+def home_dir(cfg: Config | None = None) -> Path:
+    """The state directory: datasets, checkpoints, MLflow SQLite, Ray storage live under it."""
+    raw = (cfg.services.home if cfg else None) or os.environ.get("MMFUSION_HOME") or ".mmfusion"
+    path = Path(raw).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def datasets_root(cfg: Config) -> str:
+    return cfg.data.root or str(home_dir(cfg) / "datasets")
+
+
+def train_storage(cfg: Config) -> str:
+    return cfg.train.storage or str(home_dir(cfg) / "ray_results")
+
+
+def mlflow_tracking_uri(cfg: Config) -> str:
+    uri = cfg.services.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{home_dir(cfg) / 'mlflow.db'}"
+
+
+def mlflow_artifact_root(cfg: Config) -> str:
+    return str(home_dir(cfg) / "mlartifacts")
+
+
+def ray_address(cfg: Config) -> str | None:
+    return cfg.services.ray_address or os.environ.get("RAY_ADDRESS") or None

@@ -1,0 +1,67 @@
+"""Process set-up shared by every job: quiet offline services and a Ray connection."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipelines.config import Config, home_dir, ray_address
+
+# Telemetry and hub lookups off: this platform runs on closed networks, and their failed
+# connections are noise in every log. Users can still opt in by setting the variables themselves.
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_TRAIN_V2_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def quiet_environment() -> None:
+    """Set the quiet/offline variables (without overriding what the user set)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("urllib3", "filelock", "httpx", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def init_ray(cfg: Config | None = None, **kwargs):
+    """Connect to the configured Ray cluster, or start a local one in-process.
+
+    Idempotent: returns at once when Ray is already initialised (tests start their own).
+    """
+    import ray
+
+    quiet_environment()
+    if ray.is_initialized():
+        return ray
+    address = ray_address(cfg) if cfg is not None else os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in QUIET_ENV}
+    runtime_env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    else:
+        num_cpus = cfg.services.ray_num_cpus if cfg is not None else None
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=kwargs.pop("include_dashboard", None),
+            runtime_env=runtime_env,
+            _temp_dir=kwargs.pop("_temp_dir", None),
+            **kwargs,
+        )
+    return ray
+
+
+def state_summary(cfg: Config) -> dict[str, str]:
+    return {"home": str(home_dir(cfg))}
