@@ -1,0 +1,86 @@
+"""Per-sample results -> report-card metrics. The one place that aggregates them.
+
+A per-sample record (one line of `per_sample.jsonl`, one test image) holds everything any
+metric needs, so that a metric can be recomputed, and bootstrapped, from the file alone:
+
+    {"key": str,
+     "i2t_rank": int,          # 1-based rank of the best-ranked own caption among all captions
+     "t2i_ranks": [int, ...],  # per own caption: 1-based rank of this image among all images
+     "generated": str, "references": [str, ...],
+     "vqa": [{"question", "answers", "predicted", "score"}],
+     "itm": {"pos_logit", "neg_logit", "neg_key", "correct": int}}   # correct out of 2 pairs
+
+Ratio metrics (recalls, VQA and ITM accuracy) are sums of per-sample numerators over sums of
+denominators, so a resampled subset is scored with two array sums. BLEU-4 and CIDEr-D are
+corpus metrics and are recomputed with mmcore's implementation on the subset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+KS = (1, 5, 10)
+RETRIEVAL_METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS)
+RATIO_METRICS = RETRIEVAL_METRICS + ("vqa_acc", "itm_acc")
+CORPUS_METRICS = ("bleu4", "cider_d")
+ALL_METRICS = RATIO_METRICS + CORPUS_METRICS
+
+
+class MetricError(ValueError):
+    """A metric name that is unknown, or cannot be computed from these per-sample records."""
+
+
+def _check(metric: str) -> None:
+    if metric not in ALL_METRICS:
+        raise MetricError(f"unknown metric {metric!r}; choose one of {', '.join(ALL_METRICS)}")
+
+
+def ratio_terms(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample numerator and denominator, each `(N,)` float64, for a ratio metric."""
+    _check(metric)
+    if metric.startswith("i2t_r"):
+        k = int(metric[5:])
+        num = [float(r["i2t_rank"] <= k) for r in records]
+        den = [1.0] * len(records)
+    elif metric.startswith("t2i_r"):
+        k = int(metric[5:])
+        num = [float(sum(rank <= k for rank in r["t2i_ranks"])) for r in records]
+        den = [float(len(r["t2i_ranks"])) for r in records]
+    elif metric == "vqa_acc":
+        num = [float(sum(q["score"] for q in r.get("vqa", []))) for r in records]
+        den = [float(len(r.get("vqa", []))) for r in records]
+    elif metric == "itm_acc":
+        num = [float(r["itm"]["correct"]) if r.get("itm") else 0.0 for r in records]
+        den = [2.0 if r.get("itm") else 0.0 for r in records]
+    else:
+        raise MetricError(f"{metric} is a corpus metric, not a ratio of per-sample terms")
+    return np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+
+
+def corpus_metric(records: Sequence[dict], metric: str) -> float:
+    """BLEU-4 or CIDEr-D of the generated captions against their references (mmcore's code)."""
+    from mmcore import metrics as mm
+
+    _check(metric)
+    candidates = [r["generated"] for r in records]
+    references = [list(r["references"]) for r in records]
+    fn = {"bleu4": mm.bleu4, "cider_d": mm.cider_d}.get(metric)
+    if fn is None:
+        raise MetricError(f"{metric} is a ratio metric; use ratio_terms")
+    return float(fn(candidates, references))
+
+
+def metric_value(records: Sequence[dict], metric: str) -> float | None:
+    """One metric over these records; None when no record carries what it needs (e.g. no QA)."""
+    if metric in CORPUS_METRICS:
+        return corpus_metric(records, metric) if records else None
+    num, den = ratio_terms(records, metric)
+    total = den.sum()
+    return float(num.sum() / total) if total > 0 else None
+
+
+def compute_metrics(records: Sequence[dict]) -> dict[str, float | None]:
+    """Every report-card metric from the per-sample records (fractions in [0, 1] for ratios)."""
+    return {m: metric_value(records, m) for m in ALL_METRICS}
