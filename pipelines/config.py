@@ -95,6 +95,9 @@ class TrainConfig(_Section):
     seed: int = 0
     log_every: int = 10
     storage: str | None = None  # Ray Train storage path / URI; None = $MMFUSION_HOME/ray_results
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of the peak lr
+    val_max_samples: int = 512  # validation reads at most this many val samples
+    fail_at_step: int | None = None  # test device: one rank exits once at this step (marker file)
 
 
 class ScalingConfig(_Section):

@@ -13,7 +13,7 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    "RAY_TRAIN_V2_ENABLED": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",  # Ray 2.60 default; resume-by-run-name needs V2
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_TELEMETRY": "false",
     "DO_NOT_TRACK": "1",
