@@ -1,0 +1,16 @@
+"""MLflow registry: register evaluated checkpoints, gate them against the champion, resolve URIs."""
+
+from pipelines.registry.manage import list_models, promote, rollback, show
+from pipelines.registry.register import register_and_gate, register_version
+from pipelines.registry.resolve import ModelURIError, resolve_model
+
+__all__ = [
+    "ModelURIError",
+    "list_models",
+    "promote",
+    "register_and_gate",
+    "register_version",
+    "resolve_model",
+    "rollback",
+    "show",
+]

@@ -1,0 +1,112 @@
+"""Image encoders: torchvision ResNet (18/50) or VisionTransformer, returning tokens and a pooled vector.
+
+Both return `(tokens (B, N, D), pooled (B, D))` in the model width D:
+- ViT: N = 1 + (image_size / patch_size)^2 (the class token first); pooled = the class token.
+- ResNet: N = h * w of the last feature map (image_size / 32 squared); pooled = their mean.
+
+Pretrained weights come only from a local torchvision state-dict file (`torch.load` with
+`weights_only=True`, so nothing is unpickled); a ViT's position embeddings are interpolated when
+the file was trained at another resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+RESNETS = {"resnet18": (resnet18, 512), "resnet50": (resnet50, 2048)}
+
+
+@dataclass
+class ImageEncoderConfig:
+    arch: str = "vit"  # vit | resnet18 | resnet50
+    image_size: int = 64
+    patch_size: int = 8  # ViT only
+    num_layers: int = 2  # ViT only
+    num_heads: int = 4  # ViT only
+    hidden_dim: int = 128  # ViT only (ResNets have fixed widths)
+    mlp_dim: int = 256  # ViT only
+    dropout: float = 0.0
+    pretrained: str | None = None  # torchvision state-dict file (.pth), loaded by build
+
+
+class ImageEncoder(nn.Module):
+    """torchvision backbone + a linear projection to the model width `out_dim`."""
+
+    def __init__(self, cfg: ImageEncoderConfig, out_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.arch == "vit":
+            self.backbone = _vit(cfg)
+            width = cfg.hidden_dim
+        elif cfg.arch in RESNETS:
+            make, width = RESNETS[cfg.arch]
+            self.backbone = make(weights=None)
+            # The grid tokens come from layer4; the classifier is never used.
+            self.backbone.fc = nn.Identity()
+        else:
+            raise ValueError(f"unknown image encoder arch {cfg.arch!r}; use vit, resnet18 or resnet50")
+        self.proj = nn.Identity() if width == out_dim else nn.Linear(width, out_dim)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images `(B, 3, H, W)` normalised -> `(tokens (B, N, D), pooled (B, D))`."""
+        if self.cfg.arch == "vit":
+            tokens = _vit_tokens(self.backbone, images)
+            tokens = self.proj(tokens)
+            return tokens, tokens[:, 0]
+        tokens = self.proj(_resnet_tokens(self.backbone, images))
+        return tokens, tokens.mean(dim=1)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a torchvision state dict (e.g. `vit_b_16` / `resnet50` weights) from a local file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image encoder weights {path} not found; give a torchvision .pth file")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Classifier heads are not part of the encoder.
+        state = {k: v for k, v in state.items() if not k.startswith(("heads.", "fc."))}
+        if self.cfg.arch == "vit":
+            pos = state.get("encoder.pos_embedding")
+            if pos is not None and pos.shape != self.backbone.encoder.pos_embedding.shape:
+                state = dict(interpolate_embeddings(self.cfg.image_size, self.cfg.patch_size, state))
+        missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not match a torchvision {self.cfg.arch}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}; check model.image_encoder / the preset's sizes"
+            )
+
+
+def _vit(cfg: ImageEncoderConfig) -> VisionTransformer:
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    vit = VisionTransformer(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        hidden_dim=cfg.hidden_dim,
+        mlp_dim=cfg.mlp_dim,
+        dropout=cfg.dropout,
+    )
+    vit.heads = nn.Identity()
+    return vit
+
+
+def _vit_tokens(vit: VisionTransformer, images: Tensor) -> Tensor:
+    """All ViT output tokens `(B, 1 + P, hidden)`, class token first (torchvision keeps only [:, 0])."""
+    x = vit._process_input(images)
+    cls = vit.class_token.expand(x.shape[0], -1, -1)
+    return vit.encoder(torch.cat([cls, x], dim=1))
+
+
+def _resnet_tokens(net: nn.Module, images: Tensor) -> Tensor:
+    """Last feature map of a torchvision ResNet as tokens `(B, h*w, C)`."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+    x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    return x.flatten(2).transpose(1, 2)

@@ -1,0 +1,36 @@
+"""Task heads on top of the encoders and fusion: ITC projections + temperature, and the ITM classifier."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class FusionHeads(nn.Module):
+    """Projections of the pooled image/text states into the joint embedding space `E`, the learnable
+    ITC temperature (as log of its inverse, CLIP style), and the ITM head on the fused [CLS] state."""
+
+    def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07):
+        super().__init__()
+        self.image_proj = nn.Linear(dim, embed_dim)
+        self.text_proj = nn.Linear(dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.itm = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def embed_image(self, pooled: Tensor) -> Tensor:
+        """`(B, D) -> (B, E)`, L2-normalised."""
+        return nn.functional.normalize(self.image_proj(pooled), dim=-1)
+
+    def embed_text(self, pooled: Tensor) -> Tensor:
+        """`(B, D) -> (B, E)`, L2-normalised."""
+        return nn.functional.normalize(self.text_proj(pooled), dim=-1)
+
+    def scale(self) -> Tensor:
+        """ITC logit scale 1/T, clamped at 100 as in CLIP so training cannot blow it up."""
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    def match(self, fused: Tensor) -> Tensor:
+        """ITM logit `(B,)` from fused tokens `(B, L, D)` (their first, [CLS], position)."""
+        return self.itm(fused[:, 0]).squeeze(-1)

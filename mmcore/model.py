@@ -1,0 +1,314 @@
+"""FusionModel: image encoder + text encoder + fusion + decoder + heads, its config and presets.
+
+Tasks of `forward(batch, task)`:
+- `pretrain`: ITC embeddings, ITM on positives and hard negatives, captioning LM.
+- `retrieval`: ITC embeddings and ITM (no LM).
+- `caption`: LM over the caption, the decoder cross-attending to the image tokens.
+- `vqa`: the question is encoded and fused with the image; the decoder generates the answer
+  cross-attending to [fused question tokens; image tokens].
+Everything that needs gradients (ITM hard negatives included) happens inside forward, so that a
+DDP-wrapped model works unchanged. Tasks other than `pretrain` leave some parameters unused, so
+a DDP wrapper needs `find_unused_parameters=True` for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmcore.decoders import DecoderConfig, TextDecoder, beam_search, greedy_search
+from mmcore.encoders import ImageEncoder, ImageEncoderConfig, TextEncoder, TextEncoderConfig
+from mmcore.encoders.text import text_config_from_pretrained
+from mmcore.fusion import FusionConfig, build_fusion
+from mmcore.heads import FusionHeads
+
+TASKS = ("pretrain", "caption", "vqa", "retrieval")
+
+
+@dataclass
+class FusionModelConfig:
+    """Everything needed to rebuild a FusionModel; the model width D is `text.hidden_size`."""
+
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    embed_dim: int = 128  # joint ITC embedding size E
+    init_temperature: float = 0.07
+    # Special token ids (the tokenizer's [PAD], [CLS] = BOS, [SEP] = EOS).
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+    preset: str = "custom"
+
+    @property
+    def dim(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FusionModelConfig:
+        """Inverse of to_dict; an unknown key raises ValueError naming it."""
+        parts = {"image": ImageEncoderConfig, "text": TextEncoderConfig,
+                 "fusion": FusionConfig, "decoder": DecoderConfig}
+        kwargs = {}
+        for key, value in d.items():
+            if key in parts:
+                kwargs[key] = _make(parts[key], value, key)
+            elif key in {f.name for f in dataclasses.fields(cls)}:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"unknown model config key {key!r}")
+        return cls(**kwargs)
+
+
+def _make(kind, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(kind)}
+    bad = sorted(set(values) - names)
+    if bad:
+        raise ValueError(f"unknown model config key(s) {', '.join(where + '.' + b for b in bad)}")
+    return kind(**values)
+
+
+def _preset(name: str) -> FusionModelConfig:
+    if name == "debug":
+        # Trains on a CPU in minutes: 64px ViT with 8px patches, 2-layer BERT, width 128.
+        return FusionModelConfig(
+            image=ImageEncoderConfig("vit", 64, 8, num_layers=2, num_heads=4, hidden_dim=128, mlp_dim=256),
+            text=TextEncoderConfig(1000, 128, 2, 4, 256, max_positions=64),
+            fusion=FusionConfig("cross_attention", num_layers=1, num_heads=4, mlp_ratio=2),
+            decoder=DecoderConfig(num_layers=2, num_heads=4, mlp_ratio=2, max_len=64),
+            embed_dim=128, preset="debug",
+        )
+    if name == "small":
+        return FusionModelConfig(
+            image=ImageEncoderConfig("vit", 128, 16, 6, 6, 384, 1536, dropout=0.1),
+            text=TextEncoderConfig(8000, 384, 4, 6, 1536, max_positions=128, dropout=0.1),
+            fusion=FusionConfig("cross_attention", 2, 6, 4, dropout=0.1),
+            decoder=DecoderConfig(4, 6, 4, max_len=128, dropout=0.1),
+            embed_dim=256, preset="small",
+        )
+    if name == "base":
+        # ViT-B/16 (or resnet50 via image_encoder=) with BERT-base sizes; 6 fusion layers as in ALBEF.
+        return FusionModelConfig(
+            image=ImageEncoderConfig("vit", 224, 16, 12, 12, 768, 3072, dropout=0.1),
+            text=TextEncoderConfig(30522, 768, 12, 12, 3072, max_positions=512, dropout=0.1),
+            fusion=FusionConfig("cross_attention", 6, 12, 4, dropout=0.1),
+            decoder=DecoderConfig(6, 12, 4, max_len=128, dropout=0.1),
+            embed_dim=256, preset="base",
+        )
+    raise ValueError(f"unknown model preset {name!r}; use debug, small or base")
+
+
+# Short override names used by the YAML config's model section.
+_ALIASES = {
+    "vocab_size": "text.vocab_size", "image_size": "image.image_size", "fusion": "fusion.kind",
+    "image_encoder": "image.arch", "image_pretrained": "image.pretrained",
+    "text_pretrained": "text.pretrained",
+}
+
+
+def model_config(preset: str = "debug", **overrides: Any) -> FusionModelConfig:
+    """The preset's config with overrides applied. Keys are fields (`embed_dim=64`), dotted paths
+    into a part (`**{"decoder.num_layers": 3}`) or aliases (`vocab_size`, `image_size`, `fusion`,
+    `image_encoder`, `image_pretrained`, `text_pretrained`). None values are ignored."""
+    cfg = _preset(preset)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        path = _ALIASES.get(key, key).split(".")
+        target = cfg
+        for part in path[:-1]:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, path[-1]) or isinstance(getattr(target, path[-1]), property):
+            raise ValueError(f"unknown model override {key!r}; see mmcore.model.FusionModelConfig")
+        setattr(target, path[-1], value)
+    return cfg
+
+
+@dataclass
+class FusionOutput:
+    """What forward returns; fields a task does not compute are None.
+
+    image_emb, text_emb `(B, E)` L2-normalised; logit_scale scalar (1/T);
+    itm_logits, itm_labels `(3B,)` (positives, image->hard-negative text, text->hard-negative image);
+    lm_logits `(B, T-1, V)` and lm_labels `(B, T-1)` (-100 = ignore) for the caption / answer.
+    """
+
+    task: str
+    image_emb: Tensor | None = None
+    text_emb: Tensor | None = None
+    logit_scale: Tensor | None = None
+    itm_logits: Tensor | None = None
+    itm_labels: Tensor | None = None
+    lm_logits: Tensor | None = None
+    lm_labels: Tensor | None = None
+
+
+class FusionModel(nn.Module):
+    """Built from parts: `FusionModel(image_encoder, text_encoder, fusion, decoder, heads, cfg)`."""
+
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, fusion: nn.Module,
+                 decoder: TextDecoder, heads: FusionHeads, cfg: FusionModelConfig):
+        super().__init__()
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.fusion, self.decoder, self.heads = fusion, decoder, heads
+        self.cfg = cfg
+
+    # ---- inference API -------------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images `(B, 3, H, W)` -> `(tokens (B, N, D), emb (B, E) L2-normalised)`."""
+        tokens, pooled = self.image_encoder(images)
+        return tokens, self.heads.embed_image(pooled)
+
+    def encode_text(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """ids, mask `(B, L)` -> `(tokens (B, L, D), emb (B, E) L2-normalised)`."""
+        tokens, pooled = self.text_encoder(ids, mask)
+        return tokens, self.heads.embed_text(pooled)
+
+    def itm_logits(self, image_tokens: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Matching logit `(B,)` of image tokens `(B, N, D)` with texts `(B, L)` (> 0: match)."""
+        text_tokens, _ = self.text_encoder(ids, mask)
+        return self.heads.match(self.fusion(text_tokens, mask, image_tokens))
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, max_len: int, num_beams: int = 1,
+                 prompt_ids: Tensor | None = None, prompt_mask: Tensor | None = None,
+                 use_cache: bool = True) -> Tensor:
+        """Captions (or, with a question prompt, answers) `(B, T)`, T <= max_len, without BOS;
+        EOS included where generated and PAD after it. Decode with `mmcore.data.decode_text`."""
+        image_tokens, _ = self.image_encoder(images)
+        if prompt_ids is None:
+            memory, memory_mask = image_tokens, None
+        else:
+            if prompt_mask is None:
+                prompt_mask = (prompt_ids != self.cfg.pad_id).long()
+            memory, memory_mask = self._vqa_memory(image_tokens, prompt_ids, prompt_mask)
+        c = self.cfg
+        if num_beams <= 1:
+            return greedy_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id,
+                                 max_len, use_cache)
+        return beam_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id,
+                           max_len, num_beams, use_cache=use_cache)
+
+    # ---- training forward ----------------------------------------------------------------
+    def forward(self, batch: dict[str, Any], task: str) -> FusionOutput:
+        """batch: the collated dict from `mmcore.data.collate` (tensors on the model's device)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+        images = batch["image"]
+        if task == "caption":
+            image_tokens, _ = self.image_encoder(images)
+            logits, labels = self._lm(batch["caption_ids"], batch["caption_mask"], image_tokens, None)
+            return FusionOutput(task, lm_logits=logits, lm_labels=labels)
+        if task == "vqa":
+            return self._forward_vqa(batch)
+        ids, mask = batch["caption_ids"], batch["caption_mask"]
+        image_tokens, image_pooled = self.image_encoder(images)
+        text_tokens, text_pooled = self.text_encoder(ids, mask)
+        out = FusionOutput(task, self.heads.embed_image(image_pooled), self.heads.embed_text(text_pooled),
+                           self.heads.scale())
+        out.itm_logits, out.itm_labels = self._itm(image_tokens, text_tokens, ids, mask, out)
+        if task == "pretrain":
+            out.lm_logits, out.lm_labels = self._lm(ids, mask, image_tokens, None)
+        return out
+
+    def _forward_vqa(self, batch: dict[str, Any]) -> FusionOutput:
+        image_tokens, _ = self.image_encoder(batch["image"])
+        memory, memory_mask = self._vqa_memory(image_tokens, batch["question_ids"], batch["question_mask"])
+        logits, labels = self._lm(batch["answer_ids"], batch["answer_mask"], memory, memory_mask)
+        # Samples without a question-answer pair contribute nothing.
+        labels = labels.masked_fill(~batch["has_qa"].bool()[:, None], -100)
+        return FusionOutput("vqa", lm_logits=logits, lm_labels=labels)
+
+    def _vqa_memory(self, image_tokens: Tensor, q_ids: Tensor, q_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder memory for VQA: fused question tokens then image tokens `(B, Lq + N, D)`, and its mask."""
+        q_tokens, _ = self.text_encoder(q_ids, q_mask)
+        fused = self.fusion(q_tokens, q_mask, image_tokens)
+        ones = torch.ones(image_tokens.shape[:2], dtype=q_mask.dtype, device=q_mask.device)
+        return torch.cat([fused, image_tokens], dim=1), torch.cat([q_mask, ones], dim=1)
+
+    def _lm(self, ids: Tensor, mask: Tensor, memory: Tensor, memory_mask: Tensor | None):
+        """Teacher-forced logits `(B, T-1, V)` predicting ids[:, 1:] from ids[:, :-1]; labels -100 on padding."""
+        logits = self.decoder(ids[:, :-1], memory, memory_mask)
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return logits, labels
+
+    def _itm(self, image_tokens, text_tokens, ids, mask, out: FusionOutput):
+        """ITM logits/labels `(3B,)`: matched pairs, then each image with a hard-negative text and each
+        text with a hard-negative image, sampled in proportion to their ITC similarity."""
+        b = ids.shape[0]
+        if b < 2:  # no negatives to sample
+            fused = self.fusion(text_tokens, mask, image_tokens)
+            return self.heads.match(fused), torch.ones(b, device=ids.device)
+        neg_text, neg_image = _hard_negatives(out.image_emb, out.text_emb, out.logit_scale, ids)
+        texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
+        masks = torch.cat([mask, mask[neg_text], mask])
+        images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
+        logits = self.heads.match(self.fusion(texts, masks, images))
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
+        return logits, labels
+
+
+@torch.no_grad()
+def _hard_negatives(image_emb: Tensor, text_emb: Tensor, scale: Tensor, ids: Tensor):
+    """Indices `(B,)` of a negative text per image and a negative image per text, drawn with
+    probability softmax(similarity). Pairs whose captions are identical are never negatives
+    (a repeated caption would be a false negative) unless nothing else is left."""
+    sim = scale * image_emb @ text_emb.T  # (B, B)
+    same = (ids[:, None, :] == ids[None, :, :]).all(-1)
+    w_i2t = torch.softmax(sim.float(), dim=1).masked_fill(same, 0)
+    w_t2i = torch.softmax(sim.T.float(), dim=1).masked_fill(same, 0)
+    # Fallback for rows whose every other caption is identical: any other index.
+    eye = torch.eye(len(ids), dtype=torch.bool, device=ids.device)
+    floor = (~eye).float() * 1e-8
+    return torch.multinomial(w_i2t + floor, 1).squeeze(1), torch.multinomial(w_t2i + floor, 1).squeeze(1)
+
+
+def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionModel:
+    """Build the model the config describes; with load_pretrained, read the local pretrained weights
+    it names (a BERT dir also fixes the text sizes, which are written back into `model.cfg`)."""
+    cfg = dataclasses.replace(cfg)
+    if cfg.text.pretrained:
+        cfg.text = text_config_from_pretrained(cfg.text.pretrained, cfg.text)
+    if cfg.decoder.num_heads and cfg.dim % cfg.decoder.num_heads:
+        raise ValueError(f"model width {cfg.dim} is not divisible by decoder.num_heads {cfg.decoder.num_heads}")
+    model = FusionModel(
+        ImageEncoder(cfg.image, cfg.dim),
+        TextEncoder(cfg.text),
+        build_fusion(cfg.fusion, cfg.dim),
+        TextDecoder(cfg.decoder, cfg.dim, cfg.vocab_size),
+        FusionHeads(cfg.dim, cfg.embed_dim, cfg.init_temperature),
+        cfg,
+    )
+    if load_pretrained and cfg.image.pretrained:
+        model.image_encoder.load_pretrained(cfg.image.pretrained)
+    if load_pretrained and cfg.text.pretrained:
+        model.text_encoder.load_pretrained(cfg.text.pretrained)
+    return model
+
+
+def fusion_debug(**overrides: Any) -> FusionModel:
+    return build_model(model_config("debug", **overrides))
+
+
+def fusion_small(**overrides: Any) -> FusionModel:
+    return build_model(model_config("small", **overrides))
+
+
+def fusion_base(**overrides: Any) -> FusionModel:
+    return build_model(model_config("base", **overrides))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

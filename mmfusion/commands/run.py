@@ -1,0 +1,93 @@
+"""`mmfusion run`: the whole pipeline as the Prefect flow `retrain`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from mmfusion.commands.common import add_config_args, config_from_args
+from pipelines.config import Config, home_dir, mlflow_tracking_uri
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline: data -> pretrain -> fine-tune -> evaluate -> register",
+        description=(
+            "Run the Prefect flow `retrain`: synthesise data when no data.source is set, ingest it "
+            "into WebDataset shards (Ray Data), pretrain and fine-tune (Ray Train), evaluate on the "
+            "test split, register the checkpoint in MLflow and promote it to `champion` when it "
+            "beats the current one. Ends with a report of where everything is."
+        ),
+    )
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def configure_prefect(cfg: Config) -> None:
+    """Point Prefect at the configured server, else keep its state under the mmfusion home.
+
+    Must run before prefect is imported: Prefect reads these settings at import time.
+    """
+    if cfg.services.prefect_api_url:
+        os.environ["PREFECT_API_URL"] = cfg.services.prefect_api_url
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(home_dir(cfg) / "prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    configure_prefect(cfg)
+    from flows.retrain import retrain
+
+    summary = retrain(config=args.config, overrides=list(args.overrides))
+    print(format_report(cfg, summary))
+    return 0
+
+
+def format_report(cfg: Config, summary: dict[str, Any]) -> str:
+    """The short plain-text report printed at the end of `mmfusion run`."""
+    report, reg = summary["report"], summary["registration"]
+    metrics = report.get("metrics", {})
+    lines = ["", "=" * 72, "mmfusion run finished", "=" * 72]
+    lines += [
+        f"data        {summary['data_dir']}",
+        f"checkpoint  {summary['checkpoint']}",
+        f"model       {reg.get('model_uri')}  (run {reg.get('run_id')})",
+        f"champion    {'promoted: ' if reg.get('promoted') else 'unchanged: '}{reg.get('reason')}",
+        "",
+        "test-split metrics:",
+    ]
+    lines += [f"  {k:<10} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    lines += ["", "generated captions vs ground truth:"]
+    for ex in report.get("examples", []):
+        lines += [f"  [{ex['key']}]", f"    model: {ex['generated']}"]
+        lines += [f"    truth: {ref}" for ref in ex["references"][:2]]
+    lines += ["", "dashboards:", *dashboard_hints(cfg, summary)]
+    return "\n".join(lines)
+
+
+def dashboard_hints(cfg: Config, summary: dict[str, Any]) -> list[str]:
+    home = home_dir(cfg)
+    tracking = mlflow_tracking_uri(cfg)
+    prefect_api = os.environ.get("PREFECT_API_URL")
+    prefect = (
+        f"  Prefect  open {prefect_api.removesuffix('/api')} (flow run 'retrain')"
+        if prefect_api
+        else f"  Prefect  PREFECT_HOME={home / 'prefect'} prefect server start   "
+        "# then http://127.0.0.1:4200"
+    )
+    mlflow = (
+        f"  MLflow   mlflow ui --backend-store-uri {tracking}   # then http://127.0.0.1:5000"
+        if tracking.startswith("sqlite")
+        else f"  MLflow   open {tracking}"
+    )
+    ray_url = summary.get("ray_dashboard")
+    ray = (
+        f"  Ray      {ray_url} while Ray runs; a local Ray stops with the run: start a lasting one "
+        "with `ray start --head` and set RAY_ADDRESS=auto"
+    )
+    return [prefect, mlflow, ray if ray_url else "  Ray      `ray start --head`, set RAY_ADDRESS=auto, "
+            "then http://127.0.0.1:8265"]

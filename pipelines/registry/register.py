@@ -1,0 +1,238 @@
+"""Register an evaluated checkpoint as a model version, then gate it against the champion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Config
+from pipelines.registry import gate as gate_mod
+from pipelines.registry.tracking import (
+    CHAMPION,
+    champion_version,
+    client,
+    experiment_id,
+    registry_lock,
+)
+
+# Training state kept beside the model for resuming: not part of the served model version.
+_STATE_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".tmp")
+_STATE_PREFIXES = ("optimizer", "scheduler", "rng", "train_state", "trainer_state")
+
+
+def code_version() -> str:
+    """The git commit of this code (`-dirty` when the tree has changes), or `unknown`."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_files(checkpoint_dir: Path) -> list[Path]:
+    """The files that make up the served model: weights, config, tokenizer (relative paths)."""
+    if not (checkpoint_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint_dir}: no model.safetensors; pass a checkpoint directory written by "
+            "mmcore.checkpoint.save_checkpoint (e.g. the path run_training returned)"
+        )
+    keep = []
+    for p in sorted(checkpoint_dir.rglob("*")):
+        name = p.name.lower()
+        if p.is_file() and not name.endswith(_STATE_SUFFIXES) and not name.startswith(_STATE_PREFIXES):
+            keep.append(p.relative_to(checkpoint_dir))
+    return keep
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if not isinstance(v, str) else v
+    return out
+
+
+def _lineage_tags(cfg: Config, report: dict, lineage: dict, weights_sha: str) -> dict[str, str]:
+    tags = {
+        "dataset_version": lineage.get("dataset_version") or report.get("dataset_version") or "unknown",
+        "config_hash": lineage.get("config_hash") or cfg.hash(),
+        "code_version": lineage.get("code_version") or code_version(),
+        "parent_checkpoint": str(lineage.get("parent_checkpoint") or "none"),
+        "benchmark": report["benchmark"],
+        "weights_sha256": weights_sha,
+    }
+    for k, v in lineage.items():
+        tags.setdefault(f"lineage.{k}", str(v))
+    for k, v in report["metrics"].items():
+        if v is not None:
+            tags[f"metric.{k}"] = f"{v:.6f}"
+    return {k: str(v)[:5000] for k, v in tags.items()}
+
+
+def _log_run(cfg: Config, ckpt: Path, report: dict, tags: dict[str, str], mlclient) -> tuple[str, str]:
+    """One MLflow run: params, metrics, report card + per-sample results, the model files."""
+    import mlflow
+
+    exp = experiment_id(cfg, mlclient)
+    name = f"{cfg.registry.model_name}-{tags['dataset_version'][:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=exp, run_name=name) as run:
+        params = _flat({k: cfg.to_dict()[k] for k in ("model", "train", "eval", "registry")})
+        params = {k: v[:6000] for k, v in params.items()}
+        mlflow.log_params(params)
+        mlflow.log_metrics({k: float(v) for k, v in report["metrics"].items() if v is not None})
+        mlflow.set_tags(tags)
+        mlflow.log_artifact(report["report_card_path"], "eval")
+        mlflow.log_artifact(report["per_sample_path"], "eval")
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / "checkpoint"
+            for rel in model_files(ckpt):
+                dst = staged / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes((ckpt / rel).read_bytes())
+            mlflow.log_artifacts(str(staged), "checkpoint")
+        return run.info.run_id, f"{run.info.artifact_uri}/checkpoint"
+
+
+def _ensure_registered_model(mlclient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlclient.get_registered_model(name)
+    except MlflowException:
+        try:
+            mlclient.create_registered_model(
+                name, description="mmfusion fusion model; alias `champion` marks the one in service"
+            )
+        except MlflowException:  # created concurrently by another registration
+            mlclient.get_registered_model(name)
+
+
+def load_per_sample(path: str | Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def champion_per_sample(mlclient, mv) -> list[dict]:
+    """Download the champion's per-sample results from its run."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="eval/per_sample.jsonl", dst_path=tmp
+        )
+        return load_per_sample(local)
+
+
+def register_version(cfg: Config, checkpoint_dir, report: dict, lineage: dict | None = None):
+    """Log the run and create the model version (no gating). Returns the `ModelVersion`."""
+    ckpt = Path(checkpoint_dir)
+    mlclient = client(cfg)
+    tags = _lineage_tags(cfg, report, lineage or {}, sha256_file(ckpt / "model.safetensors"))
+    run_id, source = _log_run(cfg, ckpt, report, tags, mlclient)
+    name = cfg.registry.model_name
+    _ensure_registered_model(mlclient, name)
+    return mlclient.create_model_version(name, source=source, run_id=run_id, tags=tags)
+
+
+def _record(mlclient, mv, decision: dict[str, Any]) -> None:
+    """Write the gate's decision on the version (tags) and its run (metrics)."""
+    for k, v in decision.items():
+        if v is not None:
+            mlclient.set_model_version_tag(mv.name, mv.version, f"gate.{k}", str(v)[:5000])
+    for k in ("delta", "ci_low", "p_value"):
+        if isinstance(decision.get(k), float):
+            mlclient.log_metric(mv.run_id, f"gate_{k}", decision[k])
+
+
+def set_champion(mlclient, name: str, version: str, previous: str | None) -> None:
+    """Move the alias; the version remembers who it replaced, which is what rollback uses."""
+    if previous and previous != str(version):
+        mlclient.set_model_version_tag(name, version, "previous_champion", previous)
+    mlclient.set_registered_model_alias(name, CHAMPION, version)
+
+
+def gate_decision(cfg: Config, mlclient, mv, records: list[dict], champ) -> dict[str, Any]:
+    """Decide whether `mv` (with per-sample `records`) should replace `champ` (or None)."""
+    reg = cfg.registry
+    if champ is None:
+        return {"promote": True, "reason": "no champion yet: the first evaluated version becomes champion",
+                "metric": reg.primary_metric}
+    mine, theirs = mv.tags.get("benchmark"), champ.tags.get("benchmark")
+    if mine != theirs:
+        return {
+            "promote": False,
+            "metric": reg.primary_metric,
+            "reason": (
+                f"not compared: challenger v{mv.version} was evaluated on benchmark {mine}, champion "
+                f"v{champ.version} on {theirs}. Metrics on different test splits are not comparable; "
+                f"evaluate both on one dataset version (mmfusion eval --model models:/{mv.name}@champion "
+                "--data DIR) and register again, or promote by hand (mmfusion registry promote)."
+            ),
+        }
+    decision = gate_mod.decide(
+        records,
+        champion_per_sample(mlclient, champ),
+        reg.primary_metric,
+        higher_is_better=reg.higher_is_better,
+        margin=reg.margin,
+        confidence=reg.confidence,
+        samples=cfg.eval.bootstrap_samples,
+    )
+    out = decision.to_dict()
+    out["reason"] = f"v{mv.version} vs champion v{champ.version}: {decision.reason}"
+    return out
+
+
+def register_and_gate(cfg: Config, checkpoint_dir, report: dict, lineage: dict | None = None) -> dict:
+    """Register `checkpoint_dir` (evaluated as `report`) and make it champion if the gate agrees.
+
+    Returns `{"name", "version", "promoted", "reason", "run_id", "model_uri", "champion_version",
+    "decision"}`; `champion_version` is the champion after this call.
+    """
+    mlclient = client(cfg)
+    created = register_version(cfg, checkpoint_dir, report, lineage)
+    mv = mlclient.get_model_version(created.name, created.version)
+    records = load_per_sample(report["per_sample_path"])
+    name = cfg.registry.model_name
+    with registry_lock(cfg, name):
+        # Read the champion only now, under the lock: whoever held it before may have moved it.
+        champ = champion_version(mlclient, name)
+        decision = gate_decision(cfg, mlclient, mv, records, champ)
+        if decision["promote"]:
+            set_champion(mlclient, name, mv.version, champ.version if champ else None)
+        _record(mlclient, mv, decision)
+    now = champion_version(mlclient, name)
+    verdict = "PROMOTED to champion" if decision["promote"] else "not promoted"
+    print(f"[registry] {name} v{mv.version} {verdict}: {decision['reason']}", flush=True)
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "promoted": bool(decision["promote"]),
+        "reason": decision["reason"],
+        "run_id": mv.run_id,
+        "model_uri": f"models:/{name}/{mv.version}",
+        "champion_version": str(now.version) if now else None,
+        "decision": decision,
+    }
