@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     )
     add_config_args(p)
     p.set_defaults(func=run)
+    register_schedule(subparsers)
 
 
 def configure_prefect(cfg: Config) -> None:
@@ -91,3 +92,29 @@ def dashboard_hints(cfg: Config, summary: dict[str, Any]) -> list[str]:
     )
     return [prefect, mlflow, ray if ray_url else "  Ray      `ray start --head`, set RAY_ADDRESS=auto, "
             "then http://127.0.0.1:8265"]
+
+
+def register_schedule(subparsers) -> None:
+    p = subparsers.add_parser(
+        "schedule",
+        help="serve the retrain flow on a cron schedule (needs a Prefect server)",
+        description=(
+            "Create a Prefect deployment of the `retrain` flow with a cron schedule and serve it: "
+            "this process runs each scheduled or UI-triggered flow run until stopped (Ctrl-C). "
+            "Point PREFECT_API_URL (or services.prefect_api_url) at a running Prefect server."
+        ),
+    )
+    add_config_args(p)
+    p.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: %(default)s, nightly)")
+    p.add_argument("--name", default="nightly", help="deployment name (default: %(default)s)")
+    p.set_defaults(func=schedule)
+
+
+def schedule(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    configure_prefect(cfg)
+    from flows.deployments import serve_retrain
+
+    print(f"serving deployment retrain/{args.name} on cron {args.cron!r} (Ctrl-C to stop)")
+    serve_retrain(args.name, args.config, list(args.overrides), args.cron)
+    return 0
