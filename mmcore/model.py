@@ -279,7 +279,7 @@ def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionM
     """Build the model the config describes; with load_pretrained, read the local pretrained weights
     it names (a BERT dir also fixes the text sizes, which are written back into `model.cfg`)."""
     cfg = dataclasses.replace(cfg)
-    if cfg.text.pretrained:
+    if load_pretrained and cfg.text.pretrained:
         cfg.text = text_config_from_pretrained(cfg.text.pretrained, cfg.text)
     if cfg.decoder.num_heads and cfg.dim % cfg.decoder.num_heads:
         raise ValueError(f"model width {cfg.dim} is not divisible by decoder.num_heads {cfg.decoder.num_heads}")

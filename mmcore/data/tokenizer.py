@@ -1,0 +1,70 @@
+"""WordPiece tokenizer: trained locally with HF `tokenizers`, or loaded from a local directory.
+
+Special tokens, in id order for a locally trained one: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+Every encoded text is `[CLS] tokens [SEP]`; the decoder uses [CLS] as BOS and [SEP] as EOS, so a
+caption's ids serve both the text encoder and the decoder's teacher forcing. A pretrained BERT
+directory has other ids ([CLS]=101); read them with `special_token_ids` instead of assuming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    """Train a lower-casing BERT-style WordPiece tokenizer on `texts` (captions, questions, answers)."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A tokenizer saved by `save_pretrained` (ours, or a local pretrained BERT's vocab.txt directory)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} not found; train one or give a local model dir")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a tokenizer from {path}: {e}") from e
+    if tok.cls_token_id is None or tok.sep_token_id is None or tok.pad_token_id is None:
+        raise ValueError(f"tokenizer in {path} lacks [CLS]/[SEP]/[PAD]; mmcore needs BERT-style specials")
+    return tok
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """`{"pad_id", "bos_id", "eos_id"}` for `mmcore.model.model_config(**...)`; vocab size is len(tokenizer)."""
+    return {"pad_id": tokenizer.pad_token_id, "bos_id": tokenizer.cls_token_id, "eos_id": tokenizer.sep_token_id}
+
+
+def encode(tokenizer, text: str, max_len: int) -> list[int]:
+    """`[CLS] ... [SEP]` ids, truncated to max_len (the [SEP] is kept)."""
+    return tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+
+
+def decode_text(tokenizer, ids) -> list[str]:
+    """Generated ids `(B, T)` (tensor or lists) -> strings; stops at the first EOS ([SEP]), drops specials."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    eos = tokenizer.sep_token_id
+    cut = [row[: row.index(eos)] if eos in row else row for row in ids]
+    return [s.strip() for s in tokenizer.batch_decode(cut, skip_special_tokens=True)]

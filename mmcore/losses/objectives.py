@@ -1,0 +1,93 @@
+"""Task losses over a FusionOutput; each returns `dict[str, Tensor]` with the total under "loss"."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor, nn
+
+from mmcore.losses.itc import ContrastiveLoss, GatherFn
+from mmcore.losses.itm import MatchingLoss
+from mmcore.losses.lm import LanguageModelLoss
+
+
+def _require(output, *names: str) -> None:
+    missing = [n for n in names if getattr(output, n) is None]
+    if missing:
+        raise ValueError(f"model output of task {output.task!r} lacks {missing}; run forward with the matching task")
+
+
+class PretrainLoss(nn.Module):
+    """ITC + ITM + LM, weighted. Keys: loss, itc, itm, lm."""
+
+    def __init__(self, itc_weight: float = 1.0, itm_weight: float = 1.0, lm_weight: float = 1.0,
+                 label_smoothing: float = 0.1, gather_fn: GatherFn | None = None):
+        super().__init__()
+        self.weights = {"itc": itc_weight, "itm": itm_weight, "lm": lm_weight}
+        self.itc, self.itm = ContrastiveLoss(gather_fn), MatchingLoss()
+        self.lm = LanguageModelLoss(label_smoothing)
+
+    def forward(self, output) -> dict[str, Tensor]:
+        _require(output, "image_emb", "text_emb", "itm_logits", "lm_logits")
+        parts = {
+            "itc": self.itc(output.image_emb, output.text_emb, output.logit_scale),
+            "itm": self.itm(output.itm_logits, output.itm_labels),
+            "lm": self.lm(output.lm_logits, output.lm_labels),
+        }
+        return {"loss": sum(self.weights[k] * v for k, v in parts.items()), **parts}
+
+
+class RetrievalLoss(nn.Module):
+    """ITC + ITM, weighted. Keys: loss, itc, itm."""
+
+    def __init__(self, itc_weight: float = 1.0, itm_weight: float = 1.0, gather_fn: GatherFn | None = None):
+        super().__init__()
+        self.weights = {"itc": itc_weight, "itm": itm_weight}
+        self.itc, self.itm = ContrastiveLoss(gather_fn), MatchingLoss()
+
+    def forward(self, output) -> dict[str, Tensor]:
+        _require(output, "image_emb", "text_emb", "itm_logits")
+        parts = {
+            "itc": self.itc(output.image_emb, output.text_emb, output.logit_scale),
+            "itm": self.itm(output.itm_logits, output.itm_labels),
+        }
+        return {"loss": sum(self.weights[k] * v for k, v in parts.items()), **parts}
+
+
+class CaptionLoss(nn.Module):
+    """Captioning LM loss with label smoothing. Keys: loss, lm."""
+
+    def __init__(self, label_smoothing: float = 0.1):
+        super().__init__()
+        self.lm = LanguageModelLoss(label_smoothing)
+
+    def forward(self, output) -> dict[str, Tensor]:
+        _require(output, "lm_logits")
+        lm = self.lm(output.lm_logits, output.lm_labels)
+        return {"loss": lm, "lm": lm}
+
+
+class VQALoss(nn.Module):
+    """Answer-generation loss (LM over the answer tokens of samples that have a QA pair). Keys: loss, vqa."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.lm = LanguageModelLoss(label_smoothing)
+
+    def forward(self, output) -> dict[str, Tensor]:
+        _require(output, "lm_logits")
+        vqa = self.lm(output.lm_logits, output.lm_labels)
+        return {"loss": vqa, "vqa": vqa}
+
+
+LOSSES = {"pretrain": PretrainLoss, "caption": CaptionLoss, "vqa": VQALoss, "retrieval": RetrievalLoss}
+
+
+def build_loss(task: str, **weights) -> nn.Module:
+    """The loss for `task`. Keyword arguments a loss does not take are ignored, so a trainer can pass
+    all of `itc_weight, itm_weight, lm_weight, label_smoothing, gather_fn` to any task."""
+    if task not in LOSSES:
+        raise ValueError(f"unknown task {task!r} for build_loss; use one of {', '.join(LOSSES)}")
+    cls = LOSSES[task]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in weights.items() if k in accepted})
