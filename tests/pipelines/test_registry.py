@@ -128,6 +128,7 @@ def test_racing_registrations_leave_the_best_champion(cfg, tmp_path, monkeypatch
     real_register = register_mod.register_version
     for trial, (first, second) in enumerate([(50, 80), (80, 50)]):
         cfg.registry.model_name = f"race-{trial}"
+        monkeypatch.setattr(register_mod, "register_version", real_register)
         base = make_report(tmp_path, hits(20), tag=f"base{trial}")
         register_and_gate(cfg, make_checkpoint(tmp_path / f"b{trial}", 1), base, LINEAGE)
         barrier = threading.Barrier(2)
