@@ -4,15 +4,18 @@ A per-sample record (one line of `per_sample.jsonl`, one test image) holds every
 metric needs, so that a metric can be recomputed, and bootstrapped, from the file alone:
 
     {"key": str,
-     "i2t_rank": int,          # 1-based rank of the best-ranked own caption among all captions
-     "t2i_ranks": [int, ...],  # per own caption: 1-based rank of this image among all images
+     "i2t_rank": int,          # 0-based rank of the best-ranked own caption among all captions
+     "t2i_ranks": [int, ...],  # per own caption: 0-based rank of this image among all images
      "generated": str, "references": [str, ...],
+     "bleu_stats": [10 floats], # mmcore.metrics.bleu4_stats of this caption (n-gram counts)
+     "cider_d": float,          # this caption's CIDEr-D (document frequencies of the whole split)
      "vqa": [{"question", "answers", "predicted", "score"}],
      "itm": {"pos_logit", "neg_logit", "neg_key", "correct": int}}   # correct out of 2 pairs
 
-Ratio metrics (recalls, VQA and ITM accuracy) are sums of per-sample numerators over sums of
-denominators, so a resampled subset is scored with two array sums. BLEU-4 and CIDEr-D are
-corpus metrics and are recomputed with mmcore's implementation on the subset.
+Ratio metrics (recalls, VQA and ITM accuracy, CIDEr-D) are sums of per-sample numerators over
+sums of denominators, so a resampled subset is scored with two array sums. BLEU-4 is a corpus
+metric: summed n-gram statistics go through `mmcore.metrics.bleu4_from_stats`. Ranks are 0-based
+as in `mmcore.metrics.retrieval_ranks` (a hit at K means rank < K).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import numpy as np
 
 KS = (1, 5, 10)
 RETRIEVAL_METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS)
-RATIO_METRICS = RETRIEVAL_METRICS + ("vqa_acc", "itm_acc")
-CORPUS_METRICS = ("bleu4", "cider_d")
+RATIO_METRICS = RETRIEVAL_METRICS + ("vqa_acc", "itm_acc", "cider_d")
+CORPUS_METRICS = ("bleu4",)
 ALL_METRICS = RATIO_METRICS + CORPUS_METRICS
 
 
@@ -42,15 +45,18 @@ def ratio_terms(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.nd
     _check(metric)
     if metric.startswith("i2t_r"):
         k = int(metric[5:])
-        num = [float(r["i2t_rank"] <= k) for r in records]
+        num = [float(r["i2t_rank"] < k) for r in records]
         den = [1.0] * len(records)
     elif metric.startswith("t2i_r"):
         k = int(metric[5:])
-        num = [float(sum(rank <= k for rank in r["t2i_ranks"])) for r in records]
+        num = [float(sum(rank < k for rank in r["t2i_ranks"])) for r in records]
         den = [float(len(r["t2i_ranks"])) for r in records]
     elif metric == "vqa_acc":
         num = [float(sum(q["score"] for q in r.get("vqa", []))) for r in records]
         den = [float(len(r.get("vqa", []))) for r in records]
+    elif metric == "cider_d":
+        num = [float(r["cider_d"]) for r in records]
+        den = [1.0] * len(records)
     elif metric == "itm_acc":
         num = [float(r["itm"]["correct"]) if r.get("itm") else 0.0 for r in records]
         den = [2.0 if r.get("itm") else 0.0 for r in records]
@@ -60,16 +66,13 @@ def ratio_terms(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.nd
 
 
 def corpus_metric(records: Sequence[dict], metric: str) -> float:
-    """BLEU-4 or CIDEr-D of the generated captions against their references (mmcore's code)."""
-    from mmcore import metrics as mm
+    """BLEU-4 of the generated captions from their per-sample n-gram statistics (mmcore's code)."""
+    from mmcore.metrics import bleu4_from_stats
 
     _check(metric)
-    candidates = [r["generated"] for r in records]
-    references = [list(r["references"]) for r in records]
-    fn = {"bleu4": mm.bleu4, "cider_d": mm.cider_d}.get(metric)
-    if fn is None:
+    if metric != "bleu4":
         raise MetricError(f"{metric} is a ratio metric; use ratio_terms")
-    return float(fn(candidates, references))
+    return bleu4_from_stats(np.asarray([r["bleu_stats"] for r in records], dtype=np.float64))
 
 
 def metric_value(records: Sequence[dict], metric: str) -> float | None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipelines.evaluate.scoring import CORPUS_METRICS, corpus_metric, metric_value, ratio_terms
+from pipelines.evaluate.scoring import CORPUS_METRICS, metric_value, ratio_terms
 
 
 class GateError(ValueError):
@@ -60,13 +60,12 @@ def bootstrap_deltas(
     """`(samples,)` differences challenger - champion of `metric` over paired resamples."""
     n = len(challenger)
     idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    if metric in CORPUS_METRICS:
-        out = np.empty(samples)
-        for b, rows in enumerate(idx):
-            out[b] = corpus_metric([challenger[i] for i in rows], metric) - corpus_metric(
-                [champion[i] for i in rows], metric
-            )
-        return out
+    if metric in CORPUS_METRICS:  # BLEU-4: resample per-sample n-gram statistics
+        from mmcore.metrics import bleu4_from_stats
+
+        sa = np.asarray([r["bleu_stats"] for r in challenger], dtype=np.float64)
+        sb = np.asarray([r["bleu_stats"] for r in champion], dtype=np.float64)
+        return np.array([bleu4_from_stats(sa[rows]) - bleu4_from_stats(sb[rows]) for rows in idx])
     num_a, den = ratio_terms(challenger, metric)
     num_b, den_b = ratio_terms(champion, metric)
     if not np.array_equal(den, den_b):

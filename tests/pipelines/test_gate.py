@@ -14,14 +14,16 @@ def records(hits: np.ndarray, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for i, h in enumerate(hits):
-        rank = 1 if h else int(rng.integers(2, 20))
+        rank = 0 if h else int(rng.integers(1, 20))
         out.append(
             {
-                "key": f"s{i:04d}",
+                "key": f"s{i:04d}",  # ranks are 0-based: a hit at 1 is rank 0
                 "i2t_rank": rank,
                 "t2i_ranks": [rank, rank + 1],
                 "generated": "a red square",
                 "references": ["a red square"],
+                "bleu_stats": [3, 3, 3, 2, 1, 0, 3, 2, 1, 0],
+                "cider_d": float(h),
                 "vqa": [{"question": "q", "answers": ["a"], "predicted": "a", "score": float(h)}],
                 "itm": {"pos_logit": 1.0, "neg_logit": -1.0, "neg_key": "x", "correct": 2},
             }
@@ -103,3 +105,17 @@ def test_ratio_metrics_from_records():
     assert m["i2t_r1"] == 0.75
     assert m["t2i_r1"] == 3 / 8  # each image: rank and rank+1; only rank 1 counts at k=1
     assert m["vqa_acc"] == 0.75 and m["itm_acc"] == 1.0
+
+
+def test_caption_metrics_bootstrap_from_per_sample_terms():
+    base = hits_with_rate(150, 0.3, seed=10)
+    better = base.copy()
+    better[np.flatnonzero(base == 0)[:60]] = 1
+    a, b = records(better), records(base)
+    for r in a:  # the better model's captions also share more n-grams with the references
+        r["bleu_stats"] = [3, 3, 3, 2, 1, 0, 3, 2, 1, 0] if r["cider_d"] else [3, 3, 3, 2, 1, 0, 1, 0, 0, 0]
+    for r in b:
+        r["bleu_stats"] = [3, 3, 3, 2, 1, 0, 3, 2, 1, 0] if r["cider_d"] else [3, 3, 3, 2, 1, 0, 1, 0, 0, 0]
+    assert decide(a, b, "cider_d", samples=300).promote
+    assert decide(a, b, "bleu4", samples=300).promote
+    assert not decide(b, a, "bleu4", samples=300).promote

@@ -47,8 +47,8 @@ def make_report(root: Path, hits: np.ndarray, benchmark: str = "dsv1:abc", tag: 
     out = root / f"eval-{tag}"
     out.mkdir(parents=True)
     records = [
-        {"key": f"k{i:04d}", "i2t_rank": 1 if h else 7, "t2i_ranks": [1 if h else 7],
-         "generated": "x", "references": ["x"],
+        {"key": f"k{i:04d}", "i2t_rank": 0 if h else 7, "t2i_ranks": [0 if h else 7],
+         "generated": "x", "references": ["x"], "bleu_stats": [1, 1, 1, 0, 0, 0, 1, 0, 0, 0], "cider_d": 0.0,
          "vqa": [], "itm": {"pos_logit": 1.0, "neg_logit": -1.0, "neg_key": "k", "correct": 2}}
         for i, h in enumerate(hits)
     ]
