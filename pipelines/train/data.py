@@ -1,0 +1,249 @@
+"""Streaming WebDataset shards into training batches, the same number of batches on every rank.
+
+Every *reader* (one per rank x DataLoader worker) produces an endless, deterministic stream:
+epoch after epoch, a seeded permutation of the shards is split across the readers, the raw
+samples pass a seeded shuffle buffer, and only then are they decoded and batched. Because the
+stream never ends, the training loop (not the data) decides how many steps run, so every rank
+runs exactly the same number of steps whatever the shard count: no DDP hang on uneven shards.
+When there are fewer shards than readers, every reader reads every shard and keeps every R-th
+sample instead, so no reader is ever left without data.
+
+The stream is addressable: after `n` batches consumed by a rank, each reader knows how many raw
+samples it produced, and a resumed run skips exactly those (cheaply: before JPEG decoding), so
+the data order continues where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+Sample = dict[str, Any]
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable parts, the same in every process (unlike `hash`)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ----------------------------------------------------------------------------- reading tars
+
+
+def open_shard(url: str):
+    """A binary stream for a local path, `file://`, `pipe:`/`http(s)://` (webdataset's gopen),
+    or any fsspec URI such as `s3://bucket/x.tar` (object storage)."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file", "pipe", "http", "https") or len(scheme) == 1:  # len 1: C:\ paths
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def read_shard(url: str) -> Iterator[Sample]:
+    """Raw samples of one tar shard: `{"__key__", "jpg": bytes, "txt": bytes, "json": bytes}`."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = open_shard(url)
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}])
+        for sample in group_by_keys(files):
+            sample.pop("__url__", None)
+            sample.pop("__local_path__", None)
+            yield sample
+    finally:
+        stream.close()
+
+
+# ----------------------------------------------------------------------------- the raw stream
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """Which slice of the data one reader produces, and from where it starts."""
+
+    urls: tuple[str, ...]
+    reader: int  # global reader index: rank * loader_workers + worker id
+    num_readers: int
+    seed: int
+    shuffle_buffer: int
+    skip: int = 0  # raw samples (after shuffling) already consumed before a resume
+
+
+def epoch_samples(spec: ReaderSpec, epoch: int, read: Callable[[str], Iterator[Sample]] = read_shard):
+    """One epoch of this reader's raw samples, before shuffling.
+
+    Shards are permuted per epoch (seeded); with at least as many shards as readers each reader
+    takes every R-th shard of the permutation, otherwise it reads all and keeps every R-th sample.
+    """
+    order = list(spec.urls)
+    random.Random(stable_seed(spec.seed, "shards", epoch)).shuffle(order)
+    if len(order) >= spec.num_readers:
+        for url in order[spec.reader :: spec.num_readers]:
+            yield from read(url)
+        return
+    index = 0
+    for url in order:
+        for sample in read(url):
+            if index % spec.num_readers == spec.reader:
+                yield sample
+            index += 1
+
+
+def endless_samples(spec: ReaderSpec, read: Callable[[str], Iterator[Sample]] = read_shard):
+    """Epochs forever. Raises a clear error when an epoch yields nothing (empty shards)."""
+    epoch = 0
+    while True:
+        produced = 0
+        for sample in epoch_samples(spec, epoch, read):
+            produced += 1
+            yield sample
+        if produced == 0:
+            raise RuntimeError(
+                f"reader {spec.reader}/{spec.num_readers} got no samples from {len(spec.urls)} "
+                f"shard(s) (first: {spec.urls[0] if spec.urls else None}). Check that the dataset "
+                f"version's train shards are not empty."
+            )
+        epoch += 1
+
+
+def shuffled(samples: Iterator[Sample], buffer: int, seed: int) -> Iterator[Sample]:
+    """A seeded reservoir shuffle: deterministic for a given input order and seed."""
+    rng = random.Random(seed)
+    pool: list[Sample] = []
+    for sample in samples:
+        if len(pool) < max(buffer, 1):
+            pool.append(sample)
+            continue
+        j = rng.randrange(len(pool))
+        pool[j], sample = sample, pool[j]
+        yield sample
+    rng.shuffle(pool)
+    yield from pool
+
+
+def raw_stream(spec: ReaderSpec, read: Callable[[str], Iterator[Sample]] = read_shard) -> Iterator[Sample]:
+    """This reader's endless shuffled raw stream, with the first `spec.skip` samples dropped."""
+    stream = shuffled(endless_samples(spec, read), spec.shuffle_buffer, stable_seed(spec.seed, "buf", spec.reader))
+    for _ in range(spec.skip):
+        next(stream)
+    return stream
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batches_done_by_worker(batches_consumed: int, worker: int, num_workers: int) -> int:
+    """How many batches loader worker `worker` had produced when the rank consumed
+    `batches_consumed` batches (DataLoader takes batches from its workers round-robin)."""
+    if batches_consumed <= worker:
+        return 0
+    return (batches_consumed - worker + num_workers - 1) // num_workers
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One rank's training stream. `decode(raw_sample) -> dict`, `collate(list) -> batch`."""
+
+    urls: tuple[str, ...]
+    rank: int
+    world_size: int
+    loader_workers: int  # DataLoader workers; 0 reads in the training process
+    batch_size: int
+    seed: int
+    shuffle_buffer: int
+    start_batch: int = 0  # batches this rank consumed before (resume)
+
+
+class ShardStream(IterableDataset):
+    """Endless fixed-size batches for one rank; one reader per DataLoader worker."""
+
+    def __init__(self, cfg: StreamConfig, decode: Callable[[Sample], Any], collate: Callable[[list], Any]):
+        super().__init__()
+        self.cfg, self.decode, self.collate = cfg, decode, collate
+
+    def reader_spec(self, worker: int) -> ReaderSpec:
+        c = self.cfg
+        workers = max(c.loader_workers, 1)
+        skip = batches_done_by_worker(c.start_batch, worker, workers) * c.batch_size
+        return ReaderSpec(
+            urls=c.urls,
+            reader=c.rank * workers + worker,
+            num_readers=c.world_size * workers,
+            seed=c.seed,
+            shuffle_buffer=c.shuffle_buffer,
+            skip=skip,
+        )
+
+    def __iter__(self):
+        info = get_worker_info()
+        spec = self.reader_spec(info.id if info else 0)
+        stream = raw_stream(spec)
+        # Caption / QA choice is seeded by the reader and its start, so a resume is reproducible.
+        rng = random.Random(stable_seed(spec.seed, "decode", spec.reader, spec.skip))
+        while True:
+            yield self.collate([self.decode(next(stream), rng) for _ in range(self.cfg.batch_size)])
+
+
+def train_loader(cfg: StreamConfig, decode, collate, pin_memory: bool = False) -> DataLoader:
+    """The rank's endless batch loader; iterate it with `next()`, it never stops."""
+    workers = cfg.loader_workers
+    # Seeds the workers' torch RNG (image augmentation) from the stream position, not the clock.
+    generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "loader", cfg.rank, cfg.start_batch))
+    return DataLoader(
+        ShardStream(cfg, decode, collate),
+        batch_size=None,  # batches are built inside the workers, fixed size
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context="fork" if workers > 0 else None,
+        generator=generator,
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def val_batches(
+    urls: list[str], rank: int, world_size: int, batch_size: int, max_samples: int, decode, collate
+) -> Iterator[Any]:
+    """One finite pass over the first `max_samples` val samples, every `world_size`-th sample on
+    this rank (ranks may get one batch more or less: callers must not run collectives per batch)."""
+    chunk: list = []
+    for index, sample in enumerate(s for url in urls for s in read_shard(url)):
+        if index >= max_samples:
+            break
+        if index % world_size != rank:
+            continue
+        chunk.append(decode(sample))
+        if len(chunk) == batch_size:
+            yield collate(chunk)
+            chunk = []
+    if chunk:
+        yield collate(chunk)
+
+
+def sample_texts(urls: list[str], limit: int | None = None) -> Iterator[str]:
+    """Every caption, question and answer in the shards (for training a tokenizer); no images decoded."""
+    import json
+
+    for count, sample in enumerate(s for url in urls for s in read_shard(url)):
+        if limit is not None and count >= limit:
+            return
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        captions = meta.get("captions") or ([sample["txt"].decode("utf-8")] if "txt" in sample else [])
+        yield from captions
+        for qa in meta.get("qa") or []:
+            yield qa.get("question", "")
+            yield from qa.get("answers", [])

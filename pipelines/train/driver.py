@@ -1,0 +1,242 @@
+"""The training driver: resolve data, tokenizer and model config once, then run Ray Train.
+
+`run_training(cfg, data_dir, task)` builds a `TorchTrainer` with `ScalingConfig` (workers, GPUs,
+resources per worker), `RunConfig` (storage under the state dir or object storage, run name),
+`FailureConfig` (worker-group restarts) and `CheckpointConfig` (how many to keep), runs it, and
+returns the final checkpoint directory. Re-running with the same run name resumes (Ray Train V2
+restores the run's checkpoint list from its storage folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Config, home_dir, mlflow_tracking_uri, train_storage
+from pipelines.train.job import TrainJob
+
+log = logging.getLogger("pipelines.train")
+
+TASKS = ("pretrain", "caption", "vqa", "retrieval", "finetune")
+
+
+class TrainingError(RuntimeError):
+    """Training could not start or did not finish; the message names the input and the fix."""
+
+
+def resolve_tasks(cfg: Config, task: str) -> list[str]:
+    """What the steps train: `finetune` means `train.finetune_tasks`, alternated per step."""
+    if task not in TASKS:
+        raise TrainingError(f"unknown training task {task!r}; use one of {', '.join(TASKS)}")
+    tasks = list(cfg.train.finetune_tasks) if task == "finetune" else [task]
+    bad = [t for t in tasks if t not in TASKS[:4]]
+    if not tasks or bad:
+        raise TrainingError(
+            f"train.finetune_tasks={cfg.train.finetune_tasks!r} is not a non-empty list of "
+            "caption/vqa/retrieval/pretrain; fix it in the config or with --set"
+        )
+    return tasks
+
+
+def resolve_init(cfg: Config, init_from: str | os.PathLike | None) -> str | None:
+    """A local checkpoint directory for `init_from`: a path, or `models:/NAME@alias|/VERSION`."""
+    if init_from is None:
+        return None
+    if str(init_from).startswith("models:/"):
+        from pipelines.registry import resolve_model  # written by the registry part; lazily
+
+        return str(Path(resolve_model(cfg, str(init_from))).resolve())
+    path = Path(init_from).expanduser().resolve()
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise TrainingError(
+            f"--init {init_from}: not a checkpoint directory (needs model.safetensors and config.json). "
+            "Pass the directory printed by `mmfusion train pretrain`, or a models:/NAME@alias URI."
+        )
+    return str(path)
+
+
+def split_urls(data_dir: str, split: str) -> list[str]:
+    from pipelines.ingest.layout import shard_paths
+
+    try:
+        urls = shard_paths(data_dir, split)
+    except FileNotFoundError as e:
+        raise TrainingError(str(e)) from e
+    if not urls:
+        raise TrainingError(
+            f"dataset version {data_dir} has no {split} shards; ingest more data or change "
+            "data.split_fractions so that the {split} split is not empty"
+        )
+    return [u if "://" in u else str(Path(u).resolve()) for u in urls]
+
+
+def dataset_version(data_dir: str) -> str:
+    from pipelines.ingest.layout import read_manifest
+
+    manifest = read_manifest(data_dir)
+    return str(manifest.get("version") or manifest.get("version_id") or Path(str(data_dir)).name)
+
+
+def default_run_name(cfg: Config, task: str, version: str, init_dir: str | None) -> str:
+    """Deterministic: the same command on the same data resumes (or returns) the same run."""
+    key = json.dumps({"cfg": cfg.to_dict(), "task": task, "version": version, "init": init_dir}, sort_keys=True)
+    return f"{task}-{version[:12]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def run_dir(cfg: Config, run_name: str) -> str:
+    storage = train_storage(cfg)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return f"{storage.rstrip('/')}/{run_name}"
+
+
+def tokenizer_and_model_config(cfg: Config, train_urls: list[str], start_dir: str | None):
+    """(tokenizer, FusionModelConfig dict). From a checkpoint (resume / fine-tune) when given,
+    else `model.tokenizer` or a WordPiece tokenizer trained here on the train split's texts."""
+    from mmcore.checkpoint import read_config
+    from mmcore.data import load_tokenizer, special_token_ids, train_tokenizer
+    from mmcore.model import model_config
+    from pipelines.train.data import sample_texts
+
+    if start_dir:
+        model_cfg, _ = read_config(start_dir)
+        tokenizer = load_tokenizer(start_dir)
+        return tokenizer, model_cfg.to_dict()
+    m = cfg.model
+    if m.tokenizer:
+        tokenizer = load_tokenizer(m.tokenizer)
+    else:
+        print(f"[train] training a {m.vocab_size}-token WordPiece tokenizer on the train split", flush=True)
+        tokenizer = train_tokenizer(sample_texts(train_urls), m.vocab_size)
+    model_cfg = model_config(
+        m.preset, vocab_size=len(tokenizer), fusion=m.fusion, image_encoder=m.image_encoder,
+        image_size=m.image_size, image_pretrained=m.image_pretrained, text_pretrained=m.text_pretrained,
+        **special_token_ids(tokenizer), **m.overrides,
+    )
+    return tokenizer, model_cfg.to_dict()
+
+
+def existing_checkpoint(run_path: str) -> str | None:
+    """The latest checkpoint of a local run folder (a re-run resumes it), or None."""
+    if "://" in run_path:
+        return None  # Ray Train finds it; the tokenizer then comes from the same checkpoint's job
+    from pipelines.train.state import latest_checkpoint
+
+    found = latest_checkpoint(run_path)
+    return str(found) if found else None
+
+
+def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: str | None = None) -> TrainJob:
+    """Resolve everything a worker needs: shards, tokenizer, model config, schedule, tracking."""
+    t = cfg.train
+    tasks = resolve_tasks(cfg, task)
+    init_dir = resolve_init(cfg, init_from)
+    train_urls, val_urls = split_urls(data_dir, "train"), split_urls(data_dir, "val")
+    version = dataset_version(data_dir)
+    name = run_name or default_run_name(cfg, task, version, init_dir)
+    path = run_dir(cfg, name)
+    resume = existing_checkpoint(path)
+    if resume:
+        print(f"[train] run {name} exists; resuming from {resume}", flush=True)
+    tokenizer, model_cfg = tokenizer_and_model_config(cfg, train_urls, resume or init_dir)
+    text_positions = model_cfg["text"].get("max_positions") or cfg.model.max_text_len
+    pretrain = task == "pretrain"
+    return TrainJob(
+        run_name=name, task=task, tasks=tasks,
+        total_steps=t.steps if pretrain else t.finetune_steps,
+        train_urls=train_urls, val_urls=val_urls, model_config=model_cfg, tokenizer=tokenizer,
+        sample_config={"image_size": model_cfg["image"]["image_size"],
+                       "max_text_len": min(cfg.model.max_text_len, text_positions),
+                       "max_answer_len": cfg.model.max_answer_len},
+        lr=t.lr if pretrain else t.finetune_lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, grad_accum=max(t.grad_accum, 1),
+        batch_size=t.batch_size,
+        loss_weights={"itc_weight": t.itc_weight, "itm_weight": t.itm_weight, "lm_weight": t.lm_weight,
+                      "label_smoothing": t.label_smoothing},
+        checkpoint_every=t.checkpoint_every, eval_every=t.eval_every, log_every=t.log_every, seed=t.seed,
+        loader_workers=t.loader_workers, shuffle_buffer=t.shuffle_buffer, val_max_samples=t.val_max_samples,
+        eval_batch_size=cfg.eval.batch_size, init_from=init_dir,
+        use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+        fail_at_step=t.fail_at_step, fail_marker=f"{path}/.fail-at-step-{t.fail_at_step}" if t.fail_at_step is not None else None,
+        mlflow_uri=mlflow_tracking_uri(cfg), mlflow_experiment=cfg.registry.experiment,
+        lineage={"dataset_version": version, "data_dir": str(data_dir), "config_hash": cfg.hash(),
+                 "init_from": str(init_from) if init_from else None, "preset": cfg.model.preset},
+    )
+
+
+def build_trainer(cfg: Config, job: TrainJob):
+    """The TorchTrainer for `job` (Ray Train V2 API)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train.loop import train_loop_per_worker
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    storage = run_dir(cfg, job.run_name).rsplit("/", 1)[0]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1)),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines suffice
+        ),
+    )
+
+
+def final_checkpoint_dir(cfg: Config, result, job: TrainJob) -> Path:
+    """A local directory holding the run's last checkpoint (downloaded when storage is remote)."""
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise TrainingError(f"run {job.run_name} finished without a checkpoint; see the log above")
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    local = home_dir(cfg) / "checkpoints" / job.run_name / Path(checkpoint.path).name
+    if not local.is_dir():
+        checkpoint.to_directory(str(local))
+    return local
+
+
+def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str | None = None) -> Path:
+    """Pretrain or fine-tune on a dataset version with Ray Train; returns the final checkpoint dir.
+
+    `task`: pretrain | caption | vqa | retrieval | finetune (= `train.finetune_tasks`, alternated).
+    `init_from`: a checkpoint directory or `models:/NAME@alias` to start from (fine-tuning).
+    """
+    from pipelines.runtime import init_ray, quiet_environment
+
+    quiet_environment()
+    job = build_job(cfg, str(data_dir), task, init_from, run_name)
+    init_ray(cfg)
+    trainer = build_trainer(cfg, job)
+    print(f"[train] {job.run_name}: {job.task} for {job.total_steps} steps on {cfg.scaling.num_workers} "
+          f"worker(s), storage {run_dir(cfg, job.run_name)}", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; keep the cause and name the run
+        raise TrainingError(f"training run {job.run_name} failed: {e}") from e
+    path = final_checkpoint_dir(cfg, result, job)
+    state = json.loads((path / "trainer_state.json").read_text()) if (path / "trainer_state.json").is_file() else {}
+    print(f"[train] {job.run_name} done at step {state.get('step')}: {path} "
+          f"({state.get('samples_per_s', 0.0):.1f} samples/s)", flush=True)
+    return path
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint directory."""
+    from pipelines.train.state import read_trainer_state
+
+    return read_trainer_state(path)

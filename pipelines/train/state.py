@@ -1,0 +1,119 @@
+"""The resumable half of a checkpoint: optimiser, scheduler, step and data position.
+
+A checkpoint directory is an mmcore checkpoint (`model.safetensors`, `config.json`, tokenizer
+files) plus the files written here:
+- `trainer_state.json`: readable; `step`, `data_position`, latest `metrics`, run facts.
+- `optimizer.safetensors` + `optimizer.json`: the optimiser's tensors and its plain fields.
+- `scheduler.json`: the LR scheduler's state (plain numbers).
+Nothing here is pickled, so loading a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+SCHEDULER_STATE = "scheduler.json"
+
+
+class TrainStateError(RuntimeError):
+    """A checkpoint's training state is missing or unreadable; names the file."""
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Split `optimizer.state_dict()` into tensors (safetensors) and plain values (JSON)."""
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for pid, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                plain.setdefault(str(pid), {})[name] = value
+    save_file(tensors, str(directory / OPTIMIZER_TENSORS))
+    meta = {"param_groups": sd["param_groups"], "plain_state": plain}
+    (directory / OPTIMIZER_META).write_text(json.dumps(meta))
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load what `optimizer_to_files` wrote into an optimiser built over the same parameters."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+        meta = json.loads((directory / OPTIMIZER_META).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainStateError(f"{directory}: cannot read optimiser state ({e})") from e
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, _, name = key.partition(".")
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["plain_state"].items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def scheduler_to_file(scheduler, directory: Path) -> None:
+    sd = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    (directory / SCHEDULER_STATE).write_text(json.dumps(sd))
+
+
+def scheduler_from_file(scheduler, directory: Path) -> None:
+    try:
+        sd = json.loads((directory / SCHEDULER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainStateError(f"{directory / SCHEDULER_STATE}: cannot read scheduler state ({e})") from e
+    sd["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(sd)
+
+
+def write_trainer_state(directory: Path, state: dict[str, Any]) -> None:
+    tmp = directory / (TRAINER_STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, directory / TRAINER_STATE)
+
+
+def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / TRAINER_STATE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise TrainStateError(
+            f"{path}: missing. Is {directory} a training checkpoint (written by pipelines.train)?"
+        ) from e
+    except ValueError as e:
+        raise TrainStateError(f"{path}: not valid JSON ({e})") from e
+
+
+def has_resume_state(directory: str | os.PathLike) -> bool:
+    d = Path(directory)
+    return all((d / n).is_file() for n in (TRAINER_STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER_STATE))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step under a local run directory, or None."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for state_file in run.glob(f"*/{TRAINER_STATE}"):
+        ckpt = state_file.parent
+        if not has_resume_state(ckpt):
+            continue
+        try:
+            step = int(read_trainer_state(ckpt)["step"])
+        except (TrainStateError, KeyError, ValueError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, ckpt)
+    return best[1] if best else None
