@@ -1,0 +1,151 @@
+"""Model outputs for the test shards: embeddings, generated captions, VQA answers.
+
+One shard is the unit of work, so the same function runs in-process or as one Ray task per
+shard, and batches never straddle shards: the outputs are identical either way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    image_size: int
+    max_text_len: int
+    max_answer_len: int
+    batch_size: int
+    max_len: int  # caption generation length
+    num_beams: int
+
+
+def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
+    """Settings from the config's `eval`/`model` sections and the checkpoint's input size."""
+    from mmcore.checkpoint import read_config
+
+    model_cfg, _ = read_config(checkpoint_dir)
+    return InferenceSettings(
+        image_size=model_cfg.image.image_size,
+        max_text_len=cfg.model.max_text_len,
+        max_answer_len=cfg.model.max_answer_len,
+        batch_size=cfg.eval.batch_size,
+        max_len=cfg.eval.max_len,
+        num_beams=cfg.eval.num_beams,
+    )
+
+
+def _decode(sample: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
+    """A raw shard sample -> image tensor `(3, S, S)`, every caption's ids, every QA pair's ids."""
+    from mmcore.data import SampleConfig, decode_sample, encode
+
+    item = decode_sample(sample, tokenizer, SampleConfig(s.image_size, s.max_text_len, s.max_answer_len), train=False)
+    qa = [p for p in item["qa"] if p.get("question") and p.get("answers")]
+    return {
+        "key": item["key"],
+        "image": item["image"],
+        "captions": list(item["captions"]),
+        "caption_ids": [torch.tensor(encode(tokenizer, c, s.max_text_len)) for c in item["captions"]],
+        "qa": qa,
+        "question_ids": [torch.tensor(encode(tokenizer, p["question"], s.max_text_len)) for p in qa],
+    }
+
+
+@torch.no_grad()
+def infer_batch(model, tokenizer, items: list[dict], s: InferenceSettings) -> dict[str, Any]:
+    """B decoded items -> `image_emb (B, E)`, `image_tokens (B, N, D)`, `text_emb (T, E)` for all
+    T captions, `text_ids` (T lists), `text_owner (T,)` batch-local image index, `generated` (B),
+    `answers` (one list of predicted answers per item)."""
+    from mmcore.data import decode_text, pad_ids
+
+    pad = model.cfg.pad_id
+    images = torch.stack([it["image"] for it in items])
+    image_tokens, image_emb = model.encode_image(images)
+    generated = decode_text(tokenizer, model.generate(images, s.max_len, num_beams=s.num_beams))
+    text_ids = [ids for it in items for ids in it["caption_ids"]]
+    owner = [i for i, it in enumerate(items) for _ in it["caption_ids"]]
+    ids, mask = pad_ids(text_ids, pad)
+    _, text_emb = model.encode_text(ids, mask)
+    answers: list[list[str]] = [[] for _ in items]
+    q_owner = [i for i, it in enumerate(items) for _ in it["question_ids"]]
+    if q_owner:
+        q_ids, q_mask = pad_ids([q for it in items for q in it["question_ids"]], pad)
+        out = model.generate(images[q_owner], s.max_answer_len, prompt_ids=q_ids, prompt_mask=q_mask)
+        for i, text in zip(q_owner, decode_text(tokenizer, out)):
+            answers[i].append(text)
+    return {
+        "keys": [it["key"] for it in items],
+        "image_emb": image_emb, "image_tokens": image_tokens, "text_emb": text_emb,
+        "text_ids": [t.tolist() for t in text_ids], "text_owner": torch.tensor(owner, dtype=torch.long),
+        "generated": generated, "answers": answers,
+        "captions": [it["captions"] for it in items], "qa": [it["qa"] for it in items],
+    }
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate batch/shard outputs in order; `text_owner` becomes a global image index."""
+    if not parts:
+        raise ValueError("no model outputs to merge: the test split is empty")
+    out: dict[str, Any] = {}
+    for name in ("image_emb", "image_tokens", "text_emb"):
+        out[name] = torch.cat([p[name] for p in parts])
+    offsets, total = [], 0
+    for p in parts:
+        offsets.append(total)
+        total += len(p["keys"])
+    out["text_owner"] = torch.cat([p["text_owner"] + off for p, off in zip(parts, offsets)])
+    for name in ("keys", "text_ids", "generated", "answers", "captions", "qa"):
+        out[name] = [x for p in parts for x in p[name]]
+    return out
+
+
+def infer_shard(checkpoint_dir: str, url: str, s: InferenceSettings, num_threads: int | None = None) -> dict:
+    """All model outputs for one shard (loads the checkpoint; runs in a Ray task or in-process)."""
+    from mmcore.checkpoint import load_checkpoint
+    from pipelines.train.data import read_shard
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    model, tokenizer, _ = load_checkpoint(checkpoint_dir)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint_dir} has no tokenizer files; evaluation needs them to read captions")
+    parts, batch = [], []
+    for sample in read_shard(url):
+        batch.append(_decode(sample, tokenizer, s))
+        if len(batch) == s.batch_size:
+            parts.append(infer_batch(model, tokenizer, batch, s))
+            batch = []
+    if batch:
+        parts.append(infer_batch(model, tokenizer, batch, s))
+    if not parts:
+        raise ValueError(f"test shard {url} holds no samples")
+    return merge(parts)
+
+
+def infer_shards(checkpoint_dir: str, urls: list[str], s: InferenceSettings, use_ray: bool,
+                 cpus_per_task: float = 1.0) -> list[dict]:
+    """Outputs of every shard, in shard order (Ray tasks run them in parallel when `use_ray`)."""
+    start = time.time()
+    if not use_ray:
+        outs = []
+        for i, url in enumerate(urls):
+            outs.append(infer_shard(checkpoint_dir, url, s))
+            print(f"[eval] shard {i + 1}/{len(urls)}: {len(outs[-1]['keys'])} samples "
+                  f"({time.time() - start:.1f}s)", flush=True)
+        return outs
+    import ray
+
+    task = ray.remote(num_cpus=cpus_per_task)(infer_shard)
+    threads = max(1, int(cpus_per_task))
+    refs = [task.remote(checkpoint_dir, url, s, threads) for url in urls]
+    outs = ray.get(refs)
+    print(f"[eval] {len(urls)} shards on Ray: {sum(len(o['keys']) for o in outs)} samples "
+          f"({time.time() - start:.1f}s)", flush=True)
+    return outs
+
+
+def settings_dict(s: InferenceSettings) -> dict:
+    return asdict(s)

@@ -1,0 +1,127 @@
+"""`evaluate`: a model over a dataset version's fixed test split -> report card + per-sample file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Config, home_dir
+from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
+from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
+from pipelines.evaluate.scoring import compute_metrics
+
+
+def benchmark_id(data_dir) -> tuple[str, str]:
+    """`(dataset version, benchmark id)`: the id is the version plus a hash of the test shards'
+    sha256s from the manifest, so it names exactly the bytes every model is scored on."""
+    from pipelines.ingest.layout import read_manifest
+
+    manifest = read_manifest(data_dir)
+    version = str(manifest.get("version") or Path(str(data_dir)).name)
+    shas = [str(e.get("sha256") or e["path"]) for e in manifest["splits"].get("test", [])]
+    digest = hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()[:12]
+    return version, f"{version}:test-{digest}"
+
+
+def _caption_scores(merged: dict) -> tuple[dict, dict]:
+    from mmcore.metrics import bleu4_stats, cider_d_scores
+
+    cands = {k: g for k, g in zip(merged["keys"], merged["generated"])}
+    refs = {k: list(c) for k, c in zip(merged["keys"], merged["captions"])}
+    return bleu4_stats(cands, refs), cider_d_scores(cands, refs)
+
+
+def _vqa(qa: list[dict], answers: list[str]) -> list[dict]:
+    from mmcore.metrics import vqa_scores
+
+    preds = {i: a for i, a in enumerate(answers)}
+    scores = vqa_scores(preds, {i: p["answers"] for i, p in enumerate(qa)})
+    return [{"question": p["question"], "answers": p["answers"], "predicted": a, "score": scores[i]}
+            for i, (p, a) in enumerate(zip(qa, answers))]
+
+
+def build_records(model, merged: dict, cfg: Config) -> list[dict]:
+    """One per-sample record per test image (format in `pipelines.evaluate.scoring`)."""
+    ranks = retrieval_ranks(model, merged, cfg.eval.itm_rerank_k, cfg.eval.batch_size)
+    itm = itm_logits(model, merged, cfg.eval.batch_size)
+    bleu, cider = _caption_scores(merged)
+    t2i: list[list[int]] = [[] for _ in merged["keys"]]
+    for t, owner in enumerate(merged["text_owner"].tolist()):
+        t2i[owner].append(int(ranks["t2i"][t]))
+    records = []
+    for i, key in enumerate(merged["keys"]):
+        rec = {"key": key, "i2t_rank": int(ranks["i2t"][i]), "t2i_ranks": t2i[i],
+               "generated": merged["generated"][i], "references": merged["captions"][i],
+               "bleu_stats": [float(x) for x in bleu[key]], "cider_d": float(cider[key]),
+               "vqa": _vqa(merged["qa"][i], merged["answers"][i]), "itm": None}
+        if i in itm:
+            pos, neg, neg_t = itm[i]
+            rec["itm"] = {"pos_logit": pos, "neg_logit": neg, "neg_key": merged["keys"][int(merged["text_owner"][neg_t])],
+                          "correct": int(pos > 0) + int(neg <= 0)}
+        records.append(rec)
+    return records
+
+
+def _use_ray(cfg: Config, num_shards: int) -> bool:
+    mode = cfg.eval.parallel
+    return mode == "ray" or (mode == "auto" and num_shards >= max(1, cfg.eval.ray_min_shards))
+
+
+def _write(out_dir: Path, card: dict, records: list[dict]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_sample = out_dir / "per_sample.jsonl"
+    per_sample.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    path = out_dir / "report_card.json"
+    path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return path, per_sample
+
+
+def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
+    """Score `model_uri` (checkpoint dir or `models:/...`) on `data_dir`'s test split.
+
+    Returns the report card: `metrics`, `benchmark`, `dataset_version`, `examples`,
+    `report_card_path`, `per_sample_path`, sample counts and the settings used.
+    """
+    from mmcore.checkpoint import load_checkpoint
+    from pipelines.ingest.layout import shard_paths
+    from pipelines.registry.register import sha256_file
+    from pipelines.registry.resolve import resolve_model
+    from pipelines.runtime import init_ray
+
+    start = time.time()
+    ckpt = resolve_model(cfg, model_uri)
+    version, benchmark = benchmark_id(data_dir)
+    urls = shard_paths(data_dir, "test")
+    if not urls:
+        raise ValueError(f"{data_dir}: the test split has no shards; ingest more data or change data.split_fractions")
+    settings = settings_for(cfg, ckpt)
+    use_ray = _use_ray(cfg, len(urls))
+    if use_ray:
+        init_ray(cfg)
+    print(f"[eval] {model_uri} on {benchmark}: {len(urls)} test shard(s), {'Ray' if use_ray else 'in-process'}",
+          flush=True)
+    merged = merge(infer_shards(str(ckpt), urls, settings, use_ray, cfg.eval.ray_cpus_per_task))
+    model, _, _ = load_checkpoint(ckpt)
+    records = build_records(model, merged, cfg)
+    weights = sha256_file(ckpt / "model.safetensors")
+    card = {
+        "model_uri": str(model_uri), "checkpoint": str(ckpt), "weights_sha256": weights,
+        "dataset_version": version, "benchmark": benchmark,
+        "num_images": len(records), "num_captions": sum(len(r["t2i_ranks"]) for r in records),
+        "num_questions": sum(len(r["vqa"]) for r in records),
+        "metrics": compute_metrics(records),
+        "examples": [{"key": r["key"], "generated": r["generated"], "references": r["references"]}
+                     for r in records[: cfg.eval.num_samples_shown]],
+        "settings": {**settings_dict(settings), "itm_rerank_k": cfg.eval.itm_rerank_k},
+    }
+    out = Path(out_dir) if out_dir else home_dir(cfg) / "evaluations" / version / weights[:12]
+    card_path, per_sample = _write(out, card, records)
+    print(f"[eval] done in {time.time() - start:.1f}s: {format_metrics(card['metrics'])}", flush=True)
+    return {**card, "report_card_path": str(card_path), "per_sample_path": str(per_sample)}
+
+
+def format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if v is not None else f"{k}=n/a" for k, v in metrics.items())
