@@ -115,6 +115,9 @@ class EvalConfig(_Section):
     itm_rerank_k: int = 0  # 0 = no ITM re-ranking
     num_samples_shown: int = 5
     bootstrap_samples: int = 1000
+    parallel: Literal["auto", "ray", "local"] = "auto"  # auto = Ray when the test split has many shards
+    ray_min_shards: int = 4  # auto: use Ray tasks (one per shard) from this many test shards
+    ray_cpus_per_task: float = 1.0
 
 
 class RegistryConfig(_Section):
