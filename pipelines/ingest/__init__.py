@@ -1,0 +1,22 @@
+"""Ingest: raw image-text sources -> cleaned, deduplicated, split WebDataset shards.
+
+`ingest(source, out_root, cfg, fmt=None) -> Path` (the version directory);
+`synth.synthesize(out_dir, num, seed)` makes the synthetic shapes source;
+`layout.shard_paths(version_dir, split)`, `layout.read_manifest`, `layout.read_report` read a version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.config import DataConfig
+
+
+def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:
+    """See `pipelines.ingest.job.ingest` (imported lazily: Ray loads only when a job runs)."""
+    from pipelines.ingest.job import ingest as _ingest
+
+    return _ingest(source, out_root, cfg, fmt)
+
+
+__all__ = ["ingest"]

@@ -30,7 +30,7 @@ COLORS = {
     "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = {"small": 0.17, "large": 0.30}  # half-extent as a fraction of the image side
+SIZES = {"small": 0.18, "large": 0.30}  # extent as a fraction of the image side
 COLUMNS = ("left", "middle", "right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
@@ -60,27 +60,29 @@ def _sample_scene(rng: np.random.Generator) -> list[Shape]:
     shapes = []
     for col, color, kind in zip(columns, colors, kinds):
         size = str(rng.choice(list(SIZES)))
-        x = (col + 0.5) / 3 + rng.uniform(-0.04, 0.04)
-        y = 0.5 + rng.uniform(-0.18, 0.18)
+        x = (col + 0.5) / 3 + rng.uniform(-0.015, 0.015)
+        y = 0.5 + rng.uniform(-0.25, 0.25)
         shapes.append(Shape(kind, color, size, COLUMNS[col], x, y))
     return shapes
 
 
 def _background(rng: np.random.Generator, side: int) -> Image.Image:
-    """A two-colour linear gradient at a random angle, plus mild noise (varied low frequencies,
-    so perceptual hashes of different scenes stay far apart)."""
+    """A two-colour gradient at a random angle, a smooth random texture and mild noise: varied
+    low frequencies, so the perceptual hashes of different scenes stay far apart."""
     c0, c1 = rng.uniform(60, 200, size=(2, 3))
     angle = rng.uniform(0, 2 * math.pi)
     ramp = np.linspace(0.0, 1.0, side, dtype=np.float32)
     t = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = c0.astype(np.float32) + (c1 - c0).astype(np.float32) * t[..., None]
+    blobs = rng.normal(0, 40, size=(6, 6)).astype(np.float32)  # smooth random texture
+    img += np.asarray(Image.fromarray(blobs).resize((side, side), Image.Resampling.BICUBIC))[..., None]
     img += rng.standard_normal(size=img.shape, dtype=np.float32) * 6
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, side: int) -> None:
-    cx, cy, r = s.x * side, s.y * side, SIZES[s.size] * side / 2 * 1.6
+    cx, cy, r = s.x * side, s.y * side, SIZES[s.size] * side / 2
     fill = COLORS[s.color]
     if s.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)

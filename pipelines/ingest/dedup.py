@@ -1,0 +1,84 @@
+"""The global deduplication step, run on the driver over the small accounting rows.
+
+Exact duplicates share the cleaned pixels: with the same captions the later copy is dropped,
+with different captions they are merged into the first (captions united). Near duplicates are
+images whose perceptual hashes differ in at most `distance` bits: the later copy is dropped.
+"First" means smallest key, so the choice is deterministic, and since this runs over the whole
+version before shards are written, no near-copy of a test image survives in another split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DedupResult:
+    kept: list[dict]  # accounting rows of the samples to write
+    dropped: list[dict] = field(default_factory=list)  # {"key", "reason", "of"}
+    extra_captions: dict[str, list[str]] = field(default_factory=dict)  # keeper key -> merged
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for d in self.dropped:
+            out[d["reason"]] += 1
+        return dict(out)
+
+
+def _exact(rows: list[dict], result: DedupResult) -> list[dict]:
+    """Collapse rows with identical pixels; returns the keepers."""
+    first: dict[str, dict] = {}
+    keepers = []
+    for row in rows:
+        keeper = first.get(row["pixel_sha"])
+        if keeper is None:
+            first[row["pixel_sha"]] = row
+            keepers.append(row)
+            continue
+        have = set(json.loads(keeper["captions"])) | set(result.extra_captions.get(keeper["key"], []))
+        new = [c for c in json.loads(row["captions"]) if c not in have]
+        if new:
+            result.extra_captions.setdefault(keeper["key"], []).extend(new)
+        reason = "duplicate_merged" if new else "duplicate_exact"
+        result.dropped.append({"key": row["key"], "reason": reason, "of": keeper["key"]})
+    return keepers
+
+
+def _bands(h: int, n: int) -> list[tuple[int, int]]:
+    """Split 64 bits into n bands: two hashes within n-1 bits agree on at least one band."""
+    width = -(-64 // n)
+    return [(i, (h >> (i * width)) & ((1 << width) - 1)) for i in range(n)]
+
+
+def _near(rows: list[dict], distance: int, result: DedupResult) -> list[dict]:
+    """Greedy in key order: drop a row within `distance` bits of an earlier keeper."""
+    if distance < 0:
+        return rows
+    n_bands = min(distance + 1, 64)
+    buckets: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
+    keepers = []
+    for row in rows:
+        h = int(row["phash"], 16)
+        match = None
+        for band in _bands(h, n_bands):
+            match = next((k for other, k in buckets[band] if (h ^ other).bit_count() <= distance), None)
+            if match:
+                break
+        if match:
+            result.dropped.append({"key": row["key"], "reason": "duplicate_near", "of": match})
+            continue
+        keepers.append(row)
+        for band in _bands(h, n_bands):
+            buckets[band].append((h, row["key"]))
+    return keepers
+
+
+def deduplicate(rows: list[dict], distance: int) -> DedupResult:
+    """Rows are the kept accounting rows (any order); returns keepers sorted by input order."""
+    result = DedupResult(kept=[])
+    ordered = sorted(rows, key=lambda r: r["key"])
+    keepers = _near(_exact(ordered, result), distance, result)
+    result.kept = sorted(keepers, key=lambda r: r["order"])
+    return result

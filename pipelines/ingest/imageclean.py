@@ -1,0 +1,149 @@
+"""Image cleaning: verify by decoding, refuse bombs from the header, normalise to RGB, resize,
+re-encode as JPEG. Every refusal is an `ImageReject` with a report reason."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from pipelines.ingest.phash import phash
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a reject, never a padded image
+ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class ImageReject(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The image part of DataConfig that workers need."""
+
+    image_size: int
+    resize_mode: str  # shorter | longer | center_crop | none
+    jpeg_quality: int
+    min_side: int
+    max_aspect: float
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class CleanImage:
+    jpeg: bytes
+    width: int  # original, after EXIF orientation
+    height: int
+    format: str
+    phash: int  # 64-bit perceptual hash of the cleaned image
+    pixel_sha: str  # sha256 of the cleaned RGB pixels (exact-duplicate key)
+
+
+def _open(data: bytes, spec: ImageSpec) -> Image.Image:
+    """Open lazily and check the header: format and pixel count, before any decoding."""
+    if not data:
+        raise ImageReject("empty_file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageReject("decompression_bomb", str(e)) from e
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for non-images
+        raise ImageReject("not_an_image", f"{type(e).__name__}: {e}") from e
+    if img.format not in ALLOWED_FORMATS:
+        raise ImageReject("unsupported_format", f"{img.format}; allowed: {sorted(ALLOWED_FORMATS)}")
+    w, h = img.size
+    if w * h > spec.max_pixels:
+        raise ImageReject("decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {spec.max_pixels}")
+    return img
+
+
+def _draft_size(w: int, h: int, spec: ImageSpec) -> tuple[int, int] | None:
+    """The smallest size the resize will need, so JPEG can decode at a reduced scale."""
+    if spec.resize_mode == "none":
+        return None
+    side = min(w, h) if spec.resize_mode in ("shorter", "center_crop") else max(w, h)
+    scale = spec.image_size / max(side, 1)
+    return (max(1, int(w * scale) + 1), max(1, int(h * scale) + 1)) if scale < 1 else None
+
+
+def _decode(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    """Decode every byte (truncation and corruption surface here) and apply EXIF orientation."""
+    draft = _draft_size(*img.size, spec) if img.format == "JPEG" else None
+    try:
+        if draft:
+            img.draft(None, draft)
+        img.load()
+        return ImageOps.exif_transpose(img)
+    except OSError as e:
+        reason = "truncated_image" if "truncat" in str(e).lower() else "corrupt_image"
+        raise ImageReject(reason, str(e)) from e
+    except Exception as e:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, ...
+        raise ImageReject("corrupt_image", f"{type(e).__name__}: {e}") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB: 16-bit scaled down, alpha composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
+        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    """Resize by mode: shorter/longer side to N, centre crop N x N, or none."""
+    w, h = img.size
+    n = spec.image_size
+    if spec.resize_mode == "none":
+        return img
+    side = max(w, h) if spec.resize_mode == "longer" else min(w, h)
+    scale = n / side
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    if spec.resize_mode == "center_crop":
+        left, top = (img.width - n) // 2, (img.height - n) // 2
+        img = img.crop((left, top, left + n, top + n))
+    return img
+
+
+def clean_image(data: bytes, spec: ImageSpec) -> CleanImage:
+    """Raw bytes -> cleaned JPEG; raises ImageReject with the reason."""
+    img = _open(data, spec)
+    fmt = img.format
+    ow, oh = img.size  # header size; a JPEG draft decode below may be smaller
+    try:
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF says rotate by 90 degrees
+            ow, oh = oh, ow
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, not fatal
+        pass
+    if min(ow, oh) < spec.min_side:
+        raise ImageReject("too_small", f"{ow}x{oh}: a side < min_side {spec.min_side}")
+    if max(ow, oh) / min(ow, oh) > spec.max_aspect:
+        raise ImageReject("bad_aspect_ratio", f"{ow}x{oh} exceeds max_aspect {spec.max_aspect}")
+    img = resize(to_rgb(_decode(img, spec)), spec)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=spec.jpeg_quality)
+    return CleanImage(
+        jpeg=buf.getvalue(),
+        width=ow,
+        height=oh,
+        format=fmt,
+        phash=phash(img),
+        pixel_sha=hashlib.sha256(img.tobytes()).hexdigest(),
+    )

@@ -1,0 +1,145 @@
+"""`ingest`: raw source -> one immutable dataset version, as a Ray Data job.
+
+1. list the source into small Refs on the driver (ids checked, keys and input order assigned);
+2. stream the Refs through `stage.process_batch` on all Ray CPUs (fetch, verify, clean, hash,
+   stage the cleaned bytes), collecting only small accounting rows;
+3. deduplicate globally on the driver (`dedup.py`), plan shards per split (`shards.py`);
+4. write the shards in parallel (Ray Data again), each atomically;
+5. write rejects.jsonl, report.json, and last manifest.json (the completion marker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import DataConfig
+from pipelines.ingest import layout
+from pipelines.ingest.dedup import deduplicate
+from pipelines.ingest.fingerprint import fingerprint
+from pipelines.ingest.shards import plan_shards, write_shard
+from pipelines.ingest.sources import detect_format, list_refs
+from pipelines.ingest.sources.common import key_for
+
+PIPELINE_VERSION = 1  # bump when cleaning code changes what a config produces
+_NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format")
+BATCH = 32
+
+
+def log(msg: str) -> None:
+    print(f"[ingest] {msg}", file=sys.stderr, flush=True)
+
+
+def cleaning_config(cfg: DataConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_CLEANING}
+
+
+def version_id(cfg: DataConfig, fmt: str, inputs: list[dict]) -> str:
+    blob = json.dumps({"v": PIPELINE_VERSION, "fmt": fmt, "cfg": cleaning_config(cfg),
+                       "inputs": [i["fingerprint"] for i in inputs]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def collect_refs(source: str, fmt: str, cfg: DataConfig) -> list[dict]:
+    """All Refs with `order` and `key`; a repeated id is a `duplicate_id` reject."""
+    refs, seen = [], set()
+    for order, ref in enumerate(list_refs(source, fmt, cfg.columns)):
+        ref["order"] = order
+        sid = ref.get("id") or f"{ref.get('source', source)}#{order}"
+        ref["key"] = key_for(sid)
+        if not ref.get("reject") and ref["key"] in seen:
+            ref.update(reject="duplicate_id", detail=f"id {sid!r} already seen", key=key_for(f"{sid}#{order}"))
+        seen.add(ref["key"])
+        refs.append(ref)
+    return refs
+
+
+def _clean_all(refs: list[dict], cfg: DataConfig, staging: str) -> list[dict]:
+    """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging)."""
+    import ray
+
+    from pipelines.ingest.stage import process_batch
+
+    items = [{"ref": json.dumps(r)} for r in refs]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / BATCH)))
+    ds = ds.map_batches(process_batch, batch_size=BATCH, batch_format="pyarrow",
+                        fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging})
+    rows: list[dict] = []
+    for batch in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        rows.extend(batch.to_pylist())
+    return sorted(rows, key=lambda r: r["order"])
+
+
+def _write_shards(plans: list[dict], vdir: str) -> list[dict]:
+    import ray
+
+    if not plans:
+        return []
+    ds = ray.data.from_items([{"plan": json.dumps(p)} for p in plans], override_num_blocks=len(plans))
+    ds = ds.map(lambda row: write_shard(json.loads(row["plan"]), vdir))
+    return sorted(ds.take_all(), key=lambda e: e["path"])
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray(None, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+
+
+def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:
+    """Ingest `source` into a new dataset version under `out_root`; returns its directory.
+
+    Returns the existing version untouched when the same inputs and cleaning config were
+    ingested before. A partial version (no manifest: an earlier run was killed) is redone.
+    """
+    source = str(source)
+    fmt = fmt or cfg.format or detect_format(source)
+    t0 = time.time()
+    refs = collect_refs(source, fmt, cfg)
+    inputs = [fingerprint(source, refs)]
+    version = version_id(cfg, fmt, inputs)
+    vdir = layout.join(str(out_root), version)
+    if layout.is_complete(vdir):
+        log(f"version {version} already exists: {vdir} (nothing rewritten)")
+        return layout.as_path(vdir)
+    log(f"{len(refs)} inputs from {source} (format {fmt}) -> version {version}")
+    fs, vpath = layout.get_fs(vdir)
+    if fs.exists(vpath):
+        fs.rm(vpath, recursive=True)  # leftovers of a killed run: never trusted, redone
+    _ensure_ray()
+    staging = layout.join(vdir, layout.STAGING_DIR)
+    rows = _clean_all(refs, cfg, staging)
+    log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
+    result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
+    plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
+    entries = _write_shards(plans, vdir)
+    fs.rm(layout.get_fs(staging)[1], recursive=True)
+    finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
+    log(f"done in {time.time() - t0:.1f}s: {len(result.kept)} kept of {len(rows)}")
+    return layout.as_path(vdir)
+
+
+def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
+    """rejects.jsonl, report.json, then manifest.json (last: it marks the version complete)."""
+    from pipelines.ingest.report import build_report, rejects_lines
+
+    report = build_report(version, rows, result, entries, cfg)
+    layout.write_bytes_atomic(layout.join(vdir, layout.REJECTS), rejects_lines(rows, result))
+    layout.write_json_atomic(layout.join(vdir, layout.REPORT), report)
+    splits = {s: [e for e in entries if e["path"].startswith(f"{s}/")] for s in layout.SPLITS}
+    manifest = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
+                "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()}}
+    layout.write_json_atomic(layout.join(vdir, layout.MANIFEST), manifest)
+
+

@@ -1,0 +1,103 @@
+"""The one place that knows a dataset version's layout on disk or object storage.
+
+```
+<root>/<version>/manifest.json     written last: its presence marks the version complete
+<root>/<version>/report.json       counts: seen, kept, rejected by reason, duplicates
+<root>/<version>/rejects.jsonl     one line per dropped input, with its reason
+<root>/<version>/{train,val,test}/shard-000000.tar
+```
+Paths may be local or any fsspec URI (`s3://...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+REJECTS = "rejects.jsonl"
+SHARD_NAME = "shard-{index:06d}.tar"
+PARTIAL_SUFFIX = ".partial"  # in-progress files: never match `*.tar`, so never look finished
+STAGING_DIR = "_staging"
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def get_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a local path or any fsspec URI."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    out = str(base).rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def shard_name(index: int) -> str:
+    return SHARD_NAME.format(index=index)
+
+
+def read_json(uri: str | os.PathLike) -> dict[str, Any]:
+    fs, path = get_fs(uri)
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
+    """Write under a temporary name, then rename: readers never see a half-written file."""
+    fs, path = get_fs(uri)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def write_json_atomic(uri: str | os.PathLike, obj: Any) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def is_complete(version_dir: str | os.PathLike) -> bool:
+    fs, path = get_fs(version_dir)
+    return fs.exists(join(path, MANIFEST))
+
+
+def read_manifest(version_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a complete version; a clear error when the directory is not one."""
+    uri = join(version_dir, MANIFEST)
+    fs, path = get_fs(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"{version_dir} is not a complete dataset version (no {MANIFEST}). Pass the directory "
+            "printed by `mmfusion data ingest`, or re-run the ingest to complete it."
+        )
+    return read_json(uri)
+
+
+def read_report(version_dir: str | os.PathLike) -> dict[str, Any]:
+    return read_json(join(version_dir, REPORT))
+
+
+def shard_paths(version_dir: str | os.PathLike, split: str) -> list[str]:
+    """Paths (or URIs) of the finished shards of one split, in order, from the manifest."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    manifest = read_manifest(version_dir)
+    return [join(version_dir, entry["path"]) for entry in manifest["splits"].get(split, [])]
+
+
+def as_path(uri: str) -> Path | str:
+    """A local `Path` for local locations, the URI string otherwise."""
+    return uri if is_remote(uri) else Path(get_fs(uri)[1])

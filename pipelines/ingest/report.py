@@ -1,0 +1,55 @@
+"""report.json and rejects.jsonl from the accounting rows and the dedup result."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from pipelines.config import DataConfig
+from pipelines.ingest.dedup import DedupResult
+from pipelines.ingest.layout import SPLITS
+
+
+def build_report(version: str, rows: list[dict], result: DedupResult, entries: list[dict], cfg: DataConfig) -> dict[str, Any]:
+    """Counts with `seen == kept + sum(rejected) + duplicates`, checked before returning."""
+    rejected = Counter(r["reason"] for r in rows if r["reason"])
+    dups = result.counts()
+    dropped_text = Counter(reason for r in rows if not r["reason"] for reason in json.loads(r["dropped"]))
+    per_split = {}
+    for split in SPLITS:
+        mine = [e for e in entries if e["path"].startswith(f"{split}/")]
+        per_split[split] = {"samples": sum(e["samples"] for e in mine), "shards": len(mine),
+                            "bytes": sum(e["bytes"] for e in mine)}
+    report = {
+        "version": version,
+        "seen": len(rows),
+        "kept": len(result.kept),
+        "rejected": dict(sorted(rejected.items())),
+        "duplicates": sum(dups.values()),
+        "dedup": {"exact": dups.get("duplicate_exact", 0), "merged": dups.get("duplicate_merged", 0),
+                  "near": dups.get("duplicate_near", 0), "distance": cfg.dedup_distance},
+        "per_split": per_split,
+        "captions": {"kept": sum(len(json.loads(r["captions"])) for r in result.kept)
+                     + sum(len(v) for v in result.extra_captions.values()),
+                     "dropped": dict(sorted(dropped_text.items()))},
+    }
+    total = report["kept"] + sum(rejected.values()) + report["duplicates"]
+    if total != report["seen"]:
+        raise AssertionError(f"ingest accounting broken: seen {report['seen']} != {total}")
+    return report
+
+
+def rejects_lines(rows: list[dict], result: DedupResult) -> bytes:
+    """One JSON line per dropped input: rejects, then duplicates (with the key they copy)."""
+    lines = []
+    for r in rows:
+        if r["reason"]:
+            lines.append({"key": r["key"], "id": r["id"], "reason": r["reason"], "detail": r["detail"],
+                          "source": r["source"], "image": r["image"]})
+    by_key = {r["key"]: r for r in rows}
+    for d in result.dropped:
+        r = by_key[d["key"]]
+        lines.append({"key": d["key"], "id": r["id"], "reason": d["reason"], "of": d["of"],
+                      "source": r["source"], "image": r["image"]})
+    return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode("utf-8")

@@ -1,0 +1,51 @@
+"""The project's raw JSONL: one `{"id", "image", "captions", "qa", "meta"}` object per line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from pipelines.ingest.layout import get_fs, join
+from pipelines.ingest.sources.common import as_list, image_loc, make_ref, reject_ref
+
+
+def jsonl_files(source: str) -> list[str]:
+    fs, path = get_fs(source)
+    if fs.isfile(path):
+        return [source]
+    found = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(join(path, "*.jsonl")))
+    if not found:
+        raise FileNotFoundError(f"{source}: no *.jsonl file in this folder")
+    return [join(source, name) for name in found]
+
+
+def parse_line(raw: bytes, where: str, base: str, source: str) -> dict:
+    """One line -> a Ref (a reject Ref for bad encoding, bad JSON or missing fields)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return reject_ref(where, "invalid_encoding", f"{where}: not UTF-8 ({e.reason})", source)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return reject_ref(where, "malformed_json", f"{where}: {e.msg} at column {e.colno}", source)
+    if not isinstance(obj, dict):
+        return reject_ref(where, "malformed_json", f"{where}: a line must be a JSON object", source)
+    missing = [k for k in ("id", "image") if not obj.get(k)]
+    if not obj.get("captions") and not obj.get("caption") and not obj.get("qa"):
+        missing.append("captions")
+    if missing:
+        return reject_ref(obj.get("id") or where, "missing_field", f"{where}: missing {', '.join(missing)}", source)
+    captions = as_list(obj.get("captions", obj.get("caption")))
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    return make_ref(obj["id"], image_loc(obj["image"], base), captions, as_list(obj.get("qa")), meta, source)
+
+
+def list_jsonl(source: str) -> Iterator[dict]:
+    for uri in jsonl_files(source):
+        fs, path = get_fs(uri)
+        base = uri.rsplit("/", 1)[0]
+        with fs.open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if raw.strip():
+                    yield parse_line(raw.strip(), f"{uri}:{lineno}", base, uri)

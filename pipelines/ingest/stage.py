@@ -1,0 +1,109 @@
+"""The streaming map of an ingest: one Ref in, one small accounting row out.
+
+Runs inside Ray Data workers. For each Ref it cleans the text, fetches and cleans the image, and
+assigns the split; kept samples' bytes go to a staging Parquet file per batch (named by the
+batch's first input position, so a retried task rewrites the same file), and only the small
+accounting row (key, reason, hashes, sizes, where staged) flows back to the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.config import DataConfig
+from pipelines.ingest.fetch import FetchError, fetch
+from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
+from pipelines.ingest.layout import get_fs, join, write_bytes_atomic
+from pipelines.ingest.textclean import clean_captions, clean_qa
+
+META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
+               "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_row", "captions", "dropped")
+
+
+def split_of(key: str, fractions: dict[str, float]) -> str:
+    """The split is a function of the key alone: stable when data is added."""
+    u = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:15], 16) / 16**15
+    total = sum(fractions.values())
+    acc = 0.0
+    for name, frac in fractions.items():
+        acc += frac / total
+        if u < acc:
+            return name
+    return list(fractions)[-1]
+
+
+def tar_member_bytes(*sizes: int) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member plus data padded to 512."""
+    return sum(512 + -(-n // 512) * 512 for n in sizes)
+
+
+def image_spec(cfg: DataConfig) -> ImageSpec:
+    return ImageSpec(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.min_side, cfg.max_aspect, cfg.max_pixels)
+
+
+def _row(ref: dict, reason: str = "", detail: str = "", **kw: Any) -> dict:
+    loc = ref.get("image") or {}
+    row = {"order": ref["order"], "key": ref["key"], "id": ref.get("id") or "", "reason": reason,
+           "detail": detail[:500], "source": ref.get("source", ""), "image": loc.get("uri", ""),
+           "split": "", "phash": "", "pixel_sha": "", "caption_sha": "", "nbytes": 0,
+           "stage_file": "", "stage_row": -1, "captions": "[]", "dropped": "[]"}
+    row.update(kw)
+    return row
+
+
+def process_ref(ref: dict, cfg: DataConfig) -> tuple[dict, dict | None]:
+    """(accounting row, staged sample or None) for one Ref; never raises for bad data."""
+    if ref.get("reject"):
+        return _row(ref, ref["reject"], ref.get("detail", "")), None
+    captions, dropped = clean_captions(ref["captions"], cfg.min_caption_chars, cfg.max_caption_chars)
+    qa, qa_dropped = clean_qa(ref["qa"], cfg.max_caption_chars)
+    if not captions and not qa:
+        return _row(ref, dropped[0] if dropped else "no_captions", "no usable caption or QA pair"), None
+    if not ref.get("image"):
+        return _row(ref, "missing_field", "no image"), None
+    try:
+        img = clean_image(fetch(ref["image"], cfg.http_timeout_s, cfg.http_retries), image_spec(cfg))
+    except (FetchError, ImageReject) as e:
+        return _row(ref, e.reason, e.detail), None
+    split = split_of(ref["key"], cfg.split_fractions)
+    doc = {"id": ref["id"], "captions": captions, "qa": qa, "split": split, "source": ref["source"],
+           "width": img.width, "height": img.height, "meta": {**ref["meta"], "format": img.format}}
+    doc_text, txt = json.dumps(doc, ensure_ascii=False), (captions[0] if captions else "")
+    staged = {"key": ref["key"], "jpg": img.jpeg, "txt": txt, "json": doc_text}
+    row = _row(ref, split=split, phash=f"{img.phash:016x}", pixel_sha=img.pixel_sha,
+               caption_sha=hashlib.sha256("\n".join(sorted(captions)).encode()).hexdigest(),
+               nbytes=tar_member_bytes(len(img.jpeg), len(txt.encode()), len(doc_text.encode())),
+               captions=json.dumps(captions, ensure_ascii=False), dropped=json.dumps(dropped + qa_dropped))
+    return row, staged
+
+
+def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str) -> pa.Table:
+    """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows."""
+    cfg = DataConfig.model_validate(cfg_dict)
+    refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
+    rows, staged = [], []
+    stage_file = join(staging_dir, f"stage-{min(r['order'] for r in refs):09d}.parquet")
+    for ref in refs:
+        row, sample = process_ref(ref, cfg)
+        if sample is not None:
+            row.update(stage_file=stage_file, stage_row=len(staged))
+            staged.append(sample)
+        rows.append(row)
+    if staged:
+        _write_parquet(stage_file, staged)
+    return pa.Table.from_pylist(rows)
+
+
+def _write_parquet(uri: str, samples: list[dict]) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(samples), buf, compression="none")
+    get_fs(uri)  # validate the location before writing
+    write_bytes_atomic(uri, buf.getvalue())

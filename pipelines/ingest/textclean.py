@@ -1,0 +1,83 @@
+"""Caption and answer text cleaning: NFC, no control characters or HTML tags, one space."""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+
+_TAG = re.compile(r"<[^<>]{0,500}>")
+_SPACE = re.compile(r"\s+")
+
+
+class TextReject(ValueError):
+    """A text that cannot be kept; `reason` is the report key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def normalize(text: str | bytes) -> str:
+    """Decode (UTF-8, strict), NFC, strip tags and control characters, collapse whitespace."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TextReject("invalid_encoding", f"not UTF-8 ({e.reason} at byte {e.start})") from e
+    if not isinstance(text, str):
+        raise TextReject("bad_field_type", f"expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")  # lone surrogates (e.g. from "\\ud800" in JSON) are not text
+    except UnicodeEncodeError as e:
+        raise TextReject("invalid_encoding", f"unencodable character at {e.start}") from e
+    text = unicodedata.normalize("NFC", html.unescape(_TAG.sub(" ", text)))
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") else c for c in text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def clean_caption(text: str | bytes, min_chars: int, max_chars: int) -> str:
+    """A normalised caption, or TextReject(caption_empty|caption_too_short|caption_too_long)."""
+    out = normalize(text)
+    if not out:
+        raise TextReject("caption_empty")
+    if len(out) < min_chars:
+        raise TextReject("caption_too_short", f"{len(out)} < {min_chars} chars")
+    if len(out) > max_chars:
+        raise TextReject("caption_too_long", f"{len(out)} > {max_chars} chars")
+    return out
+
+
+def clean_captions(raw: list, min_chars: int, max_chars: int) -> tuple[list[str], list[str]]:
+    """(kept captions, reasons of the dropped ones), de-duplicated in first-seen order."""
+    kept: list[str] = []
+    reasons: list[str] = []
+    for item in raw:
+        try:
+            text = clean_caption(item, min_chars, max_chars)
+        except TextReject as e:
+            reasons.append(e.reason)
+            continue
+        if text not in kept:
+            kept.append(text)
+    return kept, reasons
+
+
+def clean_qa(raw: list, max_chars: int) -> tuple[list[dict], list[str]]:
+    """Question-answer pairs with non-empty question and at least one non-empty answer."""
+    kept: list[dict] = []
+    reasons: list[str] = []
+    for item in raw:
+        try:
+            if not isinstance(item, dict) or "question" not in item:
+                raise TextReject("bad_qa", "a QA pair needs a 'question' and 'answers'")
+            answers = item.get("answers", item.get("answer", []))
+            answers = [answers] if isinstance(answers, (str, bytes)) else list(answers or [])
+            question = clean_caption(item["question"], 1, max_chars)
+            answers = [a for a in (normalize(x if not isinstance(x, dict) else x.get("answer", "")) for x in answers) if a]
+            if not answers:
+                raise TextReject("bad_qa", f"no answer for {question!r}")
+            kept.append({"question": question, "answers": answers})
+        except TextReject as e:
+            reasons.append(e.reason)
+    return kept, reasons

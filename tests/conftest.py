@@ -1,0 +1,56 @@
+"""Shared fixtures: one real local Ray per test session, and a tiny ingested dataset version."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster needs no token
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the shared test machine is slow
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (2 CPUs, no dashboard), started once per session and shut down after."""
+    import ray
+
+    from pipelines.config import load_config
+    from pipelines.runtime import init_ray
+
+    started = not ray.is_initialized()
+    if started:
+        init_ray(load_config("debug", ["services.ray_num_cpus=2"]), include_dashboard=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory) -> Path:
+    """160 synthetic raw samples (seed 0) in the project's raw JSONL format."""
+    from pipelines.ingest.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("synth") / "raw", num=160, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(ray_local, tiny_source, tmp_path_factory) -> Path:
+    """The tiny source ingested with the `debug` data config; returns the version directory."""
+    from pipelines.config import load_config
+    from pipelines.ingest import ingest
+
+    return ingest(tiny_source, tmp_path_factory.mktemp("datasets"), load_config("debug").data)
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    """The real COCO photos at ../shared/data/coco-mini; skips where that folder is absent."""
+    path = SHARED_DATA / "coco-mini"
+    if not (path / "annotations").is_dir():
+        pytest.skip(f"{path} not present (real COCO fixture lives outside the repository)")
+    return path
