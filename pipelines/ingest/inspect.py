@@ -1,0 +1,87 @@
+"""Reading a dataset version back: a summary (`inspect_version`) and a full check
+(`validate_version`: every checksum, every sample decoded)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+from pipelines.ingest.layout import SPLITS, get_fs, join, read_manifest, read_report
+
+
+def iter_samples(paths: list[str]):
+    """Samples of the given shards, in order, through plain `webdataset.WebDataset`."""
+    import webdataset as wds
+
+    yield from wds.WebDataset(paths, shardshuffle=False, empty_check=False)
+
+
+def inspect_version(version_dir: str, num_samples: int = 3) -> dict[str, Any]:
+    manifest, report = read_manifest(version_dir), read_report(version_dir)
+    splits = {s: {"samples": sum(e["samples"] for e in v), "shards": len(v), "bytes": sum(e["bytes"] for e in v)}
+              for s, v in manifest["splits"].items()}
+    examples = []
+    paths = [join(version_dir, e["path"]) for e in manifest["splits"].get("train", [])][:1]
+    for sample in iter_samples(paths):
+        doc = json.loads(sample["json"])
+        examples.append({"key": sample["__key__"], "caption": sample["txt"].decode(),
+                         "captions": len(doc["captions"]), "qa": len(doc["qa"]), "size": [doc["width"], doc["height"]]})
+        if len(examples) >= num_samples:
+            break
+    return {"version": manifest["version"], "created": manifest["created"], "format": manifest.get("format"),
+            "inputs": manifest["inputs"], "splits": splits, "seen": report["seen"], "kept": report["kept"],
+            "rejected": report["rejected"], "duplicates": report["duplicates"], "dedup": report.get("dedup"),
+            "examples": examples}
+
+
+def _check_shard(version_dir: str, split: str, entry: dict) -> tuple[list[str], int]:
+    """(problems, samples decoded) for one shard."""
+    from PIL import Image
+
+    uri = join(version_dir, entry["path"])
+    fs, path = get_fs(uri)
+    if not fs.exists(path):
+        return [f"{uri}: missing"], 0
+    data = fs.cat_file(path)
+    problems = []
+    if hashlib.sha256(data).hexdigest() != entry["sha256"] or len(data) != entry["bytes"]:
+        problems.append(f"{uri}: sha256/size differ from the manifest")
+    n = 0
+    try:
+        for sample in iter_samples([uri]):
+            key = sample.get("__key__")
+            missing = {"jpg", "txt", "json"} - sample.keys()
+            if missing:
+                problems.append(f"{uri}: {key}: missing members {sorted(missing)}")
+                continue
+            img = Image.open(io.BytesIO(sample["jpg"]))
+            img.load()
+            doc = json.loads(sample["json"].decode("utf-8"))
+            if img.mode != "RGB" or doc.get("split") != split:
+                problems.append(f"{uri}: {key}: mode {img.mode}, split {doc.get('split')} (expected RGB, {split})")
+            n += 1
+    except Exception as e:  # noqa: BLE001 - report, don't crash: this is a validator
+        problems.append(f"{uri}: unreadable after {n} samples: {type(e).__name__}: {e}")
+    if n != entry["samples"]:
+        problems.append(f"{uri}: {n} samples decoded, manifest says {entry['samples']}")
+    return problems, n
+
+
+def validate_version(version_dir: str) -> dict[str, Any]:
+    """`{"ok", "problems": [...], "samples": n}`: every checksum checked, every sample decoded."""
+    manifest, report = read_manifest(version_dir), read_report(version_dir)
+    problems: list[str] = []
+    total = 0
+    for split in SPLITS:
+        for entry in manifest["splits"].get(split, []):
+            p, n = _check_shard(version_dir, split, entry)
+            problems += p
+            total += n
+    if total != report["kept"]:
+        problems.append(f"{total} samples in shards, report says kept={report['kept']}")
+    accounted = report["kept"] + sum(report["rejected"].values()) + report["duplicates"]
+    if accounted != report["seen"]:
+        problems.append(f"report: seen {report['seen']} != kept + rejected + duplicates = {accounted}")
+    return {"ok": not problems, "problems": problems, "samples": total}
