@@ -187,19 +187,26 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        spec = self.reader_spec(info.id if info else 0)
+        workers = max(self.cfg.loader_workers, 1)
+        # DataLoader starts its round-robin at worker 0, but after `start_batch` batches the next
+        # batch is due from logical worker `start_batch % workers`: rotate the roles to match.
+        logical = ((info.id if info else 0) + self.cfg.start_batch) % workers
+        spec = self.reader_spec(logical)
         stream = raw_stream(spec)
-        # Caption / QA choice is seeded by the reader and its start, so a resume is reproducible.
-        rng = random.Random(stable_seed(spec.seed, "decode", spec.reader, spec.skip))
+        index = spec.skip // self.cfg.batch_size  # this reader's batch number
         while True:
+            # Augmentation and caption / QA choice are seeded by (reader, batch number): a batch is
+            # a pure function of its position, so a resumed run sees exactly the batches it would have.
+            seed = stable_seed(spec.seed, "batch", spec.reader, index)
+            torch.manual_seed(seed)
+            rng = random.Random(seed)
             yield self.collate([self.decode(next(stream), rng) for _ in range(self.cfg.batch_size)])
+            index += 1
 
 
 def train_loader(cfg: StreamConfig, decode, collate, pin_memory: bool = False) -> DataLoader:
     """The rank's endless batch loader; iterate it with `next()`, it never stops."""
     workers = cfg.loader_workers
-    # Seeds the workers' torch RNG (image augmentation) from the stream position, not the clock.
-    generator = torch.Generator().manual_seed(stable_seed(cfg.seed, "loader", cfg.rank, cfg.start_batch))
     return DataLoader(
         ShardStream(cfg, decode, collate),
         batch_size=None,  # batches are built inside the workers, fixed size
@@ -208,7 +215,6 @@ def train_loader(cfg: StreamConfig, decode, collate, pin_memory: bool = False) -
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         multiprocessing_context="fork" if workers > 0 else None,
-        generator=generator,
     )
 
 

@@ -422,13 +422,14 @@ def run_steps(run: Run) -> dict[str, Any]:
     run.tracker = make_tracker(job, worker, state)
     window, meter = Window(), Throughput()
     global_batch = job.batch_size * job.grad_accum * worker.world_size
-    window_start = state["step"]
+    window_start, batches_read = state["step"], 0
     meter.start()
     while state["step"] < job.total_steps:
         step = state["step"]
         maybe_fail(job, worker, step)
         task = job.tasks[step % len(job.tasks)]
         micro = [to_device(next(loader), worker.device) for _ in range(job.grad_accum)]
+        batches_read += len(micro)
         if run.flops_per_sample is None and worker.is_main:
             run.flops_per_sample = measure_flops(run, micro[0], task)
         seed_step(job, worker, step)  # after measure_flops, which draws random numbers too
@@ -447,12 +448,28 @@ def run_steps(run: Run) -> dict[str, Any]:
         metrics = {"step": done, **window.reduce(worker), **speed(run, meter)}
         if at_eval:
             metrics.update(validate(run))
+        if final:
+            state["ranks"] = rank_facts(run, batches_read)
         log_point(run, metrics, at_ckpt, meter)
         window_start = done
         meter.start()
     if run.tracker is not None:
         run.tracker.close()
     return state
+
+
+def rank_facts(run: Run, batches_read: int) -> list[dict[str, Any]]:
+    """Every rank's own count of where it ended: step, batches it read since it (re)started, node."""
+    import ray
+
+    mine = {"rank": run.worker.rank, "step": run.state["step"], "batches_read": batches_read,
+            "start_step": run.state["step"] - batches_read // run.job.grad_accum,
+            "node_id": ray.get_runtime_context().get_node_id()}
+    if run.worker.world_size == 1:
+        return [mine]
+    facts: list = [None] * run.worker.world_size
+    dist.all_gather_object(facts, mine)
+    return facts
 
 
 def measure_flops(run: Run, batch: Batch, task: str) -> float:
@@ -488,6 +505,7 @@ def log_point(run: Run, metrics: dict[str, float], at_ckpt: bool, meter: Through
     """Record, print and report one log point (with a checkpoint when `at_ckpt`)."""
     job, worker, state = run.job, run.worker, run.state
     state["metrics"] = metrics
+    state["history"] = [*state.get("history", []), metrics][-500:]
     state["data_position"] = data_position(job, worker, state["step"])
     state["samples_per_s"] = meter.overall()
     state["time"] = time.time()

@@ -60,7 +60,10 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> N
         state.setdefault(int(pid), {})[name] = value
     for pid, values in meta["plain_state"].items():
         state.setdefault(int(pid), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # JSON has no tuples; optimisers keep e.g. `betas` as one.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def scheduler_to_file(scheduler, directory: Path) -> None:

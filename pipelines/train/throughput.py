@@ -47,13 +47,18 @@ def train_flops_per_sample(forward: Callable[[], object], batch_size: int) -> fl
 
 
 class Throughput:
-    """Counts samples over a window of training time (eval and checkpoint time excluded)."""
+    """Counts samples over windows of training time (eval and checkpoint time excluded).
+
+    `overall()` is the steady-state rate: it leaves out the first window (loader start-up, first
+    shard opened, FLOP count) once there is a second one.
+    """
 
     def __init__(self):
         self.samples = 0
         self.seconds = 0.0
         self.total_samples = 0
         self.total_seconds = 0.0
+        self.first: tuple[int, float] | None = None
         self._t0: float | None = None
 
     def start(self) -> None:
@@ -67,6 +72,8 @@ class Throughput:
         self._t0 = None
         self.samples += samples
         self.seconds += dt
+        if self.first is None:
+            self.first = (samples, dt)
         self.total_samples += samples
         self.total_seconds += dt
 
@@ -77,7 +84,10 @@ class Throughput:
         return rate
 
     def overall(self) -> float:
-        return self.total_samples / self.total_seconds if self.total_seconds > 0 else 0.0
+        samples, seconds = self.total_samples, self.total_seconds
+        if self.first is not None and samples > self.first[0]:
+            samples, seconds = samples - self.first[0], seconds - self.first[1]
+        return samples / seconds if seconds > 0 else 0.0
 
 
 def mfu(samples_per_s: float, flops_per_sample: float | None, peak: float | None, devices: int) -> float | None:
