@@ -29,8 +29,11 @@ def list_models(cfg: Config) -> list[dict]:
     for rm in mlclient.search_registered_models():
         versions = mlclient.search_model_versions(f"name='{rm.name}'")
         versions = sorted(versions, key=lambda v: int(v.version), reverse=True)
-        out.append({"name": rm.name, "aliases": dict(rm.aliases or {}),
-                    "versions": [_summary(v) for v in versions]})
+        aliases = {str(a): str(v) for a, v in (rm.aliases or {}).items()}
+        summaries = [_summary(v) for v in versions]
+        for s in summaries:  # search results may omit aliases; the registered model has them all
+            s["aliases"] = sorted(a for a, v in aliases.items() if v == s["version"])
+        out.append({"name": rm.name, "aliases": aliases, "versions": summaries})
     return out
 
 

@@ -1,0 +1,72 @@
+"""`mmfusion caption | answer | retrieve`: run a registered model (or checkpoint) on your images."""
+
+from __future__ import annotations
+
+import argparse
+
+from mmfusion.commands.common import add_config_args, config_from_args
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--model", default=None, metavar="URI",
+                   help="checkpoint directory, models:/NAME@ALIAS or models:/NAME/VERSION "
+                   "(default: models:/<registry.model_name>@champion)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def register(subparsers) -> None:
+    cap = subparsers.add_parser("caption", help="generate a caption for each image",
+                                description="Caption image files (JPEG, PNG, ...) with a model.")
+    _common(cap)
+    cap.add_argument("images", nargs="+", metavar="IMAGE")
+    cap.add_argument("--beams", type=int, default=None, help="beam width (default: eval.num_beams)")
+    cap.add_argument("--batch-size", type=int, default=16)
+    cap.set_defaults(func=run_caption)
+    ans = subparsers.add_parser("answer", help="answer a question about an image",
+                                description='Visual question answering: mmfusion answer photo.jpg "what colour is the car?"')
+    _common(ans)
+    ans.add_argument("image", metavar="IMAGE")
+    ans.add_argument("question", metavar="QUESTION")
+    ans.set_defaults(func=run_answer)
+    ret = subparsers.add_parser("retrieve", help="rank a folder of images by similarity to a text",
+                                description='Text-to-image retrieval: mmfusion retrieve --images DIR --text "a dog on a beach"')
+    _common(ret)
+    ret.add_argument("--images", required=True, metavar="DIR")
+    ret.add_argument("--text", required=True)
+    ret.add_argument("--top-k", type=int, default=5)
+    ret.set_defaults(func=run_retrieve)
+
+
+def _predictor(args):
+    from pipelines.evaluate.predict import load_predictor
+
+    cfg = config_from_args(args)
+    return cfg, load_predictor(cfg, args.model or f"models:/{cfg.registry.model_name}@champion", args.device)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from pipelines.evaluate.predict import caption
+
+    cfg, p = _predictor(args)
+    beams = args.beams or cfg.eval.num_beams
+    for path, text in zip(args.images, caption(p, args.images, cfg.eval.max_len, beams, args.batch_size)):
+        print(f"{path}\t{text}")
+    return 0
+
+
+def run_answer(args: argparse.Namespace) -> int:
+    from pipelines.evaluate.predict import answer
+
+    cfg, p = _predictor(args)
+    print(answer(p, args.image, args.question, cfg.model.max_answer_len))
+    return 0
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    from pipelines.evaluate.predict import image_files, retrieve
+
+    _, p = _predictor(args)
+    for path, score in retrieve(p, image_files(args.images), args.text, args.top_k):
+        print(f"{score:+.4f}\t{path}")
+    return 0
