@@ -63,6 +63,11 @@ def _open(data: bytes, spec: ImageSpec) -> Image.Image:
     w, h = img.size
     if w * h > spec.max_pixels:
         raise ImageReject("decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {spec.max_pixels}")
+    if img.format != "JPEG":  # verify() checks PNG chunk CRCs, which decoding alone skips
+        try:
+            Image.open(io.BytesIO(data)).verify()
+        except Exception as e:  # noqa: BLE001
+            raise ImageReject("corrupt_image", f"{type(e).__name__}: {e}") from e
     return img
 
 

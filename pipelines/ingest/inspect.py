@@ -15,7 +15,8 @@ def iter_samples(paths: list[str]):
     """Samples of the given shards, in order, through plain `webdataset.WebDataset`."""
     import webdataset as wds
 
-    yield from wds.WebDataset(paths, shardshuffle=False, empty_check=False)
+    if paths:
+        yield from wds.WebDataset(paths, shardshuffle=False, empty_check=False)
 
 
 def inspect_version(version_dir: str, num_samples: int = 3) -> dict[str, Any]:

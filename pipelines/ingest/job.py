@@ -123,7 +123,8 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
     result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
     plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
     entries = _write_shards(plans, vdir)
-    fs.rm(layout.get_fs(staging)[1], recursive=True)
+    if fs.exists(layout.get_fs(staging)[1]):
+        fs.rm(layout.get_fs(staging)[1], recursive=True)
     finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
     log(f"done in {time.time() - t0:.1f}s: {len(result.kept)} kept of {len(rows)}")
     return layout.as_path(vdir)

@@ -49,6 +49,8 @@ def detect_format(source: str) -> str:
         raise ValueError(f"cannot tell the format of {source}; pass --format ({', '.join(FORMATS)})")
     if fs.glob(join(path, "annotations", "captions_*.json")):
         return "coco"
+    if fs.exists(join(path, "manifest.json")) and find_files(source, ".tar"):
+        return "webdataset"  # an existing dataset version: re-clean and re-shard it
     top = [p.rsplit("/", 1)[-1].lower() for p in fs.ls(path, detail=False)]
     for ext, fmt in (("jsonl", "jsonl"), ("parquet", "parquet"), ("csv", "csv")):
         if any(n.endswith(f".{ext}") for n in top):

@@ -1,0 +1,135 @@
+"""Cleaning, dedup, split, shard planning and HTTP fetching, without Ray (fast, exact)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from pipelines.ingest.dedup import deduplicate
+from pipelines.ingest.fetch import FetchError, fetch
+from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
+from pipelines.ingest.phash import hamming, phash
+from pipelines.ingest.shards import archive_bytes, plan_shards
+from pipelines.ingest.stage import split_of
+from pipelines.ingest.textclean import TextReject, clean_caption, normalize
+from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_size, scene
+
+SPEC = ImageSpec(image_size=64, resize_mode="shorter", jpeg_quality=90, min_side=16, max_aspect=6.0,
+                 max_pixels=4_000_000)
+
+
+def _out(c) -> Image.Image:
+    return Image.open(io.BytesIO(c.jpeg))
+
+
+@pytest.mark.parametrize("name", sorted(awkward_images()))
+def test_awkward_images_become_rgb_jpeg(name):
+    c = clean_image(awkward_images()[name], SPEC)
+    out = _out(c)
+    assert out.format == "JPEG" and out.mode == "RGB" and min(out.size) == 64
+
+
+def test_alpha_is_composited_on_white_and_exif_orientation_applied():
+    alpha = _out(clean_image(awkward_images()["alpha"], SPEC))
+    assert all(v > 245 for v in alpha.getpixel((32, 2)))  # transparent rows -> white
+    rotated = clean_image(awkward_images()["exif"], SPEC)
+    assert (rotated.width, rotated.height) == (80, 120)  # 120x80 stored, orientation 6
+    assert _out(rotated).size == (64, 96)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty_file"),
+        (b"GIF89a but then nothing useful", "not_an_image"),
+        (encode(scene(1), "PPM"), "unsupported_format"),
+        (png_with_header_size(200_000, 200_000), "decompression_bomb"),
+        (png_with_header_size(3000, 2000), "decompression_bomb"),  # above the 4M cap, header only
+        (encode(scene(1))[:900], "truncated_image"),
+        (encode(scene(1).resize((12, 40)), "PNG"), "too_small"),
+        (encode(scene(1).resize((700, 100)), "PNG"), "bad_aspect_ratio"),
+    ],
+)
+def test_bad_images_are_rejected_with_reason(data, reason):
+    with pytest.raises(ImageReject) as e:
+        clean_image(data, SPEC)
+    assert e.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "mode, size, expected",
+    [("shorter", (200, 100), (128, 64)), ("longer", (200, 100), (64, 32)),
+     ("center_crop", (200, 100), (64, 64)), ("none", (200, 100), (200, 100))],
+)
+def test_resize_modes(mode, size, expected):
+    spec = ImageSpec(64, mode, 90, 16, 6.0, 4_000_000)
+    assert _out(clean_image(encode(scene(3).resize(size)), spec)).size == expected
+
+
+def test_text_normalisation_and_rejects():
+    assert normalize("  Cafe\u0301 <i>on</i>\tthe\x00 left &amp; right\n") == "Café on the left & right"
+    assert clean_caption(b"a red circle", 3, 50) == "a red circle"
+    for raw, reason in [(b"caf\xe9 au lait", "invalid_encoding"), ("bad \ud800", "invalid_encoding"),
+                        ("<p> </p>", "caption_empty"), ("ab", "caption_too_short"), ("x" * 60, "caption_too_long")]:
+        with pytest.raises(TextReject) as e:
+            clean_caption(raw, 3, 50)
+        assert e.value.reason == reason
+
+
+def test_phash_is_close_for_copies_and_far_for_other_scenes():
+    a = phash(scene(5))
+    assert hamming(a, phash(Image.open(io.BytesIO(encode(scene(5).resize((90, 90)), quality=60))))) <= 4
+    assert min(hamming(a, phash(scene(i))) for i in range(6, 40)) > 8
+
+
+def _row(key, order, pix, ph, caps):
+    return {"key": key, "order": order, "pixel_sha": pix, "phash": f"{ph:016x}", "captions": json.dumps(caps)}
+
+
+def test_dedup_is_deterministic_and_accounts_for_every_row():
+    rows = [
+        _row("b", 0, "p1", 0xFF00, ["x"]), _row("a", 1, "p1", 0xFF00, ["x"]),  # exact: keep a
+        _row("c", 2, "p2", 0x1234, ["y"]), _row("d", 3, "p2", 0x1234, ["z"]),  # merge d into c
+        _row("e", 4, "p3", 0xF0F0_0000_0000, ["w"]), _row("f", 5, "p4", 0xF0F0_0000_0007, ["v"]),  # near
+        _row("g", 6, "p5", 0x0F0F_FFFF_0000, ["u"]),
+    ]
+    result = deduplicate(list(reversed(rows)), distance=4)
+    assert [r["key"] for r in result.kept] == ["a", "c", "e", "g"]
+    assert sorted((d["key"], d["reason"], d["of"]) for d in result.dropped) == [
+        ("b", "duplicate_exact", "a"), ("d", "duplicate_merged", "c"), ("f", "duplicate_near", "e")]
+    assert result.extra_captions == {"c": ["z"]}
+    assert len(deduplicate(rows, distance=-1).kept) == 5  # near-dup matching disabled
+
+
+def test_split_is_a_stable_function_of_the_key():
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    splits = [split_of(f"k{i}", fractions) for i in range(5000)]
+    assert splits == [split_of(f"k{i}", dict(fractions)) for i in range(5000)]
+    assert 0.77 < splits.count("train") / 5000 < 0.83 and 0.08 < splits.count("test") / 5000 < 0.12
+
+
+def test_shard_plan_respects_count_and_byte_caps():
+    rows = [{"key": f"k{i}", "split": "train", "nbytes": 30_000, "stage_file": "f", "stage_row": i}
+            for i in range(25)]
+    by_count = plan_shards(rows, {}, max_samples=10, max_bytes=10**9)
+    assert [len(p["members"]) for p in by_count] == [10, 10, 5]
+    by_bytes = plan_shards(rows, {}, max_samples=100, max_bytes=100_000)
+    assert all(archive_bytes(30_000 * len(p["members"])) <= 100_000 for p in by_bytes)
+    assert sum(len(p["members"]) for p in by_bytes) == 25
+
+
+def test_http_fetch_handles_errors_retries_timeouts_and_content_types():
+    image = encode(scene(9))
+    with ImageServer(image) as srv:
+        assert fetch({"kind": "url", "uri": srv.url("/ok.jpg")}, timeout=2, retries=0) == image
+        assert fetch({"kind": "url", "uri": srv.url("/flaky.jpg")}, timeout=2, retries=2) == image
+        for path, reason in [("/html", "bad_content_type"), ("/missing.jpg", "http_error"),
+                             ("/error.jpg", "http_error"), ("/slow.jpg", "http_timeout")]:
+            with pytest.raises(FetchError) as e:
+                fetch({"kind": "url", "uri": srv.url(path)}, timeout=0.5, retries=1)
+            assert e.value.reason == reason, path
+        assert srv.hits["/missing.jpg"] == 1  # client errors are not retried
+        assert srv.hits["/error.jpg"] == 2  # server errors are, a bounded number of times
