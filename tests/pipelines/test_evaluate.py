@@ -95,3 +95,20 @@ def test_ray_tasks_give_the_same_results(cfg, tiny_dataset, tiny_checkpoint, tmp
     assert [r["generated"] for r in a] == [r["generated"] for r in b]
     for m, v in local["metrics"].items():
         assert on_ray["metrics"][m] == pytest.approx(v, abs=1e-6), m
+
+
+def test_evaluate_on_real_coco_photos(coco_mini, ray_local, tmp_path, cfg):
+    """Real photos with 5 human captions each: every caption counts for text->image retrieval."""
+    from pipelines.ingest import ingest
+
+    data_cfg = load_config("debug", ["data.split_fractions={train: 0.4, val: 0.1, test: 0.5}"]).data
+    vdir = ingest(coco_mini, tmp_path / "datasets", data_cfg)
+    ckpt = save_tiny_checkpoint(vdir, tmp_path / "ckpt")
+    report = evaluate(cfg, ckpt, vdir, tmp_path / "eval")
+    records = load_per_sample(report["per_sample_path"])
+    assert report["num_images"] == len(records) > 20
+    assert report["num_captions"] >= 5 * len(records) - 5  # COCO: 5 (rarely 6) captions per photo
+    assert all(len(r["references"]) >= 5 for r in records)
+    assert report["metrics"]["vqa_acc"] is None  # captions only: no VQA pairs to score
+    assert 0.0 <= report["metrics"]["t2i_r10"] <= 1.0
+    assert evaluate(cfg, ckpt, vdir, tmp_path / "eval2")["metrics"] == report["metrics"]
