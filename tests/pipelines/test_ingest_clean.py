@@ -133,3 +133,26 @@ def test_http_fetch_handles_errors_retries_timeouts_and_content_types():
             assert e.value.reason == reason, path
         assert srv.hits["/missing.jpg"] == 1  # client errors are not retried
         assert srv.hits["/error.jpg"] == 2  # server errors are, a bounded number of times
+
+
+def test_a_shard_interrupted_mid_write_never_looks_finished(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    from pipelines.ingest.shards import write_shard
+
+    stage = tmp_path / "stage.parquet"
+    doc = json.dumps({"id": "a", "captions": ["x y z"]})
+    pq.write_table(pa.Table.from_pylist([{"key": "a", "jpg": encode(scene(1)), "txt": "x y z", "json": doc}]), stage)
+    good = {"key": "a", "file": str(stage), "row": 0, "extra": []}
+    plan = {"split": "train", "index": 0, "path": "train/shard-000000.tar", "members": [good]}
+    entry = write_shard(plan, str(tmp_path / "v"))
+    assert [s["__key__"] for s in wds.WebDataset(str(tmp_path / "v" / entry["path"]), shardshuffle=False)] == ["a"]
+    assert entry == write_shard(plan, str(tmp_path / "v2")) | {"path": entry["path"]}  # deterministic bytes
+    broken = dict(plan, index=1, path="train/shard-000001.tar",
+                  members=[good, {**good, "key": "b", "file": str(tmp_path / "gone.parquet")}])
+    with pytest.raises(FileNotFoundError):
+        write_shard(broken, str(tmp_path / "v"))
+    assert not (tmp_path / "v" / "train" / "shard-000001.tar").exists()
+    assert (tmp_path / "v" / "train" / "shard-000001.tar.partial").exists()
