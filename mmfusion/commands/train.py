@@ -1,0 +1,79 @@
+"""`mmfusion train pretrain|finetune`: distributed training with Ray Train.
+
+The checkpoint directory is printed as the LAST line of stdout, so scripts can capture it:
+    CKPT=$(mmfusion train pretrain --data datasets/<version> | tail -n 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmfusion.commands.common import add_config_args, config_from_args
+
+EPILOG = """\
+examples:
+  mmfusion train pretrain --data .mmfusion/datasets/<version> --set train.steps=100
+  mmfusion train pretrain --data DIR --set scaling.num_workers=4 --set scaling.use_gpu=true
+  mmfusion train finetune --data DIR --init .mmfusion/ray_results/<run>/checkpoint-step0000400
+  mmfusion train finetune --data DIR --init models:/mmfusion-debug@champion --task caption
+  mmfusion train pretrain --data DIR --run-name nightly   # same name again: resumes that run
+
+keys worth --set: train.steps, train.finetune_steps, train.batch_size, train.checkpoint_every,
+train.max_failures, scaling.num_workers, scaling.use_gpu (see pipelines/config.py)
+"""
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="pretrain or fine-tune the fusion model on a dataset version (Ray Train)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    modes = train.add_subparsers(dest="mode", metavar="MODE", required=True)
+    pre = modes.add_parser("pretrain", help="ITC + ITM + captioning LM from scratch (or from --init)",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(pre)
+    fine = modes.add_parser("finetune", help="caption / VQA / retrieval fine-tuning from a checkpoint",
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(fine)
+    fine.add_argument(
+        "--task", choices=("finetune", "caption", "vqa", "retrieval"), default="finetune",
+        help="what to fine-tune; 'finetune' alternates the tasks in train.finetune_tasks (default)",
+    )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="dataset version directory (local path or URI) printed by `mmfusion data ingest`")
+    parser.add_argument("--init", default=None, metavar="URI",
+                        help="start from this checkpoint directory or models:/NAME@alias (or models:/NAME/VERSION)")
+    parser.add_argument("--run-name", default=None, metavar="NAME",
+                        help="Ray Train run name; re-using one resumes its last checkpoint "
+                             "(default: derived from task, data version and config)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from pipelines.train import TrainingError, run_training
+
+    task = "pretrain" if args.mode == "pretrain" else args.task
+    if args.mode == "finetune" and args.init is None:
+        print("mmfusion train finetune: --init is required (a checkpoint dir or models:/NAME@alias)", file=sys.stderr)
+        return 2
+    try:
+        path = run_training(cfg, args.data, task, init_from=args.init, run_name=args.run_name)
+    except TrainingError as e:
+        print(f"mmfusion train: {e}", file=sys.stderr)
+        return 1
+    import ray
+
+    # Worker log lines reach the driver asynchronously; stop Ray first so none can follow the path.
+    ray.shutdown()
+    sys.stdout.flush()
+    print(path)
+    return 0
