@@ -34,8 +34,12 @@ def configure_prefect(cfg: Config) -> None:
     if cfg.services.prefect_api_url:
         os.environ["PREFECT_API_URL"] = cfg.services.prefect_api_url
     if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_HOME", str(home_dir(cfg) / "prefect"))
+        prefect_home = home_dir(cfg) / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)  # its SQLite file cannot be created otherwise
+        os.environ.setdefault("PREFECT_HOME", str(prefect_home))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # Prefect's default (20 s) is too short for the ephemeral API on a busy laptop.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def run(args: argparse.Namespace) -> int:
