@@ -50,7 +50,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
     cfg, p = _predictor(args)
     beams = args.beams or cfg.eval.num_beams
-    for path, text in zip(args.images, caption(p, args.images, cfg.eval.max_len, beams, args.batch_size)):
+    for path, text in zip(args.images, caption(p, args.images, cfg.eval.max_len, beams, args.batch_size), strict=True):
         print(f"{path}\t{text}")
     return 0
 

@@ -74,7 +74,7 @@ def infer_batch(model, tokenizer, items: list[dict], s: InferenceSettings) -> di
     if q_owner:
         q_ids, q_mask = pad_ids([q for it in items for q in it["question_ids"]], pad)
         out = model.generate(images[q_owner], s.max_answer_len, prompt_ids=q_ids, prompt_mask=q_mask)
-        for i, text in zip(q_owner, decode_text(tokenizer, out)):
+        for i, text in zip(q_owner, decode_text(tokenizer, out), strict=True):
             answers[i].append(text)
     return {
         "keys": [it["key"] for it in items],
@@ -96,7 +96,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for p in parts:
         offsets.append(total)
         total += len(p["keys"])
-    out["text_owner"] = torch.cat([p["text_owner"] + off for p, off in zip(parts, offsets)])
+    out["text_owner"] = torch.cat([p["text_owner"] + off for p, off in zip(parts, offsets, strict=True)])
     for name in ("keys", "text_ids", "generated", "answers", "captions", "qa"):
         out[name] = [x for p in parts for x in p[name]]
     return out

@@ -82,4 +82,4 @@ def itm_logits(model, merged: dict, batch_size: int) -> dict[int, tuple[float, f
     tokens = merged["image_tokens"]
     lp = pair_logits(model, tokens, ids, mask, images, pos, batch_size)
     ln = pair_logits(model, tokens, ids, mask, images, neg, batch_size)
-    return {int(i): (float(a), float(b), int(t)) for i, a, b, t in zip(images, lp, ln, neg)}
+    return {int(i): (float(a), float(b), int(t)) for i, a, b, t in zip(images, lp, ln, neg, strict=True)}

@@ -29,8 +29,8 @@ def benchmark_id(data_dir) -> tuple[str, str]:
 def _caption_scores(merged: dict) -> tuple[dict, dict]:
     from mmcore.metrics import bleu4_stats, cider_d_scores
 
-    cands = {k: g for k, g in zip(merged["keys"], merged["generated"])}
-    refs = {k: list(c) for k, c in zip(merged["keys"], merged["captions"])}
+    cands = {k: g for k, g in zip(merged["keys"], merged["generated"], strict=True)}
+    refs = {k: list(c) for k, c in zip(merged["keys"], merged["captions"], strict=True)}
     return bleu4_stats(cands, refs), cider_d_scores(cands, refs)
 
 
@@ -40,7 +40,7 @@ def _vqa(qa: list[dict], answers: list[str]) -> list[dict]:
     preds = {i: a for i, a in enumerate(answers)}
     scores = vqa_scores(preds, {i: p["answers"] for i, p in enumerate(qa)})
     return [{"question": p["question"], "answers": p["answers"], "predicted": a, "score": scores[i]}
-            for i, (p, a) in enumerate(zip(qa, answers))]
+            for i, (p, a) in enumerate(zip(qa, answers, strict=True))]
 
 
 def build_records(model, merged: dict, cfg: Config) -> list[dict]:

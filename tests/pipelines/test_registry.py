@@ -134,7 +134,7 @@ def test_racing_registrations_leave_the_best_champion(cfg, tmp_path, monkeypatch
         barrier = threading.Barrier(2)
         delay = {first: 0.0, second: 0.3}
 
-        def slow_register(cfg_, ckpt, report, lineage):
+        def slow_register(cfg_, ckpt, report, lineage, barrier=barrier, delay=delay):
             mv = real_register(cfg_, ckpt, report, lineage)
             barrier.wait(timeout=60)  # both versions exist before either reaches the gate
             time.sleep(delay[int(round(report["metrics"]["i2t_r1"] * 100))])
@@ -143,7 +143,7 @@ def test_racing_registrations_leave_the_best_champion(cfg, tmp_path, monkeypatch
         monkeypatch.setattr(register_mod, "register_version", slow_register)
         results = {}
 
-        def worker(pct, seed):
+        def worker(pct, seed, trial=trial, results=results):
             report = make_report(tmp_path, hits(pct), tag=f"t{trial}-{pct}")
             results[pct] = register_and_gate(cfg, make_checkpoint(tmp_path / f"t{trial}", seed), report, LINEAGE)
 
