@@ -52,6 +52,8 @@ def init_ray(cfg: Config | None = None, **kwargs):
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
     else:
+        # A throwaway in-process cluster: no token to hand out (and no warning about it).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         num_cpus = cfg.services.ray_num_cpus if cfg is not None else None
         ray.init(
             num_cpus=num_cpus,
