@@ -6,7 +6,6 @@ orders them, retries the I/O-bound ones and leaves a report in Prefect's UI. No 
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import Config, datasets_root, home_dir, load_config, mlflow_tracking_uri
+from pipelines.registry.register import code_version
 from pipelines.runtime import init_ray, quiet_environment
 
 
@@ -48,26 +48,37 @@ def evaluate(cfg: Config, checkpoint: str, data_dir: str) -> dict[str, Any]:
     return run_evaluation(cfg, checkpoint, data_dir)
 
 
+@task(name="evaluate-champion", cache_policy=NO_CACHE)
+def evaluate_champion(cfg: Config, data_dir: str, benchmark: str) -> dict[str, Any] | None:
+    """The champion on this run's benchmark, when it was registered on another one.
+
+    Splits are a function of the sample key, so an older champion's test samples are test samples
+    here too: re-evaluating it on the new test split gives a fair, paired comparison.
+    """
+    from pipelines.evaluate import evaluate as run_evaluation
+    from pipelines.registry import champion_benchmark
+
+    current = champion_benchmark(cfg)
+    if current is None or current[1] == benchmark:
+        return None
+    version = current[0]
+    get_run_logger().info("champion v%s was evaluated on %s: re-evaluating it on %s", version,
+                          current[1], benchmark)
+    uri = f"models:/{cfg.registry.model_name}/{version}"
+    return {**run_evaluation(cfg, uri, data_dir), "version": version}
+
+
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register(cfg: Config, checkpoint: str, report: dict[str, Any], lineage: dict[str, str]) -> dict:
+def register(
+    cfg: Config,
+    checkpoint: str,
+    report: dict[str, Any],
+    lineage: dict[str, str],
+    champion_report: dict[str, Any] | None,
+) -> dict:
     from pipelines.registry import register_and_gate
 
-    return register_and_gate(cfg, checkpoint, report, lineage)
-
-
-def git_commit() -> str:
-    """The code version for lineage tags; `unknown` outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return register_and_gate(cfg, checkpoint, report, lineage, champion_report=champion_report)
 
 
 @flow(name="retrain", log_prints=True)
@@ -80,14 +91,15 @@ def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[s
     pretrained = train(cfg, data_dir, "pretrain")
     finetuned = train(cfg, data_dir, "finetune", init_from=pretrained)
     report = evaluate(cfg, finetuned, data_dir)
+    champion_report = evaluate_champion(cfg, data_dir, report["benchmark"])
     lineage = {
         "dataset_version": Path(data_dir).name,
         "dataset_dir": data_dir,
         "config_hash": cfg.hash(),
-        "code_version": git_commit(),
+        "code_version": code_version(),
         "parent_checkpoint": pretrained,
     }
-    registration = register(cfg, finetuned, report, lineage)
+    registration = register(cfg, finetuned, report, lineage, champion_report)
     summary = {
         "data_dir": data_dir,
         "pretrain_checkpoint": pretrained,

@@ -1,11 +1,13 @@
 """MLflow registry: register evaluated checkpoints, gate them against the champion, resolve URIs."""
 
 from pipelines.registry.manage import list_models, promote, rollback, show
-from pipelines.registry.register import register_and_gate, register_version
+from pipelines.registry.register import champion_benchmark, code_version, register_and_gate, register_version
 from pipelines.registry.resolve import ModelURIError, resolve_model
 
 __all__ = [
     "ModelURIError",
+    "champion_benchmark",
+    "code_version",
     "list_models",
     "promote",
     "register_and_gate",

@@ -173,14 +173,41 @@ def set_champion(mlclient, name: str, version: str, previous: str | None) -> Non
     mlclient.set_registered_model_alias(name, CHAMPION, version)
 
 
-def gate_decision(cfg: Config, mlclient, mv, records: list[dict], champ) -> dict[str, Any]:
-    """Decide whether `mv` (with per-sample `records`) should replace `champ` (or None)."""
+def champion_benchmark(cfg: Config) -> tuple[str, str] | None:
+    """(version, benchmark id) of the current champion, or None when there is none."""
+    champ = champion_version(client(cfg), cfg.registry.model_name)
+    return (str(champ.version), champ.tags.get("benchmark", "")) if champ else None
+
+
+def _champion_records(mlclient, champ, mine: str, champion_report: dict | None) -> list[dict] | None:
+    """The champion's per-sample results on benchmark `mine`: from its own registration, or from
+    `champion_report` (the champion re-evaluated on this benchmark); None when neither matches."""
+    if champ.tags.get("benchmark") == mine:
+        return champion_per_sample(mlclient, champ)
+    if (
+        champion_report
+        and str(champion_report.get("version")) == str(champ.version)
+        and champion_report.get("benchmark") == mine
+    ):
+        return load_per_sample(champion_report["per_sample_path"])
+    return None
+
+
+def gate_decision(
+    cfg: Config, mlclient, mv, records: list[dict], champ, champion_report: dict | None = None
+) -> dict[str, Any]:
+    """Decide whether `mv` (with per-sample `records`) should replace `champ` (or None).
+
+    `champion_report`: the champion's evaluation on the challenger's benchmark (with its
+    `version`), for when the champion was registered on an older dataset version.
+    """
     reg = cfg.registry
     if champ is None:
         return {"promote": True, "reason": "no champion yet: the first evaluated version becomes champion",
                 "metric": reg.primary_metric}
     mine, theirs = mv.tags.get("benchmark"), champ.tags.get("benchmark")
-    if mine != theirs:
+    champ_records = _champion_records(mlclient, champ, mine, champion_report)
+    if champ_records is None:
         return {
             "promote": False,
             "metric": reg.primary_metric,
@@ -193,7 +220,7 @@ def gate_decision(cfg: Config, mlclient, mv, records: list[dict], champ) -> dict
         }
     decision = gate_mod.decide(
         records,
-        champion_per_sample(mlclient, champ),
+        champ_records,
         reg.primary_metric,
         higher_is_better=reg.higher_is_better,
         margin=reg.margin,
@@ -201,12 +228,22 @@ def gate_decision(cfg: Config, mlclient, mv, records: list[dict], champ) -> dict
         samples=cfg.eval.bootstrap_samples,
     )
     out = decision.to_dict()
-    out["reason"] = f"v{mv.version} vs champion v{champ.version}: {decision.reason}"
+    where = "" if mine == theirs else f" (champion re-evaluated on {mine})"
+    out["reason"] = f"v{mv.version} vs champion v{champ.version}{where}: {decision.reason}"
     return out
 
 
-def register_and_gate(cfg: Config, checkpoint_dir, report: dict, lineage: dict | None = None) -> dict:
+def register_and_gate(
+    cfg: Config,
+    checkpoint_dir,
+    report: dict,
+    lineage: dict | None = None,
+    champion_report: dict | None = None,
+) -> dict:
     """Register `checkpoint_dir` (evaluated as `report`) and make it champion if the gate agrees.
+
+    `champion_report`: optional evaluation of the champion (with `"version"`) on the same
+    benchmark as `report`, so that a champion from an older dataset version is still compared.
 
     Returns `{"name", "version", "promoted", "reason", "run_id", "model_uri", "champion_version",
     "decision"}`; `champion_version` is the champion after this call.
@@ -219,7 +256,7 @@ def register_and_gate(cfg: Config, checkpoint_dir, report: dict, lineage: dict |
     with registry_lock(cfg, name):
         # Read the champion only now, under the lock: whoever held it before may have moved it.
         champ = champion_version(mlclient, name)
-        decision = gate_decision(cfg, mlclient, mv, records, champ)
+        decision = gate_decision(cfg, mlclient, mv, records, champ, champion_report)
         if decision["promote"]:
             set_champion(mlclient, name, mv.version, champ.version if champ else None)
         _record(mlclient, mv, decision)

@@ -107,6 +107,23 @@ def test_different_benchmark_is_never_compared_silently(cfg, tmp_path):
     assert "dsv2:fff" in res["reason"] and "dsv1:abc" in res["reason"]
 
 
+def test_champion_re_evaluated_on_new_benchmark_is_compared(cfg, tmp_path):
+    """A nightly run on a new dataset version passes the champion's evaluation on its benchmark."""
+    from pipelines.registry import champion_benchmark
+
+    first = register_and_gate(cfg, make_checkpoint(tmp_path, 1), make_report(tmp_path, hits(10), tag="a"), LINEAGE)
+    assert champion_benchmark(cfg) == (first["version"], "dsv1:abc")
+    champ_on_v2 = {**make_report(tmp_path, hits(20), benchmark="dsv2:fff", tag="c"), "version": first["version"]}
+    better = make_report(tmp_path, hits(60), benchmark="dsv2:fff", tag="b")
+    res = register_and_gate(cfg, make_checkpoint(tmp_path, 2), better, LINEAGE, champion_report=champ_on_v2)
+    assert res["promoted"] and "re-evaluated on dsv2:fff" in res["reason"]
+    # a report of some other version is not taken for the champion's
+    stale = {**champ_on_v2, "version": "999"}
+    worse = make_report(tmp_path, hits(5), benchmark="dsv3:eee", tag="d")
+    res = register_and_gate(cfg, make_checkpoint(tmp_path, 3), worse, LINEAGE, champion_report=stale)
+    assert not res["promoted"] and "not compared" in res["reason"]
+
+
 def test_resolve_round_trip_gives_identical_files(cfg, tmp_path):
     ckpt = make_checkpoint(tmp_path, 5)
     res = register_and_gate(cfg, ckpt, make_report(tmp_path, hits(40)), LINEAGE)
