@@ -70,8 +70,12 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str) -> list[dict]:
     ds = ds.map_batches(process_batch, batch_size=BATCH, batch_format="pyarrow",
                         fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging})
     rows: list[dict] = []
-    for batch in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
+    t0 = last = time.time()
+    for batch in ds.iter_batches(batch_size=BATCH, batch_format="pyarrow"):
         rows.extend(batch.to_pylist())
+        if time.time() - last > 10:  # progress on long jobs, also when stderr is not a terminal
+            last = time.time()
+            log(f"cleaned {len(rows)}/{len(items)} ({len(rows) / (last - t0):.0f} samples/s)")
     return sorted(rows, key=lambda r: r["order"])
 
 
