@@ -22,6 +22,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from pipelines.config import datasets_root
     from pipelines.ingest import ingest
+    from pipelines.runtime import init_ray
 
     cfg = config_from_args(args)
     source = args.source or cfg.data.source
@@ -29,6 +30,7 @@ def _ingest(args: argparse.Namespace) -> int:
         print("mmfusion data ingest: no source; pass --source PATH (or set data.source)", file=sys.stderr)
         return 2
     out = args.out or datasets_root(cfg)
+    init_ray(cfg, include_dashboard=False)  # the configured cluster, or a local Ray
     version_dir = ingest(source, out, cfg.data, fmt=args.format)
     print(version_dir)  # the LAST line of stdout: scripts and flows read it
     return 0
