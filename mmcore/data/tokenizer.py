@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -43,7 +43,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} not found; train one or give a local model dir")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+        if not (path / "tokenizer.json").is_file() and (path / "vocab.txt").is_file():
+            # A bare BERT vocabulary (older HF dirs): build the fast WordPiece tokenizer from it.
+            tok = BertTokenizerFast(vocab=str(path / "vocab.txt"))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {path}: {e}") from e
     if tok.cls_token_id is None or tok.sep_token_id is None or tok.pad_token_id is None:

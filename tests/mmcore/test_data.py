@@ -1,0 +1,85 @@
+"""Sample decoding, tokenizer, collate, image helper."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from mmcore.data import (
+    SPECIAL_TOKENS, collate, decode_sample, decode_text, encode, image_to_tensor, load_tokenizer,
+)
+
+
+def test_tokenizer_specials_round_trip(tokenizer, tmp_path):
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    ids = encode(tokenizer, "A Red circle on the left", 16)
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert len(encode(tokenizer, "red " * 40, 16)) == 16
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
+    assert decode_text(loaded, [ids[1:] + [0, 0]]) == ["a red circle on the left"]
+    assert decode_text(loaded, torch.tensor([[ids[1], tokenizer.sep_token_id, ids[2]]])) == ["a"]
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_load_tokenizer_from_pretrained_bert_dir(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(3)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    bare = load_tokenizer(tmp_path)  # only vocab.txt, as in older BERT directories
+    BertTokenizerFast(vocab=str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "saved"))
+    for tok in (bare, load_tokenizer(tmp_path / "saved")):
+        assert (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id) == (0, 5, 6)
+        assert encode(tok, "A red circle", 8) == [5, 8, 9, 10, 6]
+
+
+def test_decode_sample_eval_and_train(samples, tokenizer, sample_cfg):
+    s = samples[0]
+    meta = json.loads(s["json"])
+    ev = decode_sample(s, tokenizer, sample_cfg, train=False)
+    assert ev["image"].shape == (3, 32, 32) and ev["key"] == s["__key__"] and ev["has_qa"]
+    assert decode_text(tokenizer, [ev["caption_ids"][1:].tolist()]) == [s["txt"].decode()]
+    # eval answer = most common reference answer
+    assert decode_text(tokenizer, [ev["answer_ids"][1:].tolist()]) == [meta["qa"][0]["answers"][0]]
+    rng = random.Random(0)
+    seen = {decode_text(tokenizer, [decode_sample(s, tokenizer, sample_cfg, True, rng)["caption_ids"][1:].tolist()])[0]
+            for _ in range(20)}
+    assert seen == set(meta["captions"])
+    # already-decoded members give the same tensors as raw bytes
+    decoded = {"__key__": s["__key__"], "jpg": Image.open(io.BytesIO(s["jpg"])), "txt": s["txt"].decode(), "json": meta}
+    assert torch.equal(decode_sample(decoded, tokenizer, sample_cfg, False)["caption_ids"], ev["caption_ids"])
+    assert torch.equal(decode_sample(decoded, tokenizer, sample_cfg, False)["image"], ev["image"])
+
+
+def test_sample_without_qa_and_collate(samples, tokenizer, sample_cfg):
+    meta = json.loads(samples[1]["json"])
+    no_qa = dict(samples[1], json=json.dumps({**meta, "qa": []}).encode())
+    items = [decode_sample(x, tokenizer, sample_cfg, False) for x in (samples[0], no_qa)]
+    assert not items[1]["has_qa"]
+    b = collate(items)
+    assert b["has_qa"].tolist() == [True, False]
+    assert b["image"].shape == (2, 3, 32, 32) and b["key"] == [samples[0]["__key__"], samples[1]["__key__"]]
+    for name in ("caption", "question", "answer"):
+        ids, mask = b[f"{name}_ids"], b[f"{name}_mask"]
+        assert ids.shape == mask.shape and (ids[mask == 0] == 0).all()
+        assert mask.sum(1).tolist() == [len(x[f"{name}_ids"]) for x in items]
+    with pytest.raises(KeyError, match="jpg"):
+        decode_sample({"__key__": "x", "txt": b"hi"}, tokenizer, sample_cfg, False)
+
+
+def test_image_to_tensor(samples, tmp_path):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(samples[0]["jpg"])
+    a = image_to_tensor(path, 48)
+    assert a.shape == (1, 3, 48, 48)
+    assert torch.equal(a, image_to_tensor(Image.open(path), 48))
+    with pytest.raises(FileNotFoundError):
+        image_to_tensor(tmp_path / "missing.jpg", 48)

@@ -1,0 +1,72 @@
+"""Losses: hand-checked ITC, the DDP gather hook, LM masking, ITM hard negatives, build_loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmcore.losses import CaptionLoss, ContrastiveLoss, LanguageModelLoss, VQALoss, build_loss
+from mmcore.model import FusionOutput, _hard_negatives
+
+
+def test_itc_hand_checked():
+    emb = torch.eye(4)
+    assert ContrastiveLoss()(emb, emb, torch.tensor(100.0)) < 1e-6  # perfectly aligned, sharp
+    # all similarities equal -> uniform softmax over 4 -> log(4)
+    same = torch.ones(4, 3) / math.sqrt(3)
+    assert torch.isclose(ContrastiveLoss()(same, same, torch.tensor(10.0)), torch.tensor(math.log(4)))
+
+
+def test_itc_gather_fn_uses_negatives_from_all_ranks_with_gradients():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
+    other_img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    other_txt = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    others = {id(img): other_img, id(txt): other_txt}
+    # stands in for all_gather across 2 ranks: this rank's rows first, then the other rank's
+    gather = lambda t: torch.cat([t, others[id(t)]])  # noqa: E731
+    scale = torch.tensor(5.0)
+    loss = ContrastiveLoss(gather)(img, txt, scale)
+    direct = ContrastiveLoss()(torch.cat([img, other_img]), torch.cat([txt, other_txt]), scale)
+    assert torch.isclose(loss, direct)
+    assert not torch.isclose(loss, ContrastiveLoss()(img, txt, scale))
+    loss.backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0
+
+
+def test_lm_loss_masks_and_smoothing():
+    logits = torch.zeros(2, 3, 5, requires_grad=True)
+    labels = torch.tensor([[1, 2, -100], [-100, -100, -100]])
+    assert torch.isclose(LanguageModelLoss()(logits, labels), torch.tensor(math.log(5)))
+    empty = LanguageModelLoss()(logits, torch.full((2, 3), -100))
+    empty.backward()
+    assert empty.item() == 0 and logits.grad is not None
+    peaked = torch.full((1, 1, 5), -20.0)
+    peaked[0, 0, 1] = 20.0
+    target = torch.tensor([[1]])
+    assert LanguageModelLoss(0.0)(peaked, target) < 1e-6 < LanguageModelLoss(0.1)(peaked, target)
+
+
+def test_task_losses_and_build_loss():
+    out = FusionOutput("caption", lm_logits=torch.zeros(1, 2, 4), lm_labels=torch.tensor([[1, -100]]))
+    assert set(CaptionLoss()(out)) == {"loss", "lm"} and set(VQALoss()(out)) == {"loss", "vqa"}
+    with pytest.raises(ValueError, match="lacks"):
+        build_loss("pretrain")(out)
+    loss = build_loss("pretrain", itc_weight=0.5, itm_weight=2.0, lm_weight=0.0, label_smoothing=0.2, gather_fn=None)
+    assert loss.weights == {"itc": 0.5, "itm": 2.0, "lm": 0.0} and loss.lm.label_smoothing == 0.2
+    assert build_loss("vqa", itc_weight=1.0).lm.label_smoothing == 0.0
+    with pytest.raises(ValueError, match="unknown task"):
+        build_loss("finetune")
+
+
+def test_hard_negatives_skip_identical_captions():
+    torch.manual_seed(0)
+    ids = torch.tensor([[2, 5, 3], [2, 5, 3], [2, 6, 3], [2, 7, 3]])  # rows 0 and 1 say the same
+    emb = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    for _ in range(50):
+        neg_t, neg_i = _hard_negatives(emb, emb, torch.tensor(10.0), ids)
+        for i in range(4):
+            assert not torch.equal(ids[neg_t[i]], ids[i]) and not torch.equal(ids[neg_i[i]], ids[i])

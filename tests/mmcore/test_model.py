@@ -1,0 +1,106 @@
+"""FusionModel: shapes, masks, fusion kinds, image encoders, determinism, overfitting a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from mmcore.data import pad_ids
+from mmcore.losses import PretrainLoss
+from mmcore.model import FusionModelConfig, build_model, model_config
+
+torch.set_num_threads(1)
+
+
+def test_forward_shapes(tiny_model, batch):
+    b, t = batch["caption_ids"].shape
+    v, e = tiny_model.cfg.vocab_size, tiny_model.cfg.embed_dim
+    out = tiny_model(batch, task="pretrain")
+    assert out.image_emb.shape == (b, e) and out.text_emb.shape == (b, e)
+    assert out.itm_logits.shape == (3 * b,) and out.itm_labels.tolist() == [1.0] * b + [0.0] * 2 * b
+    assert out.lm_logits.shape == (b, t - 1, v) and out.lm_labels.shape == (b, t - 1)
+    assert tiny_model(batch, task="caption").image_emb is None
+    ret = tiny_model(batch, task="retrieval")
+    assert ret.lm_logits is None and ret.itm_logits.shape == (3 * b,)
+    vqa = tiny_model(batch, task="vqa")
+    assert vqa.lm_logits.shape == (b, batch["answer_ids"].shape[1] - 1, v)
+    with pytest.raises(ValueError, match="unknown task"):
+        tiny_model(batch, task="nope")
+
+
+def _repad(ids: torch.Tensor, mask: torch.Tensor, extra: int):
+    rows = [r[m.bool()] for r, m in zip(ids, mask)]
+    longer, longer_mask = pad_ids(rows + [torch.zeros(ids.shape[1] + extra, dtype=torch.long)])
+    return longer[:-1], longer_mask[:-1]
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "gated", "concat"])
+def test_padding_does_not_change_outputs(tokenizer, batch, fusion):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer, fusion=fusion)).eval()
+    ids, mask = batch["caption_ids"], batch["caption_mask"]
+    ids2, mask2 = _repad(ids, mask, 5)
+    assert ids2.shape[1] == ids.shape[1] + 5
+    tokens, emb = model.encode_image(batch["image"])
+    atol = 1e-5
+    assert torch.allclose(model.encode_text(ids, mask)[1], model.encode_text(ids2, mask2)[1], atol=atol)
+    assert torch.allclose(model.itm_logits(tokens, ids, mask), model.itm_logits(tokens, ids2, mask2), atol=atol)
+    cap = model({**batch, "caption_ids": ids2, "caption_mask": mask2}, task="caption")
+    ref = model(batch, task="caption")
+    valid = ref.lm_labels != -100
+    assert torch.allclose(cap.lm_logits[:, : ids.shape[1] - 1][valid], ref.lm_logits[valid], atol=atol)
+    q2, qm2 = _repad(batch["question_ids"], batch["question_mask"], 4)
+    vqa2 = model({**batch, "question_ids": q2, "question_mask": qm2}, task="vqa")
+    assert torch.allclose(vqa2.lm_logits, model(batch, task="vqa").lm_logits, atol=atol)
+
+
+def test_resnet_image_encoder(tokenizer, batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer, image_encoder="resnet18", image_size=64))
+    images = torch.nn.functional.interpolate(batch["image"], size=64)
+    tokens, emb = model.encode_image(images)
+    assert tokens.shape == (4, 4, model.cfg.dim) and emb.shape == (4, model.cfg.embed_dim)
+    model(dict(batch, image=images), task="pretrain")
+
+
+def test_same_seed_same_output(tokenizer, batch):
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = build_model(tiny_config(tokenizer))
+        out = model(batch, task="pretrain")  # ITM negatives are sampled: also seeded
+        outs.append(PretrainLoss()(out)["loss"])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_config_overrides_and_round_trip():
+    cfg = model_config("debug", vocab_size=77, fusion="gated", **{"decoder.num_layers": 3})
+    assert (cfg.text.vocab_size, cfg.fusion.kind, cfg.decoder.num_layers) == (77, "gated", 3)
+    assert FusionModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown model override"):
+        model_config("debug", decoder_layers=3)
+    with pytest.raises(ValueError, match="fusion.bogus"):
+        FusionModelConfig.from_dict({**cfg.to_dict(), "fusion": {"bogus": 1}})
+    with pytest.raises(ValueError, match="unknown model preset"):
+        model_config("huge")
+
+
+def test_overfits_a_batch_of_8(tokenizer, samples, sample_cfg):
+    from mmcore.data import collate, decode_sample
+
+    batch = collate([decode_sample(s, tokenizer, sample_cfg, train=False) for s in samples[:8]])
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss_fn = PretrainLoss(label_smoothing=0.0)
+    first = None
+    for step in range(300):
+        loss = loss_fn(model(batch, task="pretrain"))["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1 * first:
+            break
+    assert loss.item() < 0.1 * first, f"loss only fell from {first:.3f} to {loss.item():.3f} in {step + 1} steps"

@@ -1,0 +1,49 @@
+"""Preset parameter counts, on the meta device (no real weights are allocated)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import resnet50, vit_b_16
+from transformers import BertConfig, BertModel
+
+from mmcore.model import build_model, count_parameters, model_config
+
+
+def _meta_count(module_fn) -> int:
+    with torch.device("meta"):
+        return count_parameters(module_fn())
+
+
+def _parts(preset: str, **kw) -> dict[str, int]:
+    with torch.device("meta"):
+        model = build_model(model_config(preset, **kw), load_pretrained=False)
+    assert all(p.is_meta for p in model.parameters())
+    parts = {name: count_parameters(getattr(model, name))
+             for name in ("image_encoder", "text_encoder", "fusion", "decoder", "heads")}
+    parts["total"] = count_parameters(model)
+    return parts
+
+
+def test_base_preset_matches_vit_b16_and_bert_base():
+    p = _parts("base")
+    vit = _meta_count(vit_b_16)
+    head = 768 * 1000 + 1000  # the ImageNet classifier is not part of the encoder
+    assert p["image_encoder"] == vit - head  # width 768 = model width: no projection
+    bert = _meta_count(lambda: BertModel(BertConfig(), add_pooling_layer=False))  # BERT-base defaults
+    assert p["text_encoder"] == bert == 108_891_648
+    # + 6 fusion layers (56.7M) + a 6-layer decoder with its own 30522-word embedding and head (103.7M)
+    assert 340e6 < p["total"] < 370e6, p
+
+
+def test_base_preset_with_resnet50():
+    p = _parts("base", image_encoder="resnet50")
+    r50 = _meta_count(resnet50) - (2048 * 1000 + 1000)
+    assert p["image_encoder"] == r50 + 2048 * 768 + 768  # backbone + projection to width 768
+
+
+@pytest.mark.parametrize("preset,low,high", [("debug", 0.5e6, 3e6), ("small", 35e6, 50e6)])
+def test_small_presets(preset, low, high):
+    p = _parts(preset)
+    assert low < p["total"] < high, p
+    assert p["total"] == sum(v for k, v in p.items() if k != "total")
