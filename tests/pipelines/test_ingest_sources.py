@@ -206,3 +206,15 @@ def test_coco_mini_keeps_every_caption(ray_local, coco_mini, tmp_path):
     kept = _samples(vdir)
     assert report["kept"] == len(kept) == 159
     assert sum(len(d["captions"]) for d in kept.values()) == 795
+
+
+def test_cli_ingest_prints_the_version_last_and_inspect_validate(ray_local, tiny_source, tiny_dataset, capsys):
+    from mmfusion.cli import main
+
+    out_root = str(Path(tiny_dataset).parent)
+    assert main(["data", "ingest", "--source", str(tiny_source), "--out", out_root, "--config", "debug"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tiny_dataset)  # same inputs: same version
+    assert main(["data", "inspect", str(tiny_dataset)]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["data", "validate", str(tiny_dataset)]) == 0
+    assert capsys.readouterr().out.startswith("OK")
