@@ -9,15 +9,17 @@ accounting row (key, reason, hashes, sizes, where staged) flows back to the driv
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipelines.config import DataConfig
 from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
-from pipelines.ingest.layout import get_fs, join, write_bytes_atomic
+from pipelines.ingest.layout import join, write_bytes_atomic
 from pipelines.ingest.textclean import clean_captions, clean_qa
 
 META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
@@ -99,11 +101,7 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str) -> pa.Table
 
 
 def _write_parquet(uri: str, samples: list[dict]) -> None:
-    import io
-
-    import pyarrow.parquet as pq
-
+    """Staged samples of one batch; uncompressed (JPEG bytes do not compress)."""
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(samples), buf, compression="none")
-    get_fs(uri)  # validate the location before writing
     write_bytes_atomic(uri, buf.getvalue())

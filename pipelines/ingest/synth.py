@@ -58,7 +58,7 @@ def _sample_scene(rng: np.random.Generator) -> list[Shape]:
     colors = rng.choice(list(COLORS), size=count, replace=False).tolist()
     kinds = rng.choice(SHAPES, size=count, replace=False).tolist()
     shapes = []
-    for col, color, kind in zip(columns, colors, kinds):
+    for col, color, kind in zip(columns, colors, kinds, strict=True):
         size = str(rng.choice(list(SIZES)))
         x = (col + 0.5) / 3 + rng.uniform(-0.015, 0.015)
         y = 0.5 + rng.uniform(-0.25, 0.25)

@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_size, scene
 from PIL import Image
 
 from pipelines.ingest.dedup import deduplicate
@@ -15,7 +16,6 @@ from pipelines.ingest.phash import hamming, phash
 from pipelines.ingest.shards import archive_bytes, plan_shards
 from pipelines.ingest.stage import split_of
 from pipelines.ingest.textclean import TextReject, clean_caption, normalize
-from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_size, scene
 
 SPEC = ImageSpec(image_size=64, resize_mode="shorter", jpeg_quality=90, min_side=16, max_aspect=6.0,
                  max_pixels=4_000_000)
