@@ -159,7 +159,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
                       "label_smoothing": t.label_smoothing},
         checkpoint_every=t.checkpoint_every, eval_every=t.eval_every, log_every=t.log_every, seed=t.seed,
         loader_workers=t.loader_workers, shuffle_buffer=t.shuffle_buffer, val_max_samples=t.val_max_samples,
-        eval_batch_size=cfg.eval.batch_size, init_from=init_dir,
+        eval_batch_size=cfg.eval.batch_size, init_from=init_dir, run_path=None if "://" in path else path,
         use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         fail_at_step=t.fail_at_step, fail_marker=f"{path}/.fail-at-step-{t.fail_at_step}" if t.fail_at_step is not None else None,
         mlflow_uri=mlflow_tracking_uri(cfg), mlflow_experiment=cfg.registry.experiment,
@@ -195,10 +195,38 @@ def build_trainer(cfg: Config, job: TrainJob):
     )
 
 
+def check_resources(cfg: Config) -> None:
+    """On a local Ray (which cannot grow), fail fast instead of waiting forever for workers."""
+    import ray
+
+    from pipelines.config import ray_address
+
+    if ray_address(cfg):
+        return  # a cluster may autoscale: let Ray Train wait for it
+    s = cfg.scaling
+    have = ray.cluster_resources()
+    need = {"CPU": s.num_workers * s.cpus_per_worker}
+    if s.use_gpu:
+        need["GPU"] = s.num_workers * s.gpus_per_worker
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+    if short:
+        detail = ", ".join(f"{k}: need {v:g}, have {h:g}" for k, (v, h) in short.items())
+        raise TrainingError(
+            f"the local Ray cluster is too small for scaling.num_workers={s.num_workers} ({detail}). "
+            "Lower scaling.num_workers / scaling.cpus_per_worker, set scaling.use_gpu=false, or "
+            "point services.ray_address (RAY_ADDRESS) at a bigger cluster."
+        )
+
+
 def final_checkpoint_dir(cfg: Config, result, job: TrainJob) -> Path:
     """A local directory holding the run's last checkpoint (downloaded when storage is remote)."""
     checkpoint = result.checkpoint
     if checkpoint is None:
+        # A re-run of a finished run whose last report Ray did not register trains nothing and
+        # reports nothing: its final checkpoint is on disk.
+        found = existing_checkpoint(job.run_path) if job.run_path else None
+        if found and summary(Path(found)).get("step") == job.total_steps:
+            return Path(found)
         raise TrainingError(f"run {job.run_name} finished without a checkpoint; see the log above")
     import pyarrow.fs
 
@@ -221,6 +249,7 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
     quiet_environment()
     job = build_job(cfg, str(data_dir), task, init_from, run_name)
     init_ray(cfg)
+    check_resources(cfg)
     trainer = build_trainer(cfg, job)
     print(f"[train] {job.run_name}: {job.task} for {job.total_steps} steps on {cfg.scaling.num_workers} "
           f"worker(s), storage {run_dir(cfg, job.run_name)}", flush=True)

@@ -38,6 +38,7 @@ class TrainJob:
     init_from: str | None = None  # checkpoint dir whose weights start this run (fine-tuning)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    run_path: str | None = None  # the run's storage folder when local (shared) storage, else None
     fail_at_step: int | None = None
     fail_marker: str | None = None
     mlflow_uri: str | None = None

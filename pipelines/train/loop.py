@@ -8,6 +8,7 @@ Each Ray Train worker runs `train_loop_per_worker({"job": TrainJob})`. Every ran
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -197,6 +198,7 @@ def setup_worker(job: TrainJob) -> Worker:
     import ray.train.torch
 
     torch.set_num_threads(max(int(job.cpus_per_worker), 1))
+    quiet_ray_train_reports()
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     if device.type == "cuda":
@@ -205,6 +207,17 @@ def setup_worker(job: TrainJob) -> Worker:
         torch.backends.cudnn.allow_tf32 = True
     amp = torch.bfloat16 if device.type == "cuda" else None
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, amp)
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every `report` call (the whole metrics dict, per rank) at INFO under a
+    logger named after its file path, which `LoggingConfig(log_level=...)` does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: nothing to quieten
+        pass
 
 
 def initial_model(job: TrainJob, resume_dir: str | None) -> nn.Module:
@@ -522,22 +535,50 @@ def log_point(run: Run, metrics: dict[str, float], at_ckpt: bool, meter: Through
     report(worker, metrics, save, state["step"])
 
 
+def resume_candidates(job: TrainJob, ray_dir: str | None) -> list[str]:
+    """Checkpoint dirs to resume from, newest step first: Ray Train's latest (set after a group
+    restart or a same-name re-run) and the newest complete one in a local run folder. The second
+    covers a Ray 2.60 race: a checkpoint reported just before a worker dies can be left
+    unregistered, so the restarted group (or a re-run) would otherwise redo those steps."""
+    found = {d for d in (ray_dir, S.latest_checkpoint(job.run_path) if job.run_path else None) if d}
+
+    def step(d) -> int:
+        try:
+            return int(S.read_trainer_state(d)["step"])
+        except (S.TrainStateError, KeyError, ValueError):
+            return -1
+
+    return [str(d) for d in sorted(found, key=step, reverse=True) if step(d) >= 0]
+
+
+def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
+    """(model on device, optimizer, scheduler, trainer state), from the first resumable directory."""
+    from mmcore.checkpoint import CheckpointError
+
+    for resume_dir in [*resume_dirs, None]:
+        try:
+            model = initial_model(job, resume_dir).to(worker.device)
+            optimizer, scheduler = build_optimizer(
+                model, job.lr, job.weight_decay, job.warmup_steps, job.total_steps, job.min_lr_ratio,
+                fused=worker.device.type == "cuda",
+            )
+            if resume_dir is None:
+                return model, optimizer, scheduler, fresh_state(job, worker)
+            return model, optimizer, scheduler, restore(job, worker, resume_dir, optimizer, scheduler)
+        except (CheckpointError, S.TrainStateError) as e:
+            say(worker, f"warning: cannot resume from {resume_dir} ({e}); trying an older state")
+    raise AssertionError("unreachable: a fresh start does not read checkpoints")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config["job"]` is a TrainJob. Returns the final trainer state."""
     job: TrainJob = config["job"]
     worker = setup_worker(job)
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart or a same-name re-run
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir:
-        model = initial_model(job, resume_dir).to(worker.device)
-        optimizer, scheduler = build_optimizer(
-            model, job.lr, job.weight_decay, job.warmup_steps, job.total_steps, job.min_lr_ratio,
-            fused=worker.device.type == "cuda",
-        )
-        state = fresh_state(job, worker)
-        if resume_dir:
-            state = restore(job, worker, resume_dir, optimizer, scheduler)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ray_dir:
+        model, optimizer, scheduler, state = build_state(job, worker, resume_candidates(job, ray_dir))
     say(worker, f"{job.run_name}: task {job.task} ({'+'.join(job.tasks)}), steps {state['step']}->{job.total_steps}, "
                 f"{worker.world_size} worker(s) on {worker.device}, batch {job.batch_size}x{job.grad_accum}/rank")
     return run_steps(Run(job, worker, wrap(model, job, worker), optimizer, scheduler, state))

@@ -48,7 +48,7 @@ class MlflowTracker:
         self._ready.wait(timeout)
         return self.run_id
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 15.0) -> None:
         """Flush what is queued (up to `timeout` seconds) and end the run."""
         if self._thread is None:
             return

@@ -94,10 +94,14 @@ def test_finetune_from_pretrain_checkpoint_and_rerun_resumes(pretrain, tiny_data
     # Fine-tuning keeps the pretraining checkpoint's model shape and tokenizer.
     assert json.loads((ckpt / "config.json").read_text())["model"] == json.loads((init / "config.json").read_text())["model"]
     assert (ckpt / "tokenizer.json").read_bytes() == (init / "tokenizer.json").read_bytes()
+    # A finished run re-run (e.g. a retried flow task) trains nothing and returns the same checkpoint.
+    assert run_training(cfg, tiny_dataset, "finetune", init_from=init, run_name="ft") == ckpt
 
 
-def test_bad_inputs_fail_with_clear_errors(tiny_dataset, tmp_path):
+def test_bad_inputs_fail_with_clear_errors(ray_local, tiny_dataset, tmp_path):
     cfg = tiny_config(tmp_path)
+    with pytest.raises(TrainingError, match="too small for scaling.num_workers=8"):
+        run_training(tiny_config(tmp_path, "scaling.num_workers=8"), tiny_dataset, "pretrain")
     with pytest.raises(TrainingError, match="unknown training task"):
         run_training(cfg, tiny_dataset, "segmentation")
     with pytest.raises(TrainingError, match="not a checkpoint directory"):
