@@ -43,7 +43,7 @@ class CleanImage:
     height: int
     format: str
     phash: int  # 64-bit perceptual hash of the cleaned image
-    pixel_sha: str  # sha256 of the cleaned RGB pixels (exact-duplicate key)
+    pixel_sha: str  # sha256 of the cleaned JPEG: same pixels + settings -> same bytes
 
 
 def _open(data: bytes, spec: ImageSpec) -> Image.Image:
@@ -87,7 +87,8 @@ def _decode(img: Image.Image, spec: ImageSpec) -> Image.Image:
         if draft:
             img.draft(None, draft)
         img.load()
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the decoded pixels
+        return img
     except OSError as e:
         reason = "truncated_image" if "truncat" in str(e).lower() else "corrupt_image"
         raise ImageReject(reason, str(e)) from e
@@ -144,11 +145,12 @@ def clean_image(data: bytes, spec: ImageSpec) -> CleanImage:
     img = resize(to_rgb(_decode(img, spec)), spec)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=spec.jpeg_quality)
+    jpeg = buf.getvalue()
     return CleanImage(
-        jpeg=buf.getvalue(),
+        jpeg=jpeg,
         width=ow,
         height=oh,
         format=fmt,
         phash=phash(img),
-        pixel_sha=hashlib.sha256(img.tobytes()).hexdigest(),
+        pixel_sha=hashlib.sha256(jpeg).hexdigest(),
     )

@@ -28,7 +28,11 @@ from pipelines.ingest.sources.common import key_for
 
 PIPELINE_VERSION = 1  # bump when cleaning code changes what a config produces
 _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format")
-BATCH = 32
+
+
+def batch_size(n: int, cpus: int) -> int:
+    """Samples per task: ~8 tasks per CPU (load balance) of 16-128 samples (amortised overhead)."""
+    return max(16, min(128, n // (8 * max(cpus, 1))))
 
 
 def log(msg: str) -> None:
@@ -66,13 +70,14 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str) -> list[dict]:
     from pipelines.ingest.stage import process_batch
 
     items = [{"ref": json.dumps(r)} for r in refs]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / BATCH)))
-    ds = ds.map_batches(process_batch, batch_size=BATCH, batch_format="pyarrow",
+    batch = batch_size(len(items), int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch)))
+    ds = ds.map_batches(process_batch, batch_size=batch, batch_format="pyarrow",
                         fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging})
     rows: list[dict] = []
     t0 = last = time.time()
-    for batch in ds.iter_batches(batch_size=BATCH, batch_format="pyarrow"):
-        rows.extend(batch.to_pylist())
+    for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows.extend(out.to_pylist())
         if time.time() - last > 10:  # progress on long jobs, also when stderr is not a terminal
             last = time.time()
             log(f"cleaned {len(rows)}/{len(items)} ({len(rows) / (last - t0):.0f} samples/s)")
