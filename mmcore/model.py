@@ -82,9 +82,11 @@ def _make(kind, values: dict, where: str):
 
 def _preset(name: str) -> FusionModelConfig:
     if name == "debug":
-        # Trains on a CPU in minutes: 64px ViT with 8px patches, 2-layer BERT, width 128.
+        # Trains on a CPU in minutes: 64px ViT with 16px patches (17 tokens), 2-layer BERT, width 128.
+        # Chosen by training candidates on the shapes set (1 CPU thread, 700 pretrain + 300 finetune
+        # steps of 32): 16px patches retrieved best and cost 112 ms a pretrain step vs 138 ms for 8px.
         return FusionModelConfig(
-            image=ImageEncoderConfig("vit", 64, 8, num_layers=2, num_heads=4, hidden_dim=128, mlp_dim=256),
+            image=ImageEncoderConfig("vit", 64, 16, num_layers=2, num_heads=4, hidden_dim=128, mlp_dim=256),
             text=TextEncoderConfig(1000, 128, 2, 4, 256, max_positions=64),
             fusion=FusionConfig("cross_attention", num_layers=1, num_heads=4, mlp_ratio=2),
             decoder=DecoderConfig(num_layers=2, num_heads=4, mlp_ratio=2, max_len=64),

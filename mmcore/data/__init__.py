@@ -3,7 +3,12 @@
 from mmcore.data.collate import collate, pad_ids
 from mmcore.data.sample import SampleConfig, decode_sample
 from mmcore.data.tokenizer import (
-    SPECIAL_TOKENS, decode_text, encode, load_tokenizer, special_token_ids, train_tokenizer,
+    SPECIAL_TOKENS,
+    decode_text,
+    encode,
+    load_tokenizer,
+    special_token_ids,
+    train_tokenizer,
 )
 from mmcore.data.transforms import image_to_tensor, image_transform, load_image
 

@@ -67,7 +67,10 @@ class ImageEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"image encoder weights {path} not found; give a torchvision .pth file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a bad file; name the file once
+            raise ValueError(f"{path} is not a torchvision state-dict file ({type(e).__name__}: {e})") from e
         # Classifier heads are not part of the encoder.
         state = {k: v for k, v in state.items() if not k.startswith(("heads.", "fc."))}
         if self.cfg.arch == "vit":

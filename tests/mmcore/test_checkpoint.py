@@ -72,7 +72,7 @@ def test_pretrained_resnet_weights(tokenizer, tmp_path):
     model = build_model(tiny_config(tokenizer, image_encoder="resnet18", image_pretrained=str(tmp_path / "r18.pth")))
     assert torch.equal(model.image_encoder.backbone.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     (tmp_path / "bad.pth").write_bytes(b"not a state dict")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="bad.pth is not a torchvision state-dict"):
         build_model(tiny_config(tokenizer, image_encoder="resnet18", image_pretrained=str(tmp_path / "bad.pth")))
 
 

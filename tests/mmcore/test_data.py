@@ -11,7 +11,13 @@ import torch
 from PIL import Image
 
 from mmcore.data import (
-    SPECIAL_TOKENS, collate, decode_sample, decode_text, encode, image_to_tensor, load_tokenizer,
+    SPECIAL_TOKENS,
+    collate,
+    decode_sample,
+    decode_text,
+    encode,
+    image_to_tensor,
+    load_tokenizer,
 )
 
 

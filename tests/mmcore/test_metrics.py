@@ -13,8 +13,18 @@ import pytest
 import torch
 
 from mmcore.metrics import (
-    bleu4, bleu4_from_stats, bleu4_stats, cider_d, cider_d_scores, normalize_answer, ptb_tokenize,
-    recall_from_ranks, retrieval_ranks, retrieval_recall, vqa_accuracy, vqa_scores,
+    bleu4,
+    bleu4_from_stats,
+    bleu4_stats,
+    cider_d,
+    cider_d_scores,
+    normalize_answer,
+    ptb_tokenize,
+    recall_from_ranks,
+    retrieval_ranks,
+    retrieval_recall,
+    vqa_accuracy,
+    vqa_scores,
 )
 
 COCO_MINI = Path("/work/shared/data/coco-mini/annotations")
@@ -121,7 +131,7 @@ def _coco_reference(candidates, references):
     res = tok.tokenize({k: [{"caption": c}] for k, c in candidates.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, per = Cider().compute_score(gts, res)
-    return bleu[3], cider, dict(zip(gts.keys(), per))
+    return bleu[3], cider, dict(zip(gts.keys(), per, strict=True))
 
 
 def _check_against_coco(candidates, references):

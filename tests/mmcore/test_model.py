@@ -30,7 +30,7 @@ def test_forward_shapes(tiny_model, batch):
 
 
 def _repad(ids: torch.Tensor, mask: torch.Tensor, extra: int):
-    rows = [r[m.bool()] for r, m in zip(ids, mask)]
+    rows = [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
     longer, longer_mask = pad_ids(rows + [torch.zeros(ids.shape[1] + extra, dtype=torch.long)])
     return longer[:-1], longer_mask[:-1]
 
@@ -94,13 +94,13 @@ def test_overfits_a_batch_of_8(tokenizer, samples, sample_cfg):
     model = build_model(tiny_config(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = PretrainLoss(label_smoothing=0.0)
-    first = None
-    for step in range(300):
+    first, steps = None, 0
+    while steps < 300:
         loss = loss_fn(model(batch, task="pretrain"))["loss"]
-        first = first if first is not None else loss.item()
+        first, steps = (first if first is not None else loss.item()), steps + 1
         opt.zero_grad()
         loss.backward()
         opt.step()
         if loss.item() < 0.1 * first:
             break
-    assert loss.item() < 0.1 * first, f"loss only fell from {first:.3f} to {loss.item():.3f} in {step + 1} steps"
+    assert loss.item() < 0.1 * first, f"loss only fell from {first:.3f} to {loss.item():.3f} in {steps} steps"

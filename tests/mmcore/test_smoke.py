@@ -27,7 +27,7 @@ def test_debug_preset_end_to_end(batch, tokenizer, tmp_path):
 
     model.eval()
     tokens, emb = model.encode_image(batch["image"])
-    assert tokens.shape[:2] == (4, 1 + (32 // 8) ** 2) and emb.shape == (4, cfg.embed_dim)
+    assert tokens.shape[:2] == (4, 1 + (32 // cfg.image.patch_size) ** 2) and emb.shape == (4, cfg.embed_dim)
     ttokens, temb = model.encode_text(batch["caption_ids"], batch["caption_mask"])
     assert temb.shape == (4, cfg.embed_dim)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(4), atol=1e-5)
