@@ -282,7 +282,13 @@ def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionM
     it names (a BERT dir also fixes the text sizes, which are written back into `model.cfg`)."""
     cfg = dataclasses.replace(cfg)
     if load_pretrained and cfg.text.pretrained:
+        wanted = cfg.text.vocab_size
         cfg.text = text_config_from_pretrained(cfg.text.pretrained, cfg.text)
+        if wanted > cfg.text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {wanted} tokens but the BERT in {cfg.text.pretrained} knows only "
+                f"{cfg.text.vocab_size}; use that directory's own tokenizer (model.tokenizer)"
+            )
     if cfg.decoder.num_heads and cfg.dim % cfg.decoder.num_heads:
         raise ValueError(f"model width {cfg.dim} is not divisible by decoder.num_heads {cfg.decoder.num_heads}")
     model = FusionModel(

@@ -87,6 +87,8 @@ def test_pretrained_bert_directory(tokenizer, batch, tmp_path):
     ids, mask = batch["caption_ids"], batch["caption_mask"]
     ref = bert.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(model.text_encoder(ids, mask)[0], ref, atol=1e-6)
+    with pytest.raises(ValueError, match="knows only"):
+        build_model(tiny_config(tokenizer, text_pretrained=str(tmp_path / "bert"), vocab_size=len(tokenizer) + 5))
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(loaded.text_encoder(ids, mask)[0], model.text_encoder(ids, mask)[0])
