@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torchvision import transforms as T
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+@lru_cache(maxsize=8)  # built once per (size, mode), not once per sample
 def image_transform(image_size: int, train: bool) -> T.Compose:
     """PIL RGB -> `(3, S, S)` normalised.
 
