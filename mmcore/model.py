@@ -189,6 +189,8 @@ class FusionModel(nn.Module):
                  use_cache: bool = True) -> Tensor:
         """Captions (or, with a question prompt, answers) `(B, T)`, T <= max_len, without BOS;
         EOS included where generated and PAD after it. Decode with `mmcore.data.decode_text`."""
+        if not 1 <= max_len < self.cfg.decoder.max_len:
+            raise ValueError(f"max_len must be in [1, {self.cfg.decoder.max_len - 1}] (decoder.max_len - 1), got {max_len}")
         image_tokens, _ = self.image_encoder(images)
         if prompt_ids is None:
             memory, memory_mask = image_tokens, None

@@ -81,3 +81,10 @@ def test_generated_tokens_end_with_padding(tiny_model, batch):
     for row in out.tolist():
         if eos in row:
             assert all(t == tiny_model.cfg.pad_id for t in row[row.index(eos) + 1:])
+
+
+def test_max_len_beyond_the_position_table_is_refused(tiny_model, batch):
+    import pytest
+
+    with pytest.raises(ValueError, match="max_len must be in"):
+        tiny_model.generate(batch["image"], max_len=tiny_model.cfg.decoder.max_len)
