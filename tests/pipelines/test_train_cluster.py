@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
     try:
         path = run_training(cfg, data, "pretrain", run_name="two-nodes")
         state = read_trainer_state(path)
-        nodes = {n["node_id"] for n in ray.nodes() if n["Alive"]}
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         print("RESULT " + json.dumps({"ranks": state["ranks"], "step": state["step"], "nodes": sorted(nodes)}))
     finally:
         ray.shutdown()
