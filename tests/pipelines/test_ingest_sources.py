@@ -218,3 +218,10 @@ def test_cli_ingest_prints_the_version_last_and_inspect_validate(ray_local, tiny
     assert "train" in capsys.readouterr().out
     assert main(["data", "validate", str(tiny_dataset)]) == 0
     assert capsys.readouterr().out.startswith("OK")
+
+
+def test_fsspec_uri_source(ray_local, raw12, tmp_path):
+    """Sources are read through fsspec: a `file://` URI works like the plain path (as s3:// would)."""
+    src, _ = raw12
+    vdir = ingest(f"file://{src}", tmp_path / "out", CFG)
+    assert _check_accounting(vdir)["kept"] == 12
