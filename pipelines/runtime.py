@@ -16,6 +16,7 @@ QUIET_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",  # Ray 2.60 default; resume-by-run-name needs V2
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_TELEMETRY": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",

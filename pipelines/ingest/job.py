@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
@@ -103,6 +104,11 @@ def _ensure_ray() -> None:
         init_ray(None, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    if not ctx.enable_progress_bars:
+        # Our own progress lines stand in for the bars; Ray Data's per-execution INFO lines and
+        # its "progress bars disabled" warning would only be noise in a log.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:
