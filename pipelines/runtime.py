@@ -7,7 +7,7 @@ import os
 
 from pipelines.config import Config, home_dir, ray_address
 
-# Telemetry and hub lookups off: this platform runs on closed networks, and their failed
+# Defaults for every job (a variable the user set wins). Telemetry and hub lookups off: this platform runs on closed networks, and their failed
 # connections are noise in every log. Users can still opt in by setting the variables themselves.
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -26,6 +26,8 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "GIT_PYTHON_REFRESH": "quiet",
+    # Ray runs its workers at nice 15 by default; on a shared machine training then starves.
+    "RAY_worker_niceness": "0",
 }
 
 

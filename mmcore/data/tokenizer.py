@@ -27,6 +27,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedT
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
+    tok.model = models.WordPiece(vocab=canonical_vocab(tok.get_vocab()), unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -37,6 +38,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedT
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]",
     )
+
+
+def canonical_vocab(vocab: dict[str, int]) -> dict[str, int]:
+    """Re-number a trained vocabulary: specials first, then whole words, then `##` pieces, each
+    sorted. The trainer breaks frequency ties in hash order, which differs between processes, so
+    without this the same captions give different ids on every run."""
+    rest = sorted(set(vocab) - set(SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
+    return {token: i for i, token in enumerate(SPECIAL_TOKENS + rest)}
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +95,36 @@ def run_dir(cfg: Config, run_name: str) -> str:
     return f"{storage.rstrip('/')}/{run_name}"
 
 
-def tokenizer_and_model_config(cfg: Config, train_urls: list[str], start_dir: str | None):
-    """(tokenizer, FusionModelConfig dict). From a checkpoint (resume / fine-tune) when given,
-    else `model.tokenizer` or a WordPiece tokenizer trained here on the train split's texts."""
-    from mmcore.checkpoint import read_config
-    from mmcore.data import load_tokenizer, special_token_ids, train_tokenizer
-    from mmcore.model import model_config
+def dataset_tokenizer(cfg: Config, train_urls: list[str], version: str):
+    """The WordPiece tokenizer of a dataset version, trained once on its train split and kept
+    under `$MMFUSION_HOME/tokenizers/`: training breaks frequency ties in hash order, so training
+    again could give other ids, and every run on one version must share them."""
+    from mmcore.data import load_tokenizer, train_tokenizer
     from pipelines.train.data import sample_texts
+
+    size = cfg.model.vocab_size
+    cached = home_dir(cfg) / "tokenizers" / f"{version}-v{size}"
+    if (cached / "tokenizer.json").is_file():
+        return load_tokenizer(cached)
+    print(f"[train] training a {size}-token WordPiece tokenizer on the train split", flush=True)
+    tokenizer = train_tokenizer(sample_texts(train_urls), size)
+    staging = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    tokenizer.save_pretrained(str(staging))
+    try:
+        staging.rename(cached)  # atomic; a concurrent run that won the race keeps its copy
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_tokenizer(cached)
+
+
+def tokenizer_and_model_config(
+    cfg: Config, train_urls: list[str], start_dir: str | None, version: str = "unversioned"
+):
+    """(tokenizer, FusionModelConfig dict). From a checkpoint (resume / fine-tune) when given,
+    else `model.tokenizer` or the dataset version's WordPiece tokenizer (`dataset_tokenizer`)."""
+    from mmcore.checkpoint import read_config
+    from mmcore.data import load_tokenizer, special_token_ids
+    from mmcore.model import model_config
 
     if start_dir:
         model_cfg, _ = read_config(start_dir)
@@ -110,8 +134,7 @@ def tokenizer_and_model_config(cfg: Config, train_urls: list[str], start_dir: st
     if m.tokenizer:
         tokenizer = load_tokenizer(m.tokenizer)
     else:
-        print(f"[train] training a {m.vocab_size}-token WordPiece tokenizer on the train split", flush=True)
-        tokenizer = train_tokenizer(sample_texts(train_urls), m.vocab_size)
+        tokenizer = dataset_tokenizer(cfg, train_urls, version)
     model_cfg = model_config(
         m.preset, vocab_size=len(tokenizer), fusion=m.fusion, image_encoder=m.image_encoder,
         image_size=m.image_size, image_pretrained=m.image_pretrained, text_pretrained=m.text_pretrained,
@@ -142,7 +165,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     resume = existing_checkpoint(path)
     if resume:
         print(f"[train] run {name} exists; resuming from {resume}", flush=True)
-    tokenizer, model_cfg = tokenizer_and_model_config(cfg, train_urls, resume or init_dir)
+    tokenizer, model_cfg = tokenizer_and_model_config(cfg, train_urls, resume or init_dir, version)
     text_positions = model_cfg["text"].get("max_positions") or cfg.model.max_text_len
     pretrain = task == "pretrain"
     return TrainJob(

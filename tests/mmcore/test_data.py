@@ -35,6 +35,14 @@ def test_tokenizer_specials_round_trip(tokenizer, tmp_path):
         load_tokenizer(tmp_path / "missing")
 
 
+def test_trained_vocabulary_is_numbered_canonically(tokenizer):
+    """Specials first, then whole words, then ## pieces, each sorted: ids depend on the set alone."""
+    vocab = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    rest = vocab[len(SPECIAL_TOKENS):]
+    assert vocab[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS
+    assert rest == sorted(rest, key=lambda t: (t.startswith("##"), t))
+
+
 def test_load_tokenizer_from_pretrained_bert_dir(tmp_path):
     from transformers import BertTokenizerFast
 
