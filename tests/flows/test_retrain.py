@@ -47,7 +47,7 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
     reg = summary["registration"]
     assert reg["promoted"] is True
     champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
-    assert champion.version == str(reg["version"])
+    assert str(champion.version) == str(reg["version"])
     run = client.get_run(champion.run_id)
     for metric in ("i2t_r1", "t2i_r1", "bleu4", "cider_d", "vqa_acc"):
         assert metric in run.data.metrics, f"{metric} missing from the registered run"
