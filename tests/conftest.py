@@ -54,3 +54,24 @@ def coco_mini() -> Path:
     if not (path / "annotations").is_dir():
         pytest.skip(f"{path} not present (real COCO fixture lives outside the repository)")
     return path
+
+
+@pytest.fixture(scope="session")
+def make_untrained_checkpoint():
+    """A factory `(data_dir, out_dir, seed=0, extra=None) -> Path`: an untrained debug model (32 px)
+    with a tokenizer trained on the version's train split, saved as an mmcore checkpoint."""
+    import torch
+
+    from mmcore.checkpoint import save_checkpoint
+    from mmcore.data import special_token_ids, train_tokenizer
+    from mmcore.model import build_model, model_config
+    from pipelines.ingest.layout import shard_paths
+    from pipelines.train.data import sample_texts
+
+    def make(data_dir, out_dir, seed: int = 0, extra: dict | None = None) -> Path:
+        tok = train_tokenizer(sample_texts([str(u) for u in shard_paths(data_dir, "train")]), vocab_size=300)
+        torch.manual_seed(seed)
+        cfg = model_config("debug", vocab_size=len(tok), image_size=32, **special_token_ids(tok))
+        return save_checkpoint(out_dir, build_model(cfg).eval(), tok, extra=extra)
+
+    return make

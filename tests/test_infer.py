@@ -25,24 +25,9 @@ def cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def tiny_checkpoint(data_dir, out_dir, seed: int):
-    """An untrained debug-preset model (32 px) with a tokenizer trained on the train captions."""
-    from mmcore.checkpoint import save_checkpoint
-    from mmcore.data import special_token_ids, train_tokenizer
-    from mmcore.model import build_model, model_config
-    from pipelines.ingest.layout import shard_paths
-    from pipelines.train.data import read_shard
-
-    texts = []
-    for url in shard_paths(data_dir, "train"):
-        for s in read_shard(url):
-            meta = json.loads(s["json"])
-            texts += meta["captions"] + [q["question"] for q in meta.get("qa", [])]
-            texts += [a for q in meta.get("qa", []) for a in q["answers"]]
-    tok = train_tokenizer(texts, vocab_size=300)
-    torch.manual_seed(seed)
-    model = build_model(model_config("debug", vocab_size=len(tok), image_size=32, **special_token_ids(tok)))
-    return save_checkpoint(out_dir, model.eval(), tok, extra={"seed": seed})
+@pytest.fixture
+def tiny_checkpoint(make_untrained_checkpoint):
+    return lambda data_dir, out_dir, seed: make_untrained_checkpoint(data_dir, out_dir, seed, {"seed": seed})
 
 
 @pytest.fixture
@@ -53,7 +38,7 @@ def opts(tmp_path, monkeypatch):
             "--set", "eval.parallel=local", "--set", "eval.bootstrap_samples=100"]
 
 
-def test_registry_round_trip_returns_the_identical_model(tiny_dataset, tmp_path, opts, capsys):
+def test_registry_round_trip_returns_the_identical_model(tiny_dataset, tmp_path, opts, capsys, tiny_checkpoint):
     from mmcore.checkpoint import load_checkpoint
     from pipelines.config import load_config
     from pipelines.evaluate import evaluate
@@ -92,7 +77,7 @@ def test_registry_round_trip_returns_the_identical_model(tiny_dataset, tmp_path,
     assert "* v1" in listing and "v2" in listing
 
 
-def test_caption_answer_retrieve_on_image_files(tiny_dataset, tmp_path, opts, capsys):
+def test_caption_answer_retrieve_on_image_files(tiny_dataset, tmp_path, opts, capsys, tiny_checkpoint):
     ckpt = tiny_checkpoint(tiny_dataset, tmp_path / "ckpt", seed=3)
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -113,7 +98,7 @@ def test_caption_answer_retrieve_on_image_files(tiny_dataset, tmp_path, opts, ca
     assert scores == sorted(scores, reverse=True)
 
 
-def test_caption_real_photos(coco_mini, tmp_path, opts, tiny_dataset, capsys):
+def test_caption_real_photos(coco_mini, tmp_path, opts, tiny_dataset, capsys, tiny_checkpoint):
     ckpt = tiny_checkpoint(tiny_dataset, tmp_path / "ckpt", seed=4)
     photos = sorted((coco_mini / "val2017").glob("*.jpg"))[:3]
     assert cli(["caption", *opts, "--model", str(ckpt), *map(str, photos)]) == 0

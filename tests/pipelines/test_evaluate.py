@@ -13,30 +13,10 @@ from pipelines.evaluate.scoring import ALL_METRICS, compute_metrics
 from pipelines.registry.register import load_per_sample
 
 
-def save_tiny_checkpoint(data_dir, out_dir, seed: int = 0):
-    """A debug-preset model (32 px input) with a tokenizer trained on the train captions."""
-    from mmcore.checkpoint import save_checkpoint
-    from mmcore.data import special_token_ids, train_tokenizer
-    from mmcore.model import build_model, model_config
-    from pipelines.ingest.layout import shard_paths
-    from pipelines.train.data import read_shard
-
-    texts = []
-    for url in shard_paths(data_dir, "train"):
-        for s in read_shard(url):
-            meta = json.loads(s["json"])
-            texts += meta["captions"] + [q["question"] for q in meta.get("qa", [])]
-            texts += [a for q in meta.get("qa", []) for a in q["answers"]]
-    tok = train_tokenizer(texts, vocab_size=300)
-    torch.manual_seed(seed)
-    model = build_model(model_config("debug", vocab_size=len(tok), image_size=32, **special_token_ids(tok)))
-    return save_checkpoint(out_dir, model.eval(), tok)
-
-
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_dataset, tmp_path_factory):
+def tiny_checkpoint(tiny_dataset, tmp_path_factory, make_untrained_checkpoint):
     torch.set_num_threads(1)
-    return save_tiny_checkpoint(tiny_dataset, tmp_path_factory.mktemp("ckpt") / "model")
+    return make_untrained_checkpoint(tiny_dataset, tmp_path_factory.mktemp("ckpt") / "model")
 
 
 @pytest.fixture
@@ -97,13 +77,13 @@ def test_ray_tasks_give_the_same_results(cfg, tiny_dataset, tiny_checkpoint, tmp
         assert on_ray["metrics"][m] == pytest.approx(v, abs=1e-6), m
 
 
-def test_evaluate_on_real_coco_photos(coco_mini, ray_local, tmp_path, cfg):
+def test_evaluate_on_real_coco_photos(coco_mini, ray_local, tmp_path, cfg, make_untrained_checkpoint):
     """Real photos with 5 human captions each: every caption counts for text->image retrieval."""
     from pipelines.ingest import ingest
 
     data_cfg = load_config("debug", ["data.split_fractions={train: 0.4, val: 0.1, test: 0.5}"]).data
     vdir = ingest(coco_mini, tmp_path / "datasets", data_cfg)
-    ckpt = save_tiny_checkpoint(vdir, tmp_path / "ckpt")
+    ckpt = make_untrained_checkpoint(vdir, tmp_path / "ckpt")
     report = evaluate(cfg, ckpt, vdir, tmp_path / "eval")
     records = load_per_sample(report["per_sample_path"])
     assert report["num_images"] == len(records) > 20
