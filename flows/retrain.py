@@ -86,7 +86,7 @@ def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[s
     """Scheduled/triggered retraining on one config; returns a summary of what it produced."""
     quiet_environment()
     cfg = load_config(config, overrides or [])
-    ray = init_ray(cfg)
+    init_ray(cfg)
     data_dir = prepare_data(cfg)
     pretrained = train(cfg, data_dir, "pretrain")
     finetuned = train(cfg, data_dir, "finetune", init_from=pretrained)
@@ -108,13 +108,13 @@ def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[s
         "registration": registration,
         "tracking_uri": mlflow_tracking_uri(cfg),
         "home": str(home_dir(cfg)),
-        "ray_dashboard": _dashboard_url(ray),
+        "ray_dashboard": _dashboard_url(),
     }
     create_markdown_artifact(key="retrain-report", markdown=render_markdown(summary))
     return summary
 
 
-def _dashboard_url(ray) -> str | None:
+def _dashboard_url() -> str | None:
     """The Ray dashboard's address, when this Ray runs one (it needs `ray[default]`)."""
     try:
         from ray._private.worker import get_dashboard_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipelines.config import Config, home_dir, ray_address
+from pipelines.config import Config, ray_address
 
 # Defaults for every job (a variable the user set wins). Telemetry and hub lookups off: this platform runs on closed networks, and their failed
 # connections are noise in every log. Users can still opt in by setting the variables themselves.
@@ -67,6 +67,3 @@ def init_ray(cfg: Config | None = None, **kwargs):
         )
     return ray
 
-
-def state_summary(cfg: Config) -> dict[str, str]:
-    return {"home": str(home_dir(cfg))}
