@@ -14,20 +14,69 @@ os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the shared test 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def _start_local_ray() -> None:
+    from pipelines.config import load_config
+    from pipelines.runtime import init_ray
+
+    init_ray(load_config("debug", ["services.ray_num_cpus=2"]), include_dashboard=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray (2 CPUs, no dashboard), started once per session and shut down after."""
     import ray
 
-    from pipelines.config import load_config
-    from pipelines.runtime import init_ray
-
     started = not ray.is_initialized()
     if started:
-        init_ray(load_config("debug", ["services.ray_num_cpus=2"]), include_dashboard=False)
+        _start_local_ray()
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1 for the rest of the session; yields its URL.
+
+    The endpoint and dummy credentials go into the environment (AWS_ENDPOINT_URL and friends),
+    where botocore (s3fs) and pyarrow's S3FileSystem both read them: the code under test gets
+    `s3://` URIs and nothing else, as on real object storage.
+    """
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: a free one
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("AWS_PROFILE", raising=False)
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}.items():
+            mp.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # none made before this point may be reused
+        yield url
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_s3(s3_server, ray_local):
+    """The session's Ray, with workers that see the S3 endpoint. A Ray worker inherits the
+    environment of the Ray that spawned it, so a Ray started before `s3_server` is restarted."""
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def worker_endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.get(worker_endpoint.remote()) != s3_server:
+        ray.shutdown()
+        _start_local_ray()
+    return ray
 
 
 @pytest.fixture(scope="session")
