@@ -14,7 +14,7 @@ from pipelines.ingest.sources.common import IMAGE_EXTS, find_files
 from pipelines.ingest.sources.folder import list_folder
 from pipelines.ingest.sources.jsonl import list_jsonl
 from pipelines.ingest.sources.tabular import list_tabular, tabular_files
-from pipelines.ingest.sources.vqa import list_vqa
+from pipelines.ingest.sources.vqa import QUESTIONS_GLOB, list_vqa
 from pipelines.ingest.sources.wds import list_webdataset
 
 FORMATS = ("coco", "vqa", "jsonl", "csv", "parquet", "folder", "webdataset")
@@ -49,6 +49,8 @@ def detect_format(source: str) -> str:
         raise ValueError(f"cannot tell the format of {source}; pass --format ({', '.join(FORMATS)})")
     if fs.glob(join(path, "annotations", "captions_*.json")):
         return "coco"
+    if fs.glob(join(path, QUESTIONS_GLOB)):
+        return "vqa"  # VQA v2: questions + annotations files beside the COCO image folders
     if fs.exists(join(path, "manifest.json")) and find_files(source, ".tar"):
         return "webdataset"  # an existing dataset version: re-clean and re-shard it
     top = [p.rsplit("/", 1)[-1].lower() for p in fs.ls(path, detail=False)]
