@@ -26,11 +26,11 @@ _DCT = _dct_matrix(_N)
 
 def phash(img: Image.Image) -> int:
     """64-bit int: bit set where a low-frequency DCT coefficient exceeds their median."""
-    # shrink first, then drop colour: 3x cheaper than the other way round, same hash in practice
-    grey = np.asarray(img.resize((_N, _N), Image.Resampling.BOX).convert("L"), dtype=np.float64)
+    # one greyscale plane, then shrink: the box filter then runs over one channel, not three
+    grey = np.asarray(img.convert("L").resize((_N, _N), Image.Resampling.BOX), dtype=np.float64)
     low = (_DCT @ grey @ _DCT.T)[:_K, :_K].ravel()
-    bits = low > np.median(low)
-    return int(sum(1 << i for i, b in enumerate(bits) if b))
+    bits = np.packbits(low > np.median(low), bitorder="little")  # bit i = coefficient i
+    return int.from_bytes(bits.tobytes(), "little")
 
 
 def hamming(a: int, b: int) -> int:

@@ -32,7 +32,8 @@ def normalize(text: str | bytes) -> str:
     except UnicodeEncodeError as e:
         raise TextReject("invalid_encoding", f"unencodable character at {e.start}") from e
     text = unicodedata.normalize("NFC", html.unescape(_TAG.sub(" ", text)))
-    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") else c for c in text)
+    if not text.isprintable():  # printable text has no Cc/Cf/Cs/Co character: skip the scan
+        text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") else c for c in text)
     return _SPACE.sub(" ", text).strip()
 
 
