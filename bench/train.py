@@ -6,7 +6,13 @@ Same model (the config's preset), same batch, same number of steps, one worker, 
 3. the loader alone: the same WebDataset stream without the model.
 Prints samples/s and the ratios (targets: pipeline/baseline >= 0.9, loader/model >= 3).
 
-    python bench/train.py [--data VERSION_DIR] [--steps 60] [--batch 16] [--set key=value ...]
+The pipeline figure is the steady state: the samples/s of the later half of the run's log windows.
+In the first seconds of a Ray Train run its helper actors (dataset manager, preemption watcher,
+synchronisation actor) are still starting, and their imports take several CPU-seconds from the
+training worker on a small machine; a run of a few seconds would measure that start-up, not the
+streaming. The trainer's own figure (all windows but the first) is printed beside it.
+
+    python bench/train.py [--data VERSION_DIR] [--steps 400] [--batch 16] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="debug", help="config file or preset (default: debug)")
     p.add_argument("--data", default=None, help="dataset version dir; default: synthesise + ingest one")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -42,13 +48,13 @@ def make_dataset(cfg, root: Path) -> str:
 
 def baseline(job, steps: int, threads: int) -> float:
     """Samples/s of a plain loop over in-memory batches (decoded before timing)."""
-    from pipelines.train import data as D
+    from pipelines.ingest.layout import read_shard
     from pipelines.train.loop import build_losses, initial_model, sample_codec, train_step
     from pipelines.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
     decode, collate = sample_codec(job, train=True)
-    raw = itertools.islice((s for u in job.train_urls for s in D.read_shard(u)), 8 * job.batch_size)
+    raw = itertools.islice((s for u in job.train_urls for s in read_shard(u)), 8 * job.batch_size)
     samples = [decode(s) for s in raw]
     batches = [collate(samples[i : i + job.batch_size]) for i in range(0, len(samples) - job.batch_size + 1, job.batch_size)]
     model = initial_model(job, None)
@@ -75,6 +81,13 @@ def loader_alone(job, batches: int) -> float:
     return batches * job.batch_size / (time.perf_counter() - t0)
 
 
+def steady_rate(history: list[dict]) -> float:
+    """Samples/s over the later half of the log windows (equal steps each: a harmonic mean)."""
+    rates = [h["samples_per_s"] for h in history if h.get("samples_per_s")]
+    later = rates[len(rates) // 2 :]
+    return len(later) / sum(1 / r for r in later)
+
+
 def main() -> int:
     args = parse()
     from pipelines.config import load_config
@@ -89,7 +102,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mmfusion-bench-"))
     overrides = [
         f"train.steps={args.steps}", f"train.batch_size={args.batch}", "scaling.num_workers=1",
-        f"scaling.cpus_per_worker={args.threads}", f"train.log_every={max(args.steps // 6, 1)}",
+        f"scaling.cpus_per_worker={args.threads}", f"train.log_every={max(args.steps // 10, 1)}",
         f"train.checkpoint_every={args.steps}", f"train.eval_every={args.steps}", "train.val_max_samples=16",
         f"services.home={work / 'home'}", *args.overrides,
     ]
@@ -102,12 +115,14 @@ def main() -> int:
     before = baseline(job, args.steps, args.threads)
     loader = loader_alone(job, max(args.steps // 2, 10))
     ckpt = run_training(cfg, data, "pretrain", run_name="bench")
-    pipe = float(read_trainer_state(ckpt)["samples_per_s"])
+    state = read_trainer_state(ckpt)
+    overall = float(state["samples_per_s"])
+    pipe = steady_rate(state["history"])
     after = baseline(job, args.steps, args.threads)
     base = (before + after) / 2
     print("\n=== bench/train.py: pretrain, preset", cfg.model.preset, f"batch {args.batch}, {args.steps} steps, 1 worker")
     print(f"baseline in-memory loop      {base:8.1f} samples/s  (before {before:.1f}, after {after:.1f})")
-    print(f"Ray Train + WebDataset       {pipe:8.1f} samples/s")
+    print(f"Ray Train + WebDataset       {pipe:8.1f} samples/s  (steady state; all windows but the first: {overall:.1f})")
     print(f"loader alone                 {loader:8.1f} samples/s")
     print(f"ratio pipeline / baseline    {pipe / base:8.2f}   (target >= 0.9)")
     print(f"ratio loader / model         {loader / pipe:8.2f}   (target >= 3)")

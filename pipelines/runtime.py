@@ -31,11 +31,19 @@ QUIET_ENV = {
 }
 
 
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
 def quiet_environment() -> None:
     """Set the quiet/offline variables (without overriding what the user set)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    for name in ("urllib3", "filelock", "httpx", "alembic", "mlflow.store.db.utils"):
+    quiet_loggers()
+
+
+def quiet_loggers() -> None:
+    """Chatty libraries at WARNING (also called in Ray workers, whose root logger is at INFO)."""
+    for name in ("urllib3", "filelock", "httpx", "alembic", "mlflow.store.db.utils", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -51,6 +59,9 @@ def init_ray(cfg: Config | None = None, **kwargs):
         return ray
     address = ray_address(cfg) if cfg is not None else os.environ.get("RAY_ADDRESS")
     env_vars = {k: os.environ[k] for k in QUIET_ENV}
+    # Where object storage is (not who may use it: credentials belong on the nodes, never in a
+    # runtime env the dashboard shows).
+    env_vars.update({k: os.environ[k] for k in STORAGE_ENV if k in os.environ})
     runtime_env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)

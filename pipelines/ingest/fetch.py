@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
-from pipelines.ingest.layout import get_fs
+from pipelines.ingest.layout import get_fs, is_remote
 
 MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 _OK_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
@@ -56,14 +56,21 @@ def fetch_http(url: str, timeout: float, retries: int) -> bytes:
     raise last
 
 
+def _open(uri: str):
+    """Local files through plain `open` (fsspec's local layer costs ~0.1 ms a file), others via fsspec."""
+    if not is_remote(uri):
+        return open(uri.removeprefix("file://"), "rb")
+    fs, path = get_fs(uri)
+    return fs.open(path, "rb")
+
+
 def fetch(loc: dict, timeout: float = 10.0, retries: int = 2) -> bytes:
     """Bytes for an image locator `{"kind": "path"|"url"|"tar", "uri", ["offset", "size"]}`."""
     kind, uri = loc["kind"], loc["uri"]
     if kind == "url":
         return fetch_http(uri, timeout, retries)
-    fs, path = get_fs(uri)
     try:
-        with fs.open(path, "rb") as f:
+        with _open(uri) as f:
             if kind == "tar":
                 f.seek(int(loc["offset"]))
                 return f.read(int(loc["size"]))

@@ -8,15 +8,13 @@ import io
 import json
 from typing import Any
 
-from pipelines.ingest.layout import SPLITS, get_fs, join, read_manifest, read_report
+from pipelines.ingest.layout import SPLITS, get_fs, join, read_manifest, read_report, read_shard
 
 
 def iter_samples(paths: list[str]):
-    """Samples of the given shards, in order, through plain `webdataset.WebDataset`."""
-    import webdataset as wds
-
-    if paths:
-        yield from wds.WebDataset(paths, shardshuffle=False, empty_check=False)
+    """Samples of the given shards, in order (webdataset's tar reader; local or object storage)."""
+    for path in paths:
+        yield from read_shard(path)
 
 
 def inspect_version(version_dir: str, num_samples: int = 3) -> dict[str, Any]:

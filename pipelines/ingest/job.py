@@ -135,9 +135,14 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
     staging = layout.join(vdir, layout.STAGING_DIR)
     rows = _clean_all(refs, cfg, staging)
     log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
+    t1 = time.time()
     result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
     plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
+    log(f"deduplicated and planned {len(plans)} shards in {time.time() - t1:.1f}s: "
+        f"{sum(result.counts().values())} duplicates dropped or merged")
+    t1 = time.time()
     entries = _write_shards(plans, vdir)
+    log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
     if fs.exists(layout.get_fs(staging)[1]):
         fs.rm(layout.get_fs(staging)[1], recursive=True)
     finish(vdir, version, cfg, fmt, inputs, rows, result, entries)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import fsspec
 
@@ -101,3 +103,32 @@ def shard_paths(version_dir: str | os.PathLike, split: str) -> list[str]:
 def as_path(uri: str) -> Path | str:
     """A local `Path` for local locations, the URI string otherwise."""
     return uri if is_remote(uri) else Path(get_fs(uri)[1])
+
+
+# ----------------------------------------------------------------------------- reading shards
+
+
+def open_shard(url: str):
+    """A binary stream for a local path, `file://`, `pipe:`/`http(s)://` (webdataset's gopen),
+    or any fsspec URI such as `s3://bucket/x.tar` (object storage)."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file", "pipe", "http", "https") or len(scheme) == 1:  # len 1: C:\ paths
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    return fsspec.open(url, "rb").open()
+
+
+def read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar shard: `{"__key__", "jpg": bytes, "txt": bytes, "json": bytes}`."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = open_shard(url)
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}])
+        for sample in group_by_keys(files):
+            sample.pop("__url__", None)
+            sample.pop("__local_path__", None)
+            yield sample
+    finally:
+        stream.close()

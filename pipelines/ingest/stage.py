@@ -1,8 +1,8 @@
 """The streaming map of an ingest: one Ref in, one small accounting row out.
 
 Runs inside Ray Data workers. For each Ref it cleans the text, fetches and cleans the image, and
-assigns the split; kept samples' bytes go to a staging Parquet file per batch (named by the
-batch's first input position, so a retried task rewrites the same file), and only the small
+assigns the split; kept samples' bytes go to a staging Parquet file per batch and split (named by
+the batch's first input position, so a retried task rewrites the same file), and only the small
 accounting row (key, reason, hashes, sizes, where staged) flows back to the driver.
 """
 
@@ -21,6 +21,7 @@ from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
 from pipelines.ingest.layout import join, write_bytes_atomic
 from pipelines.ingest.textclean import clean_captions, clean_qa
+from pipelines.runtime import quiet_loggers
 
 META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
                "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_row", "captions", "dropped")
@@ -84,19 +85,25 @@ def process_ref(ref: dict, cfg: DataConfig) -> tuple[dict, dict | None]:
 
 
 def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str) -> pa.Table:
-    """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows."""
+    """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows.
+
+    The kept samples are staged in one Parquet file per split, so that writing a split's shards
+    later reads only that split's bytes.
+    """
+    quiet_loggers()
     cfg = DataConfig.model_validate(cfg_dict)
     refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
-    rows, staged = [], []
-    stage_file = join(staging_dir, f"stage-{min(r['order'] for r in refs):09d}.parquet")
+    first = min(r["order"] for r in refs)
+    rows, staged = [], {}
     for ref in refs:
         row, sample = process_ref(ref, cfg)
         if sample is not None:
-            row.update(stage_file=stage_file, stage_row=len(staged))
-            staged.append(sample)
+            split = staged.setdefault(row["split"], [])
+            row.update(stage_file=join(staging_dir, f"stage-{first:09d}-{row['split']}.parquet"), stage_row=len(split))
+            split.append(sample)
         rows.append(row)
-    if staged:
-        _write_parquet(stage_file, staged)
+    for split, samples in staged.items():
+        _write_parquet(join(staging_dir, f"stage-{first:09d}-{split}.parquet"), samples)
     return pa.Table.from_pylist(rows)
 
 

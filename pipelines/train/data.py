@@ -20,10 +20,11 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.ingest.layout import read_shard
 
 Sample = dict[str, Any]
 
@@ -32,37 +33,6 @@ def stable_seed(*parts: Any) -> int:
     """A 63-bit seed from any printable parts, the same in every process (unlike `hash`)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-# ----------------------------------------------------------------------------- reading tars
-
-
-def open_shard(url: str):
-    """A binary stream for a local path, `file://`, `pipe:`/`http(s)://` (webdataset's gopen),
-    or any fsspec URI such as `s3://bucket/x.tar` (object storage)."""
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file", "pipe", "http", "https") or len(scheme) == 1:  # len 1: C:\ paths
-        import webdataset as wds
-
-        return wds.gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
-def read_shard(url: str) -> Iterator[Sample]:
-    """Raw samples of one tar shard: `{"__key__", "jpg": bytes, "txt": bytes, "json": bytes}`."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    stream = open_shard(url)
-    try:
-        files = tar_file_expander([{"url": url, "stream": stream}])
-        for sample in group_by_keys(files):
-            sample.pop("__url__", None)
-            sample.pop("__local_path__", None)
-            yield sample
-    finally:
-        stream.close()
 
 
 # ----------------------------------------------------------------------------- the raw stream

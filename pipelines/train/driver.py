@@ -146,11 +146,45 @@ def tokenizer_and_model_config(
 def existing_checkpoint(run_path: str) -> str | None:
     """The latest checkpoint of a local run folder (a re-run resumes it), or None."""
     if "://" in run_path:
-        return None  # Ray Train finds it; the tokenizer then comes from the same checkpoint's job
+        return None  # see `remote_resume_files`
     from pipelines.train.state import latest_checkpoint
 
     found = latest_checkpoint(run_path)
     return str(found) if found else None
+
+
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def remote_resume_files(cfg: Config, run_name: str, run_path: str) -> str | None:
+    """For a run on object storage: a local copy of the latest complete checkpoint's model config
+    and tokenizer (a few KB), or None when the run has none. A resumed run must take both from
+    the checkpoint, as a local resume does, not from whatever this host's state dir or config
+    says now. The weights and optimiser stay in the bucket: Ray Train hands them to the workers."""
+    from pipelines.ingest.layout import get_fs
+    from pipelines.train import state as S
+
+    fs, root = get_fs(run_path)
+    need = {S.TRAINER_STATE, S.OPTIMIZER_TENSORS, S.OPTIMIZER_META, S.SCHEDULER_STATE}
+    best: tuple[int, str] | None = None
+    for state_path in fs.glob(f"{root}/*/{S.TRAINER_STATE}"):
+        ckpt = state_path.rsplit("/", 1)[0]
+        if not need <= {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(ckpt, detail=False)}:
+            continue  # an upload cut short: not a checkpoint to resume from
+        try:
+            step = int(json.loads(fs.cat_file(state_path))["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, ckpt)
+    if best is None:
+        return None
+    local = home_dir(cfg) / "resume" / run_name / best[1].rsplit("/", 1)[-1]
+    local.mkdir(parents=True, exist_ok=True)
+    for name in _MODEL_FILES:
+        if fs.exists(f"{best[1]}/{name}"):
+            fs.get_file(f"{best[1]}/{name}", str(local / name))
+    return str(local)
 
 
 def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: str | None = None) -> TrainJob:
@@ -162,9 +196,9 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     version = dataset_version(data_dir)
     name = run_name or default_run_name(cfg, task, version, init_dir)
     path = run_dir(cfg, name)
-    resume = existing_checkpoint(path)
+    resume = remote_resume_files(cfg, name, path) if "://" in path else existing_checkpoint(path)
     if resume:
-        print(f"[train] run {name} exists; resuming from {resume}", flush=True)
+        print(f"[train] run {name} exists; resuming from {path if '://' in path else resume}", flush=True)
     tokenizer, model_cfg = tokenizer_and_model_config(cfg, train_urls, resume or init_dir, version)
     text_positions = model_cfg["text"].get("max_positions") or cfg.model.max_text_len
     pretrain = task == "pretrain"

@@ -572,6 +572,9 @@ def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config["job"]` is a TrainJob. Returns the final trainer state."""
+    from pipelines.runtime import quiet_loggers
+
+    quiet_loggers()
     job: TrainJob = config["job"]
     worker = setup_worker(job)
     import ray.train

@@ -10,8 +10,8 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.ingest import ingest
-from pipelines.ingest.layout import SPLITS, read_manifest, read_report, shard_paths
-from pipelines.train.data import read_shard
+from pipelines.ingest.inspect import inspect_version, validate_version
+from pipelines.ingest.layout import SPLITS, read_manifest, read_report, read_shard, shard_paths
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -58,6 +58,11 @@ def test_s3_source_into_local_and_s3_versions(ray_s3, s3_server, tiny_source, ti
     assert not fs.find(f"ingest/versions/{local.name}/_staging")
     assert not [p for p in fs.find("ingest/versions") if p.endswith(".partial")]
     _same_samples(remote, tiny_dataset)
+    checked = validate_version(str(remote))  # `mmfusion data validate` on object storage
+    assert checked["ok"], checked["problems"]
+    assert checked["samples"] == want["kept"]
+    summary = inspect_version(str(remote))
+    assert summary["kept"] == want["kept"] and summary["examples"]
 
     # An existing version on object storage is never rewritten.
     stamps = {p: i["LastModified"] for p, i in fs.find("ingest/versions", detail=True).items()}

@@ -14,10 +14,9 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.ingest import ingest
-from pipelines.ingest.layout import SPLITS, read_report, shard_paths
+from pipelines.ingest.layout import SPLITS, read_report, read_shard, shard_paths
 from pipelines.ingest.sources import detect_format, list_refs
 from pipelines.ingest.synth import synthesize
-from pipelines.train.data import read_shard
 
 IMAGE_IDS = (9, 25, 30, 34, 36)  # real train2014 ids; 36's questions get no annotations
 UNANSWERED = 36

@@ -11,6 +11,7 @@ import fsspec
 import pytest
 from test_train import losses, tiny_config
 
+from mmcore.checkpoint import read_config
 from pipelines.config import load_config
 from pipelines.ingest import ingest
 from pipelines.train import read_trainer_state, run_training
@@ -24,8 +25,8 @@ def test_pretrain_on_s3_resumes_by_run_name(ray_s3, s3_server, tiny_source, tmp_
     data = ingest(tiny_source, "s3://train/data", load_config("debug").data)
     assert str(data).startswith("s3://train/data/")
 
-    def config(steps: int):
-        return tiny_config(tmp_path, f"train.steps={steps}", "train.checkpoint_every=2", "train.storage=s3://train/runs",
+    def config(steps: int, home=tmp_path, *extra: str):
+        return tiny_config(home, f"train.steps={steps}", *extra, "train.checkpoint_every=2", "train.storage=s3://train/runs",
                            "scaling.num_workers=1", "train.loader_workers=1")
 
     def checkpoints() -> list[str]:
@@ -36,13 +37,17 @@ def test_pretrain_on_s3_resumes_by_run_name(ray_s3, s3_server, tiny_source, tmp_
     assert read_trainer_state(first)["step"] == 4
     assert checkpoints() == ["checkpoint-step0000002", "checkpoint-step0000004"]
 
-    ckpt = run_training(config(6), data, "pretrain", run_name="remote")
+    # Resumed from another host's state dir, with another vocabulary size configured: the model
+    # config and tokenizer come from the bucket's checkpoint, as they would from a local one.
+    other = tmp_path / "host2"
+    ckpt = run_training(config(6, other, "model.vocab_size=300"), data, "pretrain", run_name="remote")
     state = read_trainer_state(ckpt)
-    assert ckpt == tmp_path / "checkpoints" / "remote" / "checkpoint-step0000006"  # downloaded from the bucket
+    assert ckpt == other / "checkpoints" / "remote" / "checkpoint-step0000006"  # downloaded from the bucket
+    assert read_config(ckpt)[0] == read_config(first)[0]  # vocabulary 400, as first trained
     assert state["step"] == 6 and [r["from_step"] for r in state["resumes"]] == [4]
     assert [(r["start_step"], r["batches_read"]) for r in state["ranks"]] == [(4, 2)]  # no step redone
     assert state["data_position"]["batches_per_rank"] == 6
     assert sorted(losses(state)) == [2, 4, 6]  # the first run's history, continued
     assert (ckpt / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
     assert checkpoints() == ["checkpoint-step0000004", "checkpoint-step0000006"]  # train.keep_checkpoints=2
-    assert not (tmp_path / "ray_results").exists()  # nothing of the run written locally
+    assert not (tmp_path / "ray_results").exists() and not (other / "ray_results").exists()  # all in the bucket
