@@ -68,6 +68,10 @@ def init_ray(cfg: Config | None = None, **kwargs):
     else:
         # A throwaway in-process cluster: no token to hand out (and no warning about it).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # One local node is never preempted: Ray Train's preemption watcher would be one more
+        # actor (a few CPU-seconds of imports, then polling) taking CPU from training.
+        env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                            os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
         num_cpus = cfg.services.ray_num_cpus if cfg is not None else None
         ray.init(
             num_cpus=num_cpus,
