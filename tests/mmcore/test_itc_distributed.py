@@ -7,7 +7,6 @@ mmcore holds no distributed code; the trainer passes a gather function. Here it 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -32,10 +31,10 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(t), dim=0)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous: no TCP port to pick and lose to another process between pick and bind.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     img, txt = _data()
     local_img = img[rank * B: (rank + 1) * B].clone().requires_grad_()
     local_txt = txt[rank * B: (rank + 1) * B].clone().requires_grad_()
@@ -46,16 +45,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_itc_gather_across_two_ranks_matches_the_full_batch(tmp_path):
-    # fork: the children reuse the imported modules instead of re-importing torch (seconds each)
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    # spawn, not fork: earlier tests leave a session Ray (gRPC threads) in this process, and a
+    # forked child of a threaded process can die before running a line of the test.
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
     img, txt = _data()
     img.requires_grad_()
     txt.requires_grad_()
