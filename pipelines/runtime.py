@@ -7,8 +7,8 @@ import os
 
 from pipelines.config import Config, ray_address
 
-# Defaults for every job (a variable the user set wins). Telemetry and hub lookups off: this platform runs on closed networks, and their failed
-# connections are noise in every log. Users can still opt in by setting the variables themselves.
+# Defaults for every job (a variable the user set wins). Telemetry and hub lookups off: this
+# platform runs on closed networks, and their failed connections are noise in every log.
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
@@ -70,8 +70,7 @@ def init_ray(cfg: Config | None = None, **kwargs):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # One local node is never preempted: Ray Train's preemption watcher would be one more
         # actor (a few CPU-seconds of imports, then polling) taking CPU from training.
-        env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-                            os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+        env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         num_cpus = cfg.services.ray_num_cpus if cfg is not None else None
         ray.init(
             num_cpus=num_cpus,

@@ -94,16 +94,17 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str) -> pa.Table
     cfg = DataConfig.model_validate(cfg_dict)
     refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
     first = min(r["order"] for r in refs)
-    rows, staged = [], {}
+    rows, staged = [], {}  # staged: stage file -> its samples
     for ref in refs:
         row, sample = process_ref(ref, cfg)
         if sample is not None:
-            split = staged.setdefault(row["split"], [])
-            row.update(stage_file=join(staging_dir, f"stage-{first:09d}-{row['split']}.parquet"), stage_row=len(split))
-            split.append(sample)
+            stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.parquet")
+            samples = staged.setdefault(stage_file, [])
+            row.update(stage_file=stage_file, stage_row=len(samples))
+            samples.append(sample)
         rows.append(row)
-    for split, samples in staged.items():
-        _write_parquet(join(staging_dir, f"stage-{first:09d}-{split}.parquet"), samples)
+    for stage_file, samples in staged.items():
+        _write_parquet(stage_file, samples)
     return pa.Table.from_pylist(rows)
 
 

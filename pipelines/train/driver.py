@@ -143,47 +143,29 @@ def tokenizer_and_model_config(
     return tokenizer, model_cfg.to_dict()
 
 
-def existing_checkpoint(run_path: str) -> str | None:
-    """The latest checkpoint of a local run folder (a re-run resumes it), or None."""
-    if "://" in run_path:
-        return None  # see `remote_resume_files`
-    from pipelines.train.state import latest_checkpoint
-
-    found = latest_checkpoint(run_path)
-    return str(found) if found else None
-
-
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def remote_resume_files(cfg: Config, run_name: str, run_path: str) -> str | None:
-    """For a run on object storage: a local copy of the latest complete checkpoint's model config
-    and tokenizer (a few KB), or None when the run has none. A resumed run must take both from
-    the checkpoint, as a local resume does, not from whatever this host's state dir or config
-    says now. The weights and optimiser stay in the bucket: Ray Train hands them to the workers."""
-    from pipelines.ingest.layout import get_fs
-    from pipelines.train import state as S
+def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None:
+    """The latest complete checkpoint of the run (a re-run resumes it), as a local directory, or None.
 
-    fs, root = get_fs(run_path)
-    need = {S.TRAINER_STATE, S.OPTIMIZER_TENSORS, S.OPTIMIZER_META, S.SCHEDULER_STATE}
-    best: tuple[int, str] | None = None
-    for state_path in fs.glob(f"{root}/*/{S.TRAINER_STATE}"):
-        ckpt = state_path.rsplit("/", 1)[0]
-        if not need <= {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(ckpt, detail=False)}:
-            continue  # an upload cut short: not a checkpoint to resume from
-        try:
-            step = int(json.loads(fs.cat_file(state_path))["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, ckpt)
-    if best is None:
-        return None
-    local = home_dir(cfg) / "resume" / run_name / best[1].rsplit("/", 1)[-1]
+    A resumed run takes its model config and tokenizer from that checkpoint, never from this
+    host's tokenizer cache or the current config. For a run on object storage only those files
+    (a few KB) are copied here; the weights and optimiser stay in the bucket, and Ray Train hands
+    them to the workers.
+    """
+    from pipelines.ingest.layout import get_fs, is_remote
+    from pipelines.train.state import latest_checkpoint
+
+    found = latest_checkpoint(run_path)
+    if found is None or not is_remote(str(found)):
+        return str(found) if found else None
+    fs, ckpt = get_fs(str(found))
+    local = home_dir(cfg) / "resume" / run_name / ckpt.rsplit("/", 1)[-1]
     local.mkdir(parents=True, exist_ok=True)
     for name in _MODEL_FILES:
-        if fs.exists(f"{best[1]}/{name}"):
-            fs.get_file(f"{best[1]}/{name}", str(local / name))
+        if fs.exists(f"{ckpt}/{name}"):
+            fs.get_file(f"{ckpt}/{name}", str(local / name))
     return str(local)
 
 
@@ -196,9 +178,9 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     version = dataset_version(data_dir)
     name = run_name or default_run_name(cfg, task, version, init_dir)
     path = run_dir(cfg, name)
-    resume = remote_resume_files(cfg, name, path) if "://" in path else existing_checkpoint(path)
+    resume = existing_checkpoint(cfg, name, path)
     if resume:
-        print(f"[train] run {name} exists; resuming from {path if '://' in path else resume}", flush=True)
+        print(f"[train] run {name} exists; resuming from its latest checkpoint in {path}", flush=True)
     tokenizer, model_cfg = tokenizer_and_model_config(cfg, train_urls, resume or init_dir, version)
     text_positions = model_cfg["text"].get("max_positions") or cfg.model.max_text_len
     pretrain = task == "pretrain"
@@ -281,7 +263,9 @@ def final_checkpoint_dir(cfg: Config, result, job: TrainJob) -> Path:
     if checkpoint is None:
         # A re-run of a finished run whose last report Ray did not register trains nothing and
         # reports nothing: its final checkpoint is on disk.
-        found = existing_checkpoint(job.run_path) if job.run_path else None
+        from pipelines.train.state import latest_checkpoint
+
+        found = latest_checkpoint(job.run_path) if job.run_path else None
         if found and summary(Path(found)).get("step") == job.total_steps:
             return Path(found)
         raise TrainingError(f"run {job.run_name} finished without a checkpoint; see the log above")

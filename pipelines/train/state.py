@@ -98,25 +98,29 @@ def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
         raise TrainStateError(f"{path}: not valid JSON ({e})") from e
 
 
-def has_resume_state(directory: str | os.PathLike) -> bool:
-    d = Path(directory)
-    return all((d / n).is_file() for n in (TRAINER_STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER_STATE))
+RESUME_FILES = frozenset({TRAINER_STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER_STATE})
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step under a local run directory, or None."""
-    run = Path(run_dir)
-    if not run.is_dir():
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | str | None:
+    """The complete checkpoint with the highest step under a run directory, or None: a `Path`
+    for a local run, a URI for one on object storage. A checkpoint whose resume files are not
+    all there (a write or upload cut short) is skipped."""
+    from pipelines.ingest.layout import get_fs, is_remote
+
+    fs, root = get_fs(run_dir)
+    if not fs.isdir(root):
         return None
-    best: tuple[int, Path] | None = None
-    for state_file in run.glob(f"*/{TRAINER_STATE}"):
-        ckpt = state_file.parent
-        if not has_resume_state(ckpt):
+    best: tuple[int, str] | None = None
+    for state_path in fs.glob(f"{root.rstrip('/')}/*/{TRAINER_STATE}"):
+        ckpt = state_path.rsplit("/", 1)[0]
+        if not RESUME_FILES <= {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(ckpt, detail=False)}:
             continue
         try:
-            step = int(read_trainer_state(ckpt)["step"])
-        except (TrainStateError, KeyError, ValueError):
+            step = int(json.loads(fs.cat_file(state_path))["step"])
+        except (ValueError, KeyError, TypeError):
             continue
         if best is None or step > best[0]:
             best = (step, ckpt)
-    return best[1] if best else None
+    if best is None:
+        return None
+    return fs.unstrip_protocol(best[1]) if is_remote(run_dir) else Path(best[1])

@@ -14,7 +14,7 @@ from test_train import losses, tiny_config
 from mmcore.checkpoint import read_config
 from pipelines.config import load_config
 from pipelines.ingest import ingest
-from pipelines.train import read_trainer_state, run_training
+from pipelines.train import latest_checkpoint, read_trainer_state, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # ~90 s: two Ray Train runs and an ingest
 
@@ -36,6 +36,7 @@ def test_pretrain_on_s3_resumes_by_run_name(ray_s3, s3_server, tiny_source, tmp_
     first = run_training(config(4), data, "pretrain", run_name="remote")
     assert read_trainer_state(first)["step"] == 4
     assert checkpoints() == ["checkpoint-step0000002", "checkpoint-step0000004"]
+    assert latest_checkpoint("s3://train/runs/remote") == "s3://train/runs/remote/checkpoint-step0000004"
 
     # Resumed from another host's state dir, with another vocabulary size configured: the model
     # config and tokenizer come from the bucket's checkpoint, as they would from a local one.
