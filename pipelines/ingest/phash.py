@@ -29,7 +29,9 @@ def phash(img: Image.Image) -> int:
     # one greyscale plane, then shrink: the box filter then runs over one channel, not three
     grey = np.asarray(img.convert("L").resize((_N, _N), Image.Resampling.BOX), dtype=np.float64)
     low = (_DCT @ grey @ _DCT.T)[:_K, :_K].ravel()
-    bits = np.packbits(low > np.median(low), bitorder="little")  # bit i = coefficient i
+    mid = np.sort(low)[_K * _K // 2 - 1 : _K * _K // 2 + 1]
+    median = (mid[0] + mid[1]) / 2  # np.median's value, at a fraction of its cost on 64 numbers
+    bits = np.packbits(low > median, bitorder="little")  # bit i = coefficient i
     return int.from_bytes(bits.tobytes(), "little")
 
 

@@ -1,26 +1,95 @@
 """Packing kept samples into WebDataset shards and writing one shard atomically.
 
-Shards of a split are filled in input order up to `shard_samples` samples and
-`shard_max_bytes` bytes. A shard is written under a `.partial` name and renamed when complete,
-so a killed job never leaves a finished-looking shard. Tars are deterministic: fixed mtime,
-fixed owner, members of a sample contiguous and sorted (webdataset's TarWriter).
+Cleaning workers serialise every kept sample once, as its tar members (webdataset's TarWriter:
+fixed mtime and owner, members of a sample contiguous and sorted), into a staging file per batch
+and split (`MemberWriter`). A tar archive is its members back to back followed by an end marker,
+so writing a shard is copying the planned samples' member bytes in order and closing the archive
+the way `tarfile` does (`archive_end`): the second pass neither decodes nor re-serialises, and
+the shard is byte-for-byte the tar a single TarWriter would have written. Only a sample that an
+exact duplicate merged captions into is rewritten, through TarWriter again.
+
+Shards of a split are filled in input order up to `shard_samples` samples and `shard_max_bytes`
+bytes. A shard is written under a `.partial` name and renamed when complete, so a killed job
+never leaves a finished-looking shard.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from typing import Any
 
 from pipelines.ingest.layout import PARTIAL_SUFFIX, SPLITS, get_fs, join, shard_name
 
 TAR_MTIME = 946684800  # 2000-01-01: a fixed mtime makes the tar bytes reproducible
-_TAR_END = 1024  # two zero blocks
-_RECORD = 10240  # tar pads the archive to a multiple of this
+TAR_OWNER = "mmfusion"
+_TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks end an archive
+_RECORD = tarfile.RECORDSIZE  # and tarfile pads the archive to a multiple of this
 
 
 def archive_bytes(member_bytes: int) -> int:
+    """Size of a tar archive whose members take `member_bytes`."""
     return -(-(member_bytes + _TAR_END) // _RECORD) * _RECORD
+
+
+def archive_end(member_bytes: int) -> bytes:
+    """What `tarfile` writes on close after `member_bytes` of members: end marker + padding."""
+    return bytes(archive_bytes(member_bytes) - member_bytes)
+
+
+def padded(n: int) -> int:
+    """Bytes a member's data takes in a tar (padded to whole blocks)."""
+    return -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+class MemberWriter:
+    """Samples serialised as tar members, back to back, without the end marker.
+
+    `add(sample)` returns `(offset, length)` of the sample's members in `getvalue()`.
+    """
+
+    def __init__(self):
+        import webdataset as wds
+
+        self._buf = io.BytesIO()
+        self._writer = wds.TarWriter(self._buf, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
+
+    def add(self, sample: dict[str, Any]) -> tuple[int, int]:
+        start = self._writer.tarstream.offset
+        self._writer.write(sample)
+        return start, self._writer.tarstream.offset - start
+
+    def getvalue(self) -> bytes:
+        end = self._writer.tarstream.offset
+        self._writer.close()  # flushes the stream; the end marker it adds is cut off
+        return self._buf.getvalue()[:end]
+
+
+def serialize(sample: dict[str, Any]) -> bytes:
+    """One sample's tar members."""
+    w = MemberWriter()
+    w.add(sample)
+    return w.getvalue()
+
+
+def parse_members(blob: bytes, key: str) -> dict[str, Any]:
+    """The sample back from its members: `{"__key__", "<ext>": bytes, ...}`."""
+    sample: dict[str, Any] = {"__key__": key}
+    with tarfile.open(fileobj=io.BytesIO(blob + archive_end(len(blob))), mode="r:") as tar:
+        for info in tar:
+            sample[info.name[len(key) + 1 :]] = tar.extractfile(info).read()
+    return sample
+
+
+def with_extra_captions(blob: bytes, key: str, extra: list[str]) -> bytes:
+    """A staged sample re-serialised with captions merged in from its exact duplicates."""
+    sample = parse_members(blob, key)
+    doc = json.loads(sample["json"])
+    doc["captions"] = doc["captions"] + extra
+    sample["json"] = json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    return serialize(sample)
 
 
 def plan_shards(rows: list[dict], extra: dict[str, list[str]], max_samples: int, max_bytes: int) -> list[dict]:
@@ -30,12 +99,15 @@ def plan_shards(rows: list[dict], extra: dict[str, list[str]], max_samples: int,
         members: list[dict] = []
         size = 0
         for row in (r for r in rows if r["split"] == split):
-            if members and (len(members) >= max_samples or archive_bytes(size + row["nbytes"]) > max_bytes):
+            merged = extra.get(row["key"], [])
+            # merged captions grow the json member by at most their JSON text, padded
+            nbytes = row["nbytes"] + (padded(len(json.dumps(merged, ensure_ascii=False).encode())) if merged else 0)
+            if members and (len(members) >= max_samples or archive_bytes(size + nbytes) > max_bytes):
                 plans.append(_plan(split, len([p for p in plans if p["split"] == split]), members))
                 members, size = [], 0
-            members.append({"key": row["key"], "file": row["stage_file"], "row": row["stage_row"],
-                            "extra": extra.get(row["key"], [])})
-            size += row["nbytes"]
+            members.append({"key": row["key"], "file": row["stage_file"], "offset": row["stage_offset"],
+                            "length": row["nbytes"], "extra": merged})
+            size += nbytes
         if members:
             plans.append(_plan(split, len([p for p in plans if p["split"] == split]), members))
     return plans
@@ -56,43 +128,30 @@ class _HashingWriter:
         self.bytes += len(data)
         return self.f.write(data)
 
-    def flush(self) -> None:
-        self.f.flush()
 
-
-def _samples(members: list[dict]):
-    """Yield shard samples in plan order, holding one staging file in memory at a time."""
-    import pyarrow.parquet as pq
-
-    current, table = None, None
+def _member_blobs(members: list[dict]):
+    """Each planned sample's tar members, in plan order, holding one staging file at a time."""
+    current, data = None, b""
     for m in members:
         if m["file"] != current:
             fs, path = get_fs(m["file"])
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f).to_pydict()
+                data = f.read()
             current = m["file"]
-        i = m["row"]
-        doc = table["json"][i]
-        if m["extra"]:
-            obj = json.loads(doc)
-            obj["captions"] = obj["captions"] + m["extra"]
-            doc = json.dumps(obj, ensure_ascii=False)
-        yield {"__key__": m["key"], "jpg": table["jpg"][i], "txt": table["txt"][i].encode(), "json": doc.encode()}
+        blob = memoryview(data)[m["offset"] : m["offset"] + m["length"]]
+        yield with_extra_captions(bytes(blob), m["key"], m["extra"]) if m["extra"] else blob
 
 
 def write_shard(plan: dict, version_dir: str) -> dict[str, Any]:
     """Write one planned shard; returns its manifest entry `{"path", "samples", "bytes", "sha256"}`."""
-    import webdataset as wds
-
     final = join(version_dir, plan["path"])
     fs, path = get_fs(final)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     partial = f"{path}{PARTIAL_SUFFIX}"
     with fs.open(partial, "wb") as f:
         out = _HashingWriter(f)
-        writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user="mmfusion", group="mmfusion")
-        for sample in _samples(plan["members"]):
-            writer.write(sample)
-        writer.close()
+        for blob in _member_blobs(plan["members"]):
+            out.write(blob)
+        out.write(archive_end(out.bytes))
     fs.mv(partial, path)
     return {"path": plan["path"], "samples": len(plan["members"]), "bytes": out.bytes, "sha256": out.sha.hexdigest()}

@@ -1,30 +1,30 @@
 """The streaming map of an ingest: one Ref in, one small accounting row out.
 
 Runs inside Ray Data workers. For each Ref it cleans the text, fetches and cleans the image, and
-assigns the split; kept samples' bytes go to a staging Parquet file per batch and split (named by
-the batch's first input position, so a retried task rewrites the same file), and only the small
-accounting row (key, reason, hashes, sizes, where staged) flows back to the driver.
+assigns the split; kept samples are serialised as their final tar members into a staging file per
+batch and split (named by the batch's first input position, so a retried task rewrites the same
+file), and only the small accounting row (key, reason, hashes, where staged) flows back to the
+driver. Writing the shards later copies those bytes (`shards.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.config import DataConfig
 from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
 from pipelines.ingest.layout import join, write_bytes_atomic
+from pipelines.ingest.shards import MemberWriter
 from pipelines.ingest.textclean import clean_captions, clean_qa
 from pipelines.runtime import quiet_loggers
 
 META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
-               "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_row", "captions", "dropped")
+               "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_offset", "captions", "dropped")
 
 
 def split_of(key: str, fractions: dict[str, float]) -> str:
@@ -39,11 +39,6 @@ def split_of(key: str, fractions: dict[str, float]) -> str:
     return list(fractions)[-1]
 
 
-def tar_member_bytes(*sizes: int) -> int:
-    """Bytes a sample takes in a tar: a 512-byte header per member plus data padded to 512."""
-    return sum(512 + -(-n // 512) * 512 for n in sizes)
-
-
 def image_spec(cfg: DataConfig) -> ImageSpec:
     return ImageSpec(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.min_side, cfg.max_aspect, cfg.max_pixels)
 
@@ -53,7 +48,7 @@ def _row(ref: dict, reason: str = "", detail: str = "", **kw: Any) -> dict:
     row = {"order": ref["order"], "key": ref["key"], "id": ref.get("id") or "", "reason": reason,
            "detail": detail[:500], "source": ref.get("source", ""), "image": loc.get("uri", ""),
            "split": "", "phash": "", "pixel_sha": "", "caption_sha": "", "nbytes": 0,
-           "stage_file": "", "stage_row": -1, "captions": "[]", "dropped": "[]"}
+           "stage_file": "", "stage_offset": -1, "captions": "[]", "dropped": "[]"}
     row.update(kw)
     return row
 
@@ -76,10 +71,9 @@ def process_ref(ref: dict, cfg: DataConfig) -> tuple[dict, dict | None]:
     doc = {"id": ref["id"], "captions": captions, "qa": qa, "split": split, "source": ref["source"],
            "width": img.width, "height": img.height, "meta": {**ref["meta"], "format": img.format}}
     doc_text, txt = json.dumps(doc, ensure_ascii=False), (captions[0] if captions else "")
-    staged = {"key": ref["key"], "jpg": img.jpeg, "txt": txt, "json": doc_text}
+    staged = {"__key__": ref["key"], "jpg": img.jpeg, "txt": txt.encode("utf-8"), "json": doc_text.encode("utf-8")}
     row = _row(ref, split=split, phash=f"{img.phash:016x}", pixel_sha=img.pixel_sha,
                caption_sha=hashlib.sha256("\n".join(sorted(captions)).encode()).hexdigest(),
-               nbytes=tar_member_bytes(len(img.jpeg), len(txt.encode()), len(doc_text.encode())),
                captions=json.dumps(captions, ensure_ascii=False), dropped=json.dumps(dropped + qa_dropped))
     return row, staged
 
@@ -87,29 +81,21 @@ def process_ref(ref: dict, cfg: DataConfig) -> tuple[dict, dict | None]:
 def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str) -> pa.Table:
     """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows.
 
-    The kept samples are staged in one Parquet file per split, so that writing a split's shards
-    later reads only that split's bytes.
+    The kept samples are staged as tar members in one file per split, so that writing a split's
+    shards later reads only that split's bytes. `nbytes` is the sample's exact size in a tar.
     """
     quiet_loggers()
     cfg = DataConfig.model_validate(cfg_dict)
     refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
     first = min(r["order"] for r in refs)
-    rows, staged = [], {}  # staged: stage file -> its samples
+    rows, staged = [], {}  # staged: stage file -> its MemberWriter
     for ref in refs:
         row, sample = process_ref(ref, cfg)
         if sample is not None:
-            stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.parquet")
-            samples = staged.setdefault(stage_file, [])
-            row.update(stage_file=stage_file, stage_row=len(samples))
-            samples.append(sample)
+            stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
+            offset, length = staged.setdefault(stage_file, MemberWriter()).add(sample)
+            row.update(stage_file=stage_file, stage_offset=offset, nbytes=length)
         rows.append(row)
-    for stage_file, samples in staged.items():
-        _write_parquet(stage_file, samples)
+    for stage_file, writer in staged.items():
+        write_bytes_atomic(stage_file, writer.getvalue())
     return pa.Table.from_pylist(rows)
-
-
-def _write_parquet(uri: str, samples: list[dict]) -> None:
-    """Staged samples of one batch; uncompressed (JPEG bytes do not compress)."""
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(samples), buf, compression="none")
-    write_bytes_atomic(uri, buf.getvalue())

@@ -112,7 +112,7 @@ def test_split_is_a_stable_function_of_the_key():
 
 
 def test_shard_plan_respects_count_and_byte_caps():
-    rows = [{"key": f"k{i}", "split": "train", "nbytes": 30_000, "stage_file": "f", "stage_row": i}
+    rows = [{"key": f"k{i}", "split": "train", "nbytes": 30_000, "stage_file": "f", "stage_offset": i * 30_000}
             for i in range(25)]
     by_count = plan_shards(rows, {}, max_samples=10, max_bytes=10**9)
     assert [len(p["members"]) for p in by_count] == [10, 10, 5]
@@ -136,22 +136,20 @@ def test_http_fetch_handles_errors_retries_timeouts_and_content_types():
 
 
 def test_a_shard_interrupted_mid_write_never_looks_finished(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import webdataset as wds
 
-    from pipelines.ingest.shards import write_shard
+    from pipelines.ingest.shards import serialize, write_shard
 
-    stage = tmp_path / "stage.parquet"
+    stage = tmp_path / "stage.members"
     doc = json.dumps({"id": "a", "captions": ["x y z"]})
-    pq.write_table(pa.Table.from_pylist([{"key": "a", "jpg": encode(scene(1)), "txt": "x y z", "json": doc}]), stage)
-    good = {"key": "a", "file": str(stage), "row": 0, "extra": []}
+    stage.write_bytes(serialize({"__key__": "a", "jpg": encode(scene(1)), "txt": b"x y z", "json": doc.encode()}))
+    good = {"key": "a", "file": str(stage), "offset": 0, "length": stage.stat().st_size, "extra": []}
     plan = {"split": "train", "index": 0, "path": "train/shard-000000.tar", "members": [good]}
     entry = write_shard(plan, str(tmp_path / "v"))
     assert [s["__key__"] for s in wds.WebDataset(str(tmp_path / "v" / entry["path"]), shardshuffle=False)] == ["a"]
     assert entry == write_shard(plan, str(tmp_path / "v2")) | {"path": entry["path"]}  # deterministic bytes
     broken = dict(plan, index=1, path="train/shard-000001.tar",
-                  members=[good, {**good, "key": "b", "file": str(tmp_path / "gone.parquet")}])
+                  members=[good, {**good, "key": "b", "file": str(tmp_path / "gone.members")}])
     with pytest.raises(FileNotFoundError):
         write_shard(broken, str(tmp_path / "v"))
     assert not (tmp_path / "v" / "train" / "shard-000001.tar").exists()

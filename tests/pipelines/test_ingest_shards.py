@@ -1,0 +1,83 @@
+"""Shards assembled from staged tar members are the tars webdataset's TarWriter writes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import webdataset as wds
+
+from pipelines.ingest.layout import read_shard, write_bytes_atomic
+from pipelines.ingest.shards import (
+    TAR_MTIME, TAR_OWNER, MemberWriter, archive_bytes, parse_members, plan_shards, write_shard,
+)
+
+
+def _sample(i: int, captions: list[str]) -> dict:
+    doc = {"id": f"s{i}", "captions": captions, "qa": [], "split": "train"}
+    return {"__key__": f"s{i:03d}", "jpg": bytes([i % 256]) * (700 + 37 * i), "txt": captions[0].encode(),
+            "json": json.dumps(doc, ensure_ascii=False).encode()}
+
+
+def _reference_tar(samples: list[dict]) -> bytes:
+    buf = io.BytesIO()
+    w = wds.TarWriter(buf, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
+    for s in samples:
+        w.write(s)
+    w.close()
+    return buf.getvalue()
+
+
+def _stage(tmp_path, name: str, samples: list[dict]) -> list[dict]:
+    """Stage samples like a cleaning task does; returns their accounting rows."""
+    writer, rows = MemberWriter(), []
+    for s in samples:
+        offset, length = writer.add(s)
+        rows.append({"key": s["__key__"], "split": "train", "stage_file": str(tmp_path / name),
+                     "stage_offset": offset, "nbytes": length})
+    write_bytes_atomic(tmp_path / name, writer.getvalue())
+    return rows
+
+
+def test_staged_members_make_the_same_tar_as_tarwriter(tmp_path):
+    samples = [_sample(i, [f"caption number {i}", "ünïcode é"]) for i in range(12)]
+    rows = _stage(tmp_path, "a.members", samples[:5]) + _stage(tmp_path, "b.members", samples[5:])
+    assert all(r["nbytes"] % 512 == 0 for r in rows)
+    extra = {"s003": ["a merged caption", "another one"]}
+    (plan,) = plan_shards(rows, extra, max_samples=100, max_bytes=10**9)
+    entry = write_shard(plan, str(tmp_path / "v"))
+
+    merged = dict(samples[3])
+    doc = json.loads(merged["json"])
+    doc["captions"] += extra["s003"]
+    merged["json"] = json.dumps(doc, ensure_ascii=False).encode()
+    want = _reference_tar([merged if s["__key__"] == "s003" else s for s in samples])
+    got = (tmp_path / "v" / plan["path"]).read_bytes()
+    assert got == want
+    assert entry == {"path": plan["path"], "samples": 12, "bytes": len(want), "sha256": hashlib.sha256(want).hexdigest()}
+    assert len(got) == archive_bytes(sum(r["nbytes"] for r in rows) + 1024) or len(got) % tarfile.RECORDSIZE == 0
+    back = list(read_shard(str(tmp_path / "v" / plan["path"])))
+    assert [s["__key__"] for s in back] == [s["__key__"] for s in samples]
+    assert json.loads(back[3]["json"])["captions"][-2:] == extra["s003"]
+    assert back[7]["jpg"] == samples[7]["jpg"]
+
+
+def test_parse_members_round_trips_a_sample():
+    s = _sample(5, ["one caption"])
+    writer = MemberWriter()
+    offset, length = writer.add(s)
+    assert parse_members(writer.getvalue()[offset : offset + length], s["__key__"]) == s
+
+
+def test_byte_cap_counts_merged_captions(tmp_path):
+    samples = [_sample(i, [f"caption {i}"]) for i in range(6)]
+    rows = _stage(tmp_path, "a.members", samples)
+    cap = archive_bytes(sum(r["nbytes"] for r in rows[:3]))
+    plain = plan_shards(rows, {}, max_samples=100, max_bytes=cap)
+    extra = {"s001": ["x" * 12000]}  # more than a tar record: the first shard must close earlier
+    plans = plan_shards(rows, extra, max_samples=100, max_bytes=cap)
+    assert len(plans[0]["members"]) < len(plain[0]["members"])
+    for plan in plans:
+        assert write_shard(plan, str(tmp_path / "v"))["bytes"] <= cap
