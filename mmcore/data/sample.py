@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mmcore.data.tokenizer import encode
-from mmcore.data.transforms import image_transform, load_image
+from mmcore.data.transforms import image_transform, load_image, train_image
 
 
 @dataclass
@@ -60,7 +60,8 @@ def decode_sample(sample: dict, tokenizer, cfg: SampleConfig, train: bool, rng=N
     qa = meta.get("qa") or []
     chosen = _choose_qa(qa, train, rng)
     question, answer = chosen if chosen else ("", "")
-    image = image_transform(cfg.image_size, train)(load_image(sample["jpg"]))
+    img = load_image(sample["jpg"])
+    image = train_image(img, cfg.image_size, rng) if train else image_transform(cfg.image_size, False)(img)
     return {
         "key": key,
         "image": image,

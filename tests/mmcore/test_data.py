@@ -55,6 +55,59 @@ def test_load_tokenizer_from_pretrained_bert_dir(tmp_path):
         assert encode(tok, "A red circle", 8) == [5, 8, 9, 10, 6]
 
 
+def _wrapper_ids(tok, text: str, max_len: int) -> list[int]:
+    return tok(text, truncation=True, max_length=max_len)["input_ids"]
+
+
+def test_encode_matches_the_transformers_wrapper(tokenizer, tmp_path):
+    """`encode` calls the Rust tokenizer directly: same ids as the wrapper, also after a wrapper
+    call left another truncation length set on the shared backend, and for a BERT vocab.txt."""
+    from mmcore.data.tokenizer import _direct_backend
+
+    rng = random.Random(0)
+    words = ["red", "circle", "Left", "ÜBER", "café", "dogs!", "x", "##", "[MASK]", "a.b", "  ", "\t", "zzqx"]
+    texts = ["", "a red circle", "Ünïcödé,   spaced\n text"] + [
+        " ".join(rng.choice(words) for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "circle", "left", "x", "##s"]) + "\n")
+    for tok in (tokenizer, load_tokenizer(tmp_path / "bert")):
+        assert _direct_backend(tok) is not None  # the fast path is really taken
+        for i, text in enumerate(texts):
+            max_len = rng.choice([2, 3, 5, 16, 32, 64])
+            if i % 3 == 0:
+                _wrapper_ids(tok, "some other text", rng.choice([3, 7, 50]))  # leaves truncation set
+            assert encode(tok, text, max_len) == _wrapper_ids(tok, text, max_len), (text, max_len)
+
+
+def test_train_image_is_torchvisions_resized_crop():
+    """Same pixels as torchvision's resized_crop + ToTensor + Normalize for the drawn box, and
+    boxes that follow RandomResizedCrop's rules (area and aspect ranges, inside the image)."""
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as F
+
+    from mmcore.data.transforms import CROP_RATIO, CROP_SCALE, MEAN, STD, crop_box, train_image
+
+    rng = random.Random(3)
+    img = Image.fromarray(torch.randint(0, 256, (48, 80, 3), dtype=torch.uint8).numpy())
+    reference = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    for _ in range(20):
+        state = rng.getstate()
+        left, top, right, bottom = crop_box(img.width, img.height, rng)
+        rng.setstate(state)
+        got = train_image(img, 32, rng)
+        want = reference(F.resized_crop(img, top, left, bottom - top, right - left, [32, 32], antialias=True))
+        assert got.shape == (3, 32, 32) and torch.allclose(got, want, atol=1e-5)
+    for w, h in [(80, 48), (64, 64), (30, 200), (200, 30)]:
+        for _ in range(200):
+            left, top, right, bottom = crop_box(w, h, rng)
+            assert 0 <= left < right <= w and 0 <= top < bottom <= h
+            cw, ch = right - left, bottom - top
+            assert CROP_RATIO[0] - 0.05 <= cw / ch <= CROP_RATIO[1] + 0.05  # drawn or the fallback
+            if w == h:  # square: a drawn box always fits, so its area is in range
+                assert CROP_SCALE[0] - 0.05 <= cw * ch / (w * h) <= CROP_SCALE[1] + 0.05
+    assert crop_box(80, 48, random.Random(9)) == crop_box(80, 48, random.Random(9))
+
+
 def test_decode_sample_eval_and_train(samples, tokenizer, sample_cfg):
     s = samples[0]
     meta = json.loads(s["json"])

@@ -80,6 +80,29 @@ def test_loader_resumes_at_the_same_batch_with_loader_workers(tmp_path, workers)
     assert [next(resumed) for _ in range(4)] == batches[5:]
 
 
+def test_dict_batches_cross_from_loader_workers_as_tensors(tmp_path):
+    """Tensor batches travel from a loader worker as numpy (no shared-memory fd per tensor) and
+    arrive as the same tensors, with the same batch order as reading in-process."""
+    urls = write_shards(tmp_path, [6, 5])
+
+    def decode(s, rng):
+        return {"key": s["__key__"], "x": torch.full((2, 3), rng.random()), "n": torch.tensor(len(s["__key__"]))}
+
+    def collate(samples):
+        return {"key": [s["key"] for s in samples], "x": torch.stack([s["x"] for s in samples]),
+                "n": torch.stack([s["n"] for s in samples]), "mask": torch.ones(len(samples), dtype=torch.bool)}
+
+    got = {}
+    for workers in (0, 1):
+        cfg = D.StreamConfig(tuple(urls), 0, 1, workers, batch_size=4, seed=1, shuffle_buffer=3)
+        it = iter(D.train_loader(cfg, decode, collate))
+        got[workers] = [next(it) for _ in range(5)]
+    for a, b in zip(got[0], got[1], strict=True):
+        assert a["key"] == b["key"]
+        for k in ("x", "n", "mask"):
+            assert torch.is_tensor(b[k]) and b[k].dtype == a[k].dtype and torch.equal(a[k], b[k])
+
+
 def test_batches_done_by_worker_matches_round_robin():
     for n in range(12):
         assert sum(D.batches_done_by_worker(n, w, 3) for w in range(3)) == n
