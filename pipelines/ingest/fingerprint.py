@@ -3,6 +3,15 @@
 Local files are hashed by content (relative path + bytes), so the same data copied elsewhere has
 the same fingerprint; remote objects by path, size and ETag/mtime. The Refs themselves are
 hashed too, which covers images a manifest names outside the source folder by location.
+
+Hashing every local byte on the driver would read the whole source through one machine before
+any cleaning starts. So the image files are hashed by the Ray workers that read them anyway
+(`stage.process_ref` returns each file's sha256), and the driver hashes only what no worker read
+(manifests, annotation files, images of rejected Refs). Both ways give the same value.
+
+`quick_key` is the cheap stand-in, from the listing alone (path, size, mtime): the same key means
+the inputs are very likely unchanged, which tells `ingest` to check by content *before* cleaning
+(the re-run case: nothing is started when the version exists).
 """
 
 from __future__ import annotations
@@ -11,10 +20,56 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from pipelines.ingest.layout import get_fs, is_remote
 
 _CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every file of a source, listed once: `(path, size, stamp)` sorted by path, where stamp is
+    the mtime (local) or ETag / modification time (remote)."""
+
+    source: str
+    root: str
+    remote: bool
+    files: tuple[tuple[str, int, str], ...]
+
+    def rel(self, path: str) -> str:
+        return path[len(self.root):].lstrip("/") if path != self.root else path.rsplit("/", 1)[-1]
+
+
+def _stamp(info: dict) -> str:
+    value = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return str(value)
+
+
+def list_source(source: str) -> Listing:
+    """One listing call (a directory walk, or one LIST on object storage); no per-file requests."""
+    fs, root = get_fs(source)
+    root = root.rstrip("/") or root
+    if fs.isfile(root):
+        infos = {root: fs.info(root)}
+    else:
+        infos = fs.find(root, detail=True)
+    files = tuple(sorted((p, int(i.get("size") or 0), _stamp(i)) for p, i in infos.items()))
+    return Listing(source, root, is_remote(source), files)
+
+
+def _refs_digest(h, refs: list[dict]) -> None:
+    for ref in refs:
+        h.update(json.dumps([ref.get("id"), (ref.get("image") or {}).get("uri", "")]).encode())
+
+
+def quick_key(listing: Listing, refs: list[dict], salt: str = "") -> str:
+    """sha256 of what the listing says (names, sizes, mtimes / ETags) and the Refs."""
+    h = hashlib.sha256(salt.encode())
+    for path, size, stamp in listing.files:
+        h.update(f"{listing.rel(path)}\0{size}\0{stamp}\n".encode())
+    _refs_digest(h, refs)
+    return h.hexdigest()
 
 
 def _file_digest(path: str) -> str:
@@ -26,36 +81,30 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def fingerprint(source: str, refs: list[dict]) -> dict:
+def local_path(uri: str) -> str:
+    """The key a worker's file digest is filed under: the absolute path, as the listing has it."""
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def fingerprint(listing: Listing, refs: list[dict], digests: dict[str, str] | None = None) -> dict:
     """`{"source", "files", "bytes", "fingerprint"}` for one source.
 
-    Files are hashed by a few threads (hashlib and file reads release the GIL; remote `info`
-    calls wait on the network), and combined in path order, so the result does not depend on timing.
+    `digests` maps local paths (`local_path`) to sha256s already computed elsewhere; the other
+    local files are hashed here by a few threads (hashlib and file reads release the GIL), and
+    combined in path order, so the result depends neither on timing nor on who hashed what.
     """
-    fs, root = get_fs(source)
-    paths = [root] if fs.isfile(root) else sorted(fs.find(root))
-    remote = is_remote(source)
-
-    def entry(path: str) -> tuple[int, str]:
-        rel = path[len(root):].lstrip("/") if path != root else path.rsplit("/", 1)[-1]
-        if remote:
-            info = fs.info(path)
-            size = int(info.get("size") or 0)
-            stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        else:
-            size, stamp = os.stat(path).st_size, _file_digest(path)
-        return size, f"{rel}\0{size}\0{stamp}\n"
-
-    # Contiguous slices, one per thread: a task per file would cost more in hand-offs than it hashes.
-    threads = min(8, os.cpu_count() or 1) if not remote else 8
-    step = -(-len(paths) // threads) if paths else 1
-    h = hashlib.sha256()
-    total = 0
+    digests = digests or {}
+    todo = [p for p, _, _ in listing.files if not listing.remote and p not in digests]
+    threads = max(1, min(8, os.cpu_count() or 1, len(todo)))
+    step = -(-len(todo) // threads) if todo else 1
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for part in pool.map(lambda i: [entry(p) for p in paths[i : i + step]], range(0, len(paths), step)):
-            for size, line in part:
-                total += size
-                h.update(line.encode())
-    for ref in refs:
-        h.update(json.dumps([ref.get("id"), (ref.get("image") or {}).get("uri", "")]).encode())
-    return {"source": source, "files": len(paths), "bytes": total, "fingerprint": h.hexdigest()}
+        parts = pool.map(lambda i: [(p, _file_digest(p)) for p in todo[i : i + step]], range(0, len(todo), step))
+        hashed = {p: d for part in parts for p, d in part}
+    h = hashlib.sha256()
+    for path, size, stamp in listing.files:
+        if not listing.remote:
+            stamp = digests.get(path) or hashed[path]
+        h.update(f"{listing.rel(path)}\0{size}\0{stamp}\n".encode())
+    _refs_digest(h, refs)
+    return {"source": listing.source, "files": len(listing.files), "bytes": sum(s for _, s, _ in listing.files),
+            "fingerprint": h.hexdigest()}

@@ -3,9 +3,15 @@
 1. list the source into small Refs on the driver (ids checked, keys and input order assigned);
 2. stream the Refs through `stage.process_batch` on all Ray CPUs (fetch, verify, clean, hash,
    stage the cleaned bytes), collecting only small accounting rows;
-3. deduplicate globally on the driver (`dedup.py`), plan shards per split (`shards.py`);
-4. write the shards in parallel (one Ray task each: a copy of staged tar members), each atomically;
-5. write rejects.jsonl, report.json, and last manifest.json (the completion marker).
+3. fingerprint the inputs (the workers hashed the image files they read) -> the version id;
+4. deduplicate globally on the driver (`dedup.py`), plan shards per split (`shards.py`);
+5. write the shards in parallel (one Ray task each: a copy of staged tar members), each atomically;
+6. write rejects.jsonl, report.json, and last manifest.json (the completion marker).
+
+A re-run must start nothing, so the version is checked first (content fingerprint on the driver)
+when the listing looks like one ingested before: `<out_root>/_index/<quick key>.json` records
+every listing (names, sizes, mtimes) that made a version. Remote sources are fingerprinted by
+ETag, which costs no reads, so they are always checked first.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ from typing import Any
 from pipelines.config import DataConfig
 from pipelines.ingest import layout
 from pipelines.ingest.dedup import deduplicate
-from pipelines.ingest.fingerprint import fingerprint
+from pipelines.ingest.fingerprint import fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.shards import plan_shards, write_shard
 from pipelines.ingest.sources import detect_format, list_refs
 from pipelines.ingest.sources.common import key_for
@@ -68,7 +75,7 @@ def collect_refs(source: str, fmt: str, cfg: DataConfig) -> list[dict]:
     return refs
 
 
-def _clean_all(refs: list[dict], cfg: DataConfig, staging: str) -> list[dict]:
+def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool) -> list[dict]:
     """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging)."""
     import ray
 
@@ -78,7 +85,8 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str) -> list[dict]:
     batch = batch_size(len(items), int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch)))
     ds = ds.map_batches(process_batch, batch_size=batch, batch_format="pyarrow",
-                        fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging})
+                        fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging,
+                                   "hash_files": hash_files})
     # One operator, tiny outputs: nothing to reserve resources against. With the reservation on,
     # Ray Data starts one task, admits the second about a second later and leaves each CPU idle
     # ~0.1-0.2 s between tasks; without it every CPU runs a task from the start and back to back.
@@ -134,35 +142,57 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
     Returns the existing version untouched when the same inputs and cleaning config were
     ingested before. A partial version (no manifest: an earlier run was killed) is redone.
     """
-    source = str(source)
+    source, out_root = str(source), str(out_root)
     fmt = fmt or cfg.format or detect_format(source)
     t0 = time.time()
     refs = collect_refs(source, fmt, cfg)
-    inputs = [fingerprint(source, refs)]
-    version = version_id(cfg, fmt, inputs)
-    vdir = layout.join(str(out_root), version)
-    if layout.is_complete(vdir):
-        log(f"version {version} already exists: {vdir} (nothing rewritten)")
-        return layout.as_path(vdir)
-    log(f"{len(refs)} inputs from {source} (format {fmt}) -> version {version}")
-    fs, vpath = layout.get_fs(vdir)
-    if fs.exists(vpath):
-        fs.rm(vpath, recursive=True)  # leftovers of a killed run: never trusted, redone
+    listing = list_source(source)
+    salt = json.dumps({"v": PIPELINE_VERSION, "fmt": fmt, "cfg": cleaning_config(cfg)}, sort_keys=True)
+    key = quick_key(listing, refs, salt)[:32]
+    hint = layout.join(out_root, layout.INDEX_DIR, f"{key}.json")
+    inputs: list[dict] | None = None
+    if listing.remote or layout.exists(hint):
+        inputs = [fingerprint(listing, refs)]
+        version = version_id(cfg, fmt, inputs)
+        vdir = layout.join(out_root, version)
+        if layout.is_complete(vdir):
+            log(f"version {version} already exists: {vdir} (nothing rewritten)")
+            return layout.as_path(vdir)
+    log(f"{len(refs)} inputs from {source} (format {fmt})")
     _ensure_ray()
-    staging = layout.join(vdir, layout.STAGING_DIR)
-    rows = _clean_all(refs, cfg, staging)
-    log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
-    t1 = time.time()
-    result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
-    plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
-    log(f"deduplicated and planned {len(plans)} shards in {time.time() - t1:.1f}s: "
-        f"{sum(result.counts().values())} duplicates dropped or merged")
-    t1 = time.time()
-    entries = _write_shards(plans, vdir)
-    log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
-    if fs.exists(layout.get_fs(staging)[1]):
-        fs.rm(layout.get_fs(staging)[1], recursive=True)
-    finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
+    staging = layout.join(out_root, layout.STAGING_DIR, key)
+    layout.remove(staging)  # leftovers of a killed run on the same inputs
+    try:
+        rows = _clean_all(refs, cfg, staging, hash_files=inputs is None)
+        log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
+        if inputs is None:  # the workers hashed the image files; the driver hashes the rest
+            digests = {local_path(r["image"]): r["file_sha"] for r in rows if r["file_sha"]}
+            inputs = [fingerprint(listing, refs, digests)]
+            version = version_id(cfg, fmt, inputs)
+            vdir = layout.join(out_root, version)
+            if layout.is_complete(vdir):  # same content under new names or mtimes
+                layout.write_json_atomic(hint, {"version": version, "source": source})
+                log(f"version {version} already exists: {vdir} (same content; nothing rewritten)")
+                return layout.as_path(vdir)
+        log(f"version {version}: {vdir}")
+        layout.remove(vdir)  # leftovers of a killed run: never trusted, redone
+        t1 = time.time()
+        result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
+        plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
+        log(f"deduplicated and planned {len(plans)} shards in {time.time() - t1:.1f}s: "
+            f"{sum(result.counts().values())} duplicates dropped or merged")
+        t1 = time.time()
+        entries = _write_shards(plans, vdir)
+        log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
+        finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
+        layout.write_json_atomic(hint, {"version": version, "source": source})
+    finally:
+        layout.remove(staging)
+        if not layout.is_remote(staging):
+            try:
+                os.rmdir(layout.get_fs(staging)[1].rsplit("/", 1)[0])  # `_staging/` once empty
+            except OSError:
+                pass
     log(f"done in {time.time() - t0:.1f}s: {len(result.kept)} kept of {len(rows)}")
     return layout.as_path(vdir)
 

@@ -5,6 +5,8 @@
 <root>/<version>/report.json       counts: seen, kept, rejected by reason, duplicates
 <root>/<version>/rejects.jsonl     one line per dropped input, with its reason
 <root>/<version>/{train,val,test}/shard-000000.tar
+<root>/_index/<key>.json          a listing (names, sizes, mtimes) that made a version: see job.py
+<root>/_staging/<key>/            cleaned samples of a running ingest (removed when it ends)
 ```
 Paths may be local or any fsspec URI (`s3://...`).
 """
@@ -28,6 +30,7 @@ REJECTS = "rejects.jsonl"
 SHARD_NAME = "shard-{index:06d}.tar"
 PARTIAL_SUFFIX = ".partial"  # in-progress files: never match `*.tar`, so never look finished
 STAGING_DIR = "_staging"
+INDEX_DIR = "_index"
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -71,9 +74,20 @@ def write_json_atomic(uri: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def remove(uri: str | os.PathLike) -> None:
+    """Delete a file or a directory tree, if there."""
+    fs, path = get_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def is_complete(version_dir: str | os.PathLike) -> bool:
-    fs, path = get_fs(version_dir)
-    return fs.exists(join(path, MANIFEST))
+    return exists(join(version_dir, MANIFEST))
 
 
 def read_manifest(version_dir: str | os.PathLike) -> dict[str, Any]:

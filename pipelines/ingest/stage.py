@@ -18,13 +18,14 @@ import pyarrow as pa
 from pipelines.config import DataConfig
 from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
-from pipelines.ingest.layout import join, write_bytes_atomic
+from pipelines.ingest.layout import is_remote, join, write_bytes_atomic
 from pipelines.ingest.shards import MemberWriter
 from pipelines.ingest.textclean import clean_captions, clean_qa
 from pipelines.runtime import quiet_loggers
 
 META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
-               "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_offset", "captions", "dropped")
+               "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_offset", "captions", "dropped",
+               "file_sha")
 
 
 def split_of(key: str, fractions: dict[str, float]) -> str:
@@ -48,13 +49,17 @@ def _row(ref: dict, reason: str = "", detail: str = "", **kw: Any) -> dict:
     row = {"order": ref["order"], "key": ref["key"], "id": ref.get("id") or "", "reason": reason,
            "detail": detail[:500], "source": ref.get("source", ""), "image": loc.get("uri", ""),
            "split": "", "phash": "", "pixel_sha": "", "caption_sha": "", "nbytes": 0,
-           "stage_file": "", "stage_offset": -1, "captions": "[]", "dropped": "[]"}
+           "stage_file": "", "stage_offset": -1, "captions": "[]", "dropped": "[]", "file_sha": ""}
     row.update(kw)
     return row
 
 
-def process_ref(ref: dict, cfg: DataConfig) -> tuple[dict, dict | None]:
-    """(accounting row, staged sample or None) for one Ref; never raises for bad data."""
+def process_ref(ref: dict, cfg: DataConfig, hash_files: bool = False) -> tuple[dict, dict | None]:
+    """(accounting row, staged sample or None) for one Ref; never raises for bad data.
+
+    With `hash_files`, a whole local image file read here also gets its sha256 (`file_sha`): the
+    driver's content fingerprint then need not read it again (`fingerprint.py`).
+    """
     if ref.get("reject"):
         return _row(ref, ref["reject"], ref.get("detail", "")), None
     captions, dropped = clean_captions(ref["captions"], cfg.min_caption_chars, cfg.max_caption_chars)
@@ -63,10 +68,17 @@ def process_ref(ref: dict, cfg: DataConfig) -> tuple[dict, dict | None]:
         return _row(ref, dropped[0] if dropped else "no_captions", "no usable caption or QA pair"), None
     if not ref.get("image"):
         return _row(ref, "missing_field", "no image"), None
+    loc = ref["image"]
     try:
-        img = clean_image(fetch(ref["image"], cfg.http_timeout_s, cfg.http_retries), image_spec(cfg))
-    except (FetchError, ImageReject) as e:
+        data = fetch(loc, cfg.http_timeout_s, cfg.http_retries)
+    except FetchError as e:
         return _row(ref, e.reason, e.detail), None
+    whole_local_file = loc["kind"] == "path" and not is_remote(loc["uri"])
+    file_sha = hashlib.sha256(data).hexdigest() if hash_files and whole_local_file else ""
+    try:
+        img = clean_image(data, image_spec(cfg))
+    except ImageReject as e:
+        return _row(ref, e.reason, e.detail, file_sha=file_sha), None
     split = split_of(ref["key"], cfg.split_fractions)
     doc = {"id": ref["id"], "captions": captions, "qa": qa, "split": split, "source": ref["source"],
            "width": img.width, "height": img.height, "meta": {**ref["meta"], "format": img.format}}
@@ -74,11 +86,12 @@ def process_ref(ref: dict, cfg: DataConfig) -> tuple[dict, dict | None]:
     staged = {"__key__": ref["key"], "jpg": img.jpeg, "txt": txt.encode("utf-8"), "json": doc_text.encode("utf-8")}
     row = _row(ref, split=split, phash=f"{img.phash:016x}", pixel_sha=img.pixel_sha,
                caption_sha=hashlib.sha256("\n".join(sorted(captions)).encode()).hexdigest(),
-               captions=json.dumps(captions, ensure_ascii=False), dropped=json.dumps(dropped + qa_dropped))
+               captions=json.dumps(captions, ensure_ascii=False), dropped=json.dumps(dropped + qa_dropped),
+               file_sha=file_sha)
     return row, staged
 
 
-def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str) -> pa.Table:
+def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files: bool = False) -> pa.Table:
     """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows.
 
     The kept samples are staged as tar members in one file per split, so that writing a split's
@@ -90,7 +103,7 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str) -> pa.Table
     first = min(r["order"] for r in refs)
     rows, staged = [], {}  # staged: stage file -> its MemberWriter
     for ref in refs:
-        row, sample = process_ref(ref, cfg)
+        row, sample = process_ref(ref, cfg, hash_files)
         if sample is not None:
             stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
             offset, length = staged.setdefault(stage_file, MemberWriter()).add(sample)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_size, scene
@@ -11,6 +12,7 @@ from PIL import Image
 
 from pipelines.ingest.dedup import deduplicate
 from pipelines.ingest.fetch import FetchError, fetch
+from pipelines.ingest.fingerprint import _file_digest, fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
 from pipelines.ingest.phash import hamming, phash
 from pipelines.ingest.shards import archive_bytes, plan_shards
@@ -154,3 +156,28 @@ def test_a_shard_interrupted_mid_write_never_looks_finished(tmp_path):
         write_shard(broken, str(tmp_path / "v"))
     assert not (tmp_path / "v" / "train" / "shard-000001.tar").exists()
     assert (tmp_path / "v" / "train" / "shard-000001.tar.partial").exists()
+
+
+def test_fingerprint_is_the_same_whoever_hashed_the_files(tmp_path):
+    """Worker digests (sha256 of the bytes a worker read) stand in for the driver's own hashing."""
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(encode(scene(i)))
+    (tmp_path / "samples.jsonl").write_text("{}\n")
+    refs = [{"id": str(i), "image": {"kind": "path", "uri": f"{tmp_path}/images/{i}.jpg"}} for i in range(5)]
+    listing = list_source(str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p, _, _ in listing.files] == [*(f"{i}.jpg" for i in range(5)), "samples.jsonl"]
+    on_driver = fingerprint(listing, refs)
+    digests = {local_path(r["image"]["uri"]): _file_digest(r["image"]["uri"]) for r in refs[:3]}
+    assert fingerprint(listing, refs, digests) == on_driver
+    # the digests are used, not recomputed: a wrong one changes the result
+    wrong = {**digests, local_path(refs[0]["image"]["uri"]): "0" * 64}
+    assert fingerprint(listing, refs, wrong)["fingerprint"] != on_driver["fingerprint"]
+    # the quick key follows the listing: a touched file (same bytes) changes it, the fingerprint not
+    key = quick_key(listing, refs)
+    os.utime(tmp_path / "images" / "2.jpg", ns=(1, 1))
+    touched = list_source(str(tmp_path))
+    assert quick_key(touched, refs) != key
+    assert fingerprint(touched, refs) == on_driver
+    (tmp_path / "images" / "2.jpg").write_bytes(encode(scene(9)))
+    assert fingerprint(list_source(str(tmp_path)), refs)["fingerprint"] != on_driver["fingerprint"]

@@ -182,6 +182,20 @@ def test_readback_rerun_and_crash_recovery(ray_local, tiny_source, tiny_dataset,
     assert not list(vdir.rglob("*.partial"))
 
 
+def test_an_unknown_listing_of_known_content_rewrites_nothing(ray_local, tiny_source, tiny_dataset, tmp_path):
+    """Without `_index/` (or with touched files) the inputs are cleaned first, with the workers
+    hashing the images; the content fingerprint then names the existing version, left untouched."""
+    root = tmp_path / "root"
+    shutil.copytree(Path(tiny_dataset).parent, root, ignore=shutil.ignore_patterns("_index"))
+    vdir = root / Path(tiny_dataset).name
+    stamps = {p: p.stat().st_mtime_ns for p in vdir.rglob("*")}
+    assert ingest(tiny_source, root, CFG) == vdir
+    assert stamps == {p: p.stat().st_mtime_ns for p in vdir.rglob("*")}
+    assert sorted(p.name for p in root.iterdir()) == sorted([vdir.name, "_index"])  # no staging left
+    (hint,) = (root / "_index").iterdir()
+    assert json.loads(hint.read_text())["version"] == vdir.name  # the next re-run starts nothing
+
+
 def validate_or_none(vdir):
     try:
         return validate_version(vdir)
