@@ -57,21 +57,25 @@ def _near(rows: list[dict], distance: int, result: DedupResult) -> list[dict]:
     if distance < 0:
         return rows
     n_bands = min(distance + 1, 64)
-    buckets: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
+    buckets: dict[tuple[int, int], list[tuple[int, str]]] = {}
     keepers = []
     for row in rows:
         h = int(row["phash"], 16)
+        bands = _bands(h, n_bands)
         match = None
-        for band in _bands(h, n_bands):
-            match = next((k for other, k in buckets[band] if (h ^ other).bit_count() <= distance), None)
+        for band in bands:
+            for other, key in buckets.get(band, ()):  # .get: a miss must not add an empty bucket
+                if (h ^ other).bit_count() <= distance:
+                    match = key
+                    break
             if match:
                 break
         if match:
             result.dropped.append({"key": row["key"], "reason": "duplicate_near", "of": match})
             continue
         keepers.append(row)
-        for band in _bands(h, n_bands):
-            buckets[band].append((h, row["key"]))
+        for band in bands:
+            buckets.setdefault(band, []).append((h, row["key"]))
     return keepers
 
 

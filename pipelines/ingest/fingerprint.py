@@ -46,16 +46,35 @@ def _stamp(info: dict) -> str:
     return str(value)
 
 
+def _walk_local(root: str) -> list[tuple[str, int, str]]:
+    """`os.scandir` recursion: what `fs.find(detail=True)` lists, at a fraction of its cost."""
+    out, todo, seen = [], [root], {os.path.realpath(root)}
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for e in entries:
+                if e.is_dir():  # followed when a link, once: a link cycle ends here
+                    if (real := os.path.realpath(e.path)) not in seen:
+                        seen.add(real)
+                        todo.append(e.path)
+                elif e.is_file():
+                    st = e.stat()
+                    out.append((e.path, st.st_size, str(st.st_mtime)))
+    return out
+
+
 def list_source(source: str) -> Listing:
     """One listing call (a directory walk, or one LIST on object storage); no per-file requests."""
     fs, root = get_fs(source)
     root = root.rstrip("/") or root
+    remote = is_remote(source)
     if fs.isfile(root):
-        infos = {root: fs.info(root)}
+        info = fs.info(root)
+        files = [(root, int(info.get("size") or 0), _stamp(info))]
+    elif not remote:
+        files = _walk_local(root)
     else:
-        infos = fs.find(root, detail=True)
-    files = tuple(sorted((p, int(i.get("size") or 0), _stamp(i)) for p, i in infos.items()))
-    return Listing(source, root, is_remote(source), files)
+        files = [(p, int(i.get("size") or 0), _stamp(i)) for p, i in fs.find(root, detail=True).items()]
+    return Listing(source, root, remote, tuple(sorted(files)))
 
 
 def _refs_digest(h, refs: list[dict]) -> None:

@@ -22,13 +22,22 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 _DCT = _dct_matrix(_N)
+# the K x K low-frequency corner of D @ G @ D.T, as one (K*K, N*N) matrix applied to G's pixels
+_LOW = np.kron(_DCT[:_K], _DCT[:_K])
+
+
+def thumbnail(img: Image.Image) -> Image.Image:
+    """32x32 greyscale: one grey plane, an integer k x k block average (cheap: integer sums) down
+    to >= 64 px on the shorter side, then a box filter to 32x32 (float taps, now over few pixels)."""
+    grey = img.convert("L")
+    k = max(1, min(grey.size) // (2 * _N))
+    return (grey.reduce(k) if k > 1 else grey).resize((_N, _N), Image.Resampling.BOX)
 
 
 def phash(img: Image.Image) -> int:
     """64-bit int: bit set where a low-frequency DCT coefficient exceeds their median."""
-    # one greyscale plane, then shrink: the box filter then runs over one channel, not three
-    grey = np.asarray(img.convert("L").resize((_N, _N), Image.Resampling.BOX), dtype=np.float64)
-    low = (_DCT @ grey @ _DCT.T)[:_K, :_K].ravel()
+    pixels = np.frombuffer(thumbnail(img).tobytes(), dtype=np.uint8).astype(np.float64)
+    low = _LOW @ pixels
     mid = np.sort(low)[_K * _K // 2 - 1 : _K * _K // 2 + 1]
     median = (mid[0] + mid[1]) / 2  # np.median's value, at a fraction of its cost on 64 numbers
     bits = np.packbits(low > median, bitorder="little")  # bit i = coefficient i
