@@ -198,7 +198,7 @@ def main() -> None:
         base_s = min(base_s, b)
         secs, kept1, _ = run_ingest(src1, runs / f"ingest{rep}", cfg)
         secs1 = min(secs1, secs)
-        print(f"  repeat {rep}: baseline {n / b:.1f}/s, ingest {args.num / secs:.1f}/s", flush=True)
+        print(f"  repeat {rep}: baseline {n / b:.1f}/s, ingest {args.num / secs:.1f}/s (this round {b / secs:.2f}x)", flush=True)
     print(f"baseline (1 process): {n} samples, best {base_s:.1f}s = {n / base_s:.1f} samples/s")
     print(f"ingest (Ray Data, {int(ray.cluster_resources().get('CPU', 0))} CPUs): {args.num} inputs, best {secs1:.1f}s "
           f"= {args.num / secs1:.1f} samples/s ({kept1} kept); Ray start + warm-up {ray_start:.1f}s not included")
