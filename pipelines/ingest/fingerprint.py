@@ -114,11 +114,13 @@ def fingerprint(listing: Listing, refs: list[dict], digests: dict[str, str] | No
     """
     digests = digests or {}
     todo = [p for p, _, _ in listing.files if not listing.remote and p not in digests]
-    threads = max(1, min(8, os.cpu_count() or 1, len(todo)))
-    step = -(-len(todo) // threads) if todo else 1
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        parts = pool.map(lambda i: [(p, _file_digest(p)) for p in todo[i : i + step]], range(0, len(todo), step))
-        hashed = {p: d for part in parts for p, d in part}
+    hashed: dict[str, str] = {}
+    if todo:  # contiguous slices, one per thread: a task per file costs more in hand-offs
+        threads = min(8, os.cpu_count() or 1, len(todo))
+        step = -(-len(todo) // threads)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            parts = pool.map(lambda i: [(p, _file_digest(p)) for p in todo[i : i + step]], range(0, len(todo), step))
+            hashed = {p: d for part in parts for p, d in part}
     h = hashlib.sha256()
     for path, size, stamp in listing.files:
         if not listing.remote:

@@ -196,6 +196,25 @@ def test_an_unknown_listing_of_known_content_rewrites_nothing(ray_local, tiny_so
     assert json.loads(hint.read_text())["version"] == vdir.name  # the next re-run starts nothing
 
 
+def test_a_failed_run_leaves_no_staging_and_no_version(ray_local, raw12, tmp_path, monkeypatch):
+    """Cleaned samples are staged outside the version; a run that fails after cleaning removes
+    them, leaves no version that looks complete, and the next run completes it."""
+    import pipelines.ingest.job as job
+
+    src, _ = raw12
+    def broken(plans, vdir):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(job, "_write_shards", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ingest(src, tmp_path / "out", CFG)
+    assert not (tmp_path / "out" / "_staging").exists()
+    assert not list((tmp_path / "out").glob("*/manifest.json"))
+    monkeypatch.undo()
+    vdir = ingest(src, tmp_path / "out", CFG)
+    assert _check_accounting(vdir)["kept"] == 12
+    assert not (tmp_path / "out" / "_staging").exists()
+
+
 def validate_or_none(vdir):
     try:
         return validate_version(vdir)
