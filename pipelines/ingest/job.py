@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -38,13 +37,21 @@ PIPELINE_VERSION = 3  # bump when cleaning code changes what a config produces
 _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format")
 
 
-def batch_size(n: int, cpus: int) -> int:
-    """Samples per task: ~4 tasks per CPU (load balance) of 16-512 samples.
+def task_sizes(n: int, cpus: int, most: int = 512, least: int = 16) -> list[int]:
+    """Samples per task, in input order: `most` while much is left, then shrinking.
 
-    Each task start costs a little (scheduling, the config, one staging file per split), so tasks
-    are a few seconds long where the input allows; 4 per CPU keep the CPUs finishing together.
+    A task start costs a little (scheduling, the config, one staging file per split), so tasks
+    are a few seconds long where the input allows. Equal tasks would leave CPUs idle at the end
+    for up to a whole task while the last ones finish; instead each task takes about what is
+    left / (2 * cpus) (guided self-scheduling), so the last tasks are a fraction of a second
+    long and the CPUs finish together.
     """
-    return max(16, min(512, n // (4 * max(cpus, 1))))
+    sizes, left = [], n
+    while left > 0:
+        size = min(left, max(least, min(most, -(-left // (2 * max(cpus, 1))))))
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 def log(msg: str) -> None:
@@ -77,14 +84,18 @@ def collect_refs(source: str, fmt: str, cfg: DataConfig) -> list[dict]:
 
 def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool) -> list[dict]:
     """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging)."""
+    import pyarrow as pa
     import ray
 
     from pipelines.ingest.stage import process_batch
 
-    items = [{"ref": json.dumps(r)} for r in refs]
-    batch = batch_size(len(items), int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch)))
-    ds = ds.map_batches(process_batch, batch_size=batch, batch_format="pyarrow",
+    blocks, start = [], 0
+    for size in task_sizes(len(refs), int(ray.cluster_resources().get("CPU", 1))):
+        blocks.append(pa.table({"ref": [json.dumps(r) for r in refs[start : start + size]]}))
+        start += size
+    # One block per task, whole blocks as batches: the task sizes are exactly `task_sizes`.
+    ds = ray.data.from_arrow(blocks or [pa.table({"ref": pa.array([], pa.string())})])
+    ds = ds.map_batches(process_batch, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging,
                                    "hash_files": hash_files})
     # One operator, tiny outputs: nothing to reserve resources against. With the reservation on,
@@ -97,7 +108,7 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
         rows.extend(out.to_pylist())
         if time.time() - last > 10:  # progress on long jobs, also when stderr is not a terminal
             last = time.time()
-            log(f"cleaned {len(rows)}/{len(items)} ({len(rows) / (last - t0):.0f} samples/s)")
+            log(f"cleaned {len(rows)}/{len(refs)} ({len(rows) / (last - t0):.0f} samples/s)")
     return sorted(rows, key=lambda r: r["order"])
 
 

@@ -130,16 +130,32 @@ class _HashingWriter:
 
 
 def _member_blobs(members: list[dict]):
-    """Each planned sample's tar members, in plan order, holding one staging file at a time."""
-    current, data = None, b""
+    """The planned samples' tar members in plan order, as few large pieces as possible.
+
+    Samples staged back to back in one file (the usual case: a split's samples in input order)
+    come out as one slice, so a shard is written in a few large writes rather than one per
+    sample. Holds one staging file at a time.
+    """
+    current, data, run = None, b"", None  # run: (start, end) of a pending slice of `data`
     for m in members:
+        if m["file"] == current and not m["extra"] and run and m["offset"] == run[1]:
+            run = (run[0], m["offset"] + m["length"])
+            continue
+        if run:
+            yield memoryview(data)[run[0] : run[1]]
+            run = None
         if m["file"] != current:
             fs, path = get_fs(m["file"])
             with fs.open(path, "rb") as f:
                 data = f.read()
             current = m["file"]
-        blob = memoryview(data)[m["offset"] : m["offset"] + m["length"]]
-        yield with_extra_captions(bytes(blob), m["key"], m["extra"]) if m["extra"] else blob
+        if m["extra"]:
+            blob = bytes(memoryview(data)[m["offset"] : m["offset"] + m["length"]])
+            yield with_extra_captions(blob, m["key"], m["extra"])
+        else:
+            run = (m["offset"], m["offset"] + m["length"])
+    if run:
+        yield memoryview(data)[run[0] : run[1]]
 
 
 def write_shard(plan: dict, version_dir: str) -> dict[str, Any]:

@@ -81,3 +81,30 @@ def test_byte_cap_counts_merged_captions(tmp_path):
     assert len(plans[0]["members"]) < len(plain[0]["members"])
     for plan in plans:
         assert write_shard(plan, str(tmp_path / "v"))["bytes"] <= cap
+
+
+def test_dropped_samples_leave_gaps_that_the_shard_skips(tmp_path):
+    """Samples dropped between staging and shard writing (duplicates) are not copied, whichever
+    staging file they sit in: the shard is the reference tar of what is left."""
+    samples = [_sample(i, [f"caption {i}"]) for i in range(10)]
+    rows = _stage(tmp_path, "a.members", samples[:6]) + _stage(tmp_path, "b.members", samples[6:])
+    keep = [r for r in rows if r["key"] not in {"s000", "s002", "s003", "s005", "s006", "s009"}]
+    (plan,) = plan_shards(keep, {}, max_samples=100, max_bytes=10**9)
+    write_shard(plan, str(tmp_path / "v"))
+    want = _reference_tar([s for s in samples if s["__key__"] in {r["key"] for r in keep}])
+    assert (tmp_path / "v" / plan["path"]).read_bytes() == want
+
+
+def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
+    from pipelines.ingest.job import task_sizes
+
+    assert task_sizes(0, 2) == []
+    assert task_sizes(10, 2) == [10]
+    for n, cpus in [(64, 2), (1000, 2), (10_000, 2), (40_000, 2), (10_000, 64), (123_457, 16)]:
+        sizes = task_sizes(n, cpus)
+        assert sum(sizes) == n
+        assert max(sizes) <= 512 and min(sizes[:-1]) >= 16
+        assert sizes == sorted(sizes, reverse=True) or sizes[:-1] == sorted(sizes[:-1], reverse=True)
+        # the last task of each CPU is short: at most ~0.1 s of work at a few ms per sample
+        assert max(sizes[-cpus:]) <= 32
+    assert task_sizes(10_000, 2).count(512) >= 15  # long tasks while there is plenty left
