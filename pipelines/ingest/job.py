@@ -16,6 +16,8 @@ ETag, which costs no reads, so they are always checked first.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -68,6 +70,20 @@ def version_id(cfg: DataConfig, fmt: str, inputs: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic GC inside: building ~10^4-10^6 small dicts (Refs, rows) otherwise triggers full
+    collections over every object the process holds (Ray, pyarrow: ~0.1 s each), while the CPUs
+    of the cluster wait for the driver. The dicts hold no cycles; what is cyclic is freed after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def collect_refs(source: str, fmt: str, cfg: DataConfig) -> list[dict]:
     """All Refs with `order` and `key`; a repeated id is a `duplicate_id` reject."""
     refs, seen = [], set()
@@ -82,19 +98,53 @@ def collect_refs(source: str, fmt: str, cfg: DataConfig) -> list[dict]:
     return refs
 
 
+def _refs_datasource(chunks: list[list[str]]):
+    """A Ray Data source whose read tasks hand out the driver's Refs (JSON lines), one chunk per task.
+
+    The chunks travel inside the read tasks, so nothing is put in the object store up front
+    (`from_arrow` puts every block first: ~5 ms each on the driver before the first task starts),
+    and each read fuses with the map that follows into one task per chunk.
+    """
+    import pyarrow as pa
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    schema = pa.schema([("ref", pa.string())])
+
+    def read(chunk: list[str]):
+        return lambda: [pa.table({"ref": pa.array(chunk, pa.string())})]
+
+    class RefsDatasource(Datasource):
+        def get_name(self) -> str:
+            return "Refs"
+
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(len(line) for chunk in chunks for line in chunk)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            # One task per chunk whatever `parallelism` says: the chunks are sized for the CPUs.
+            return [ReadTask(read(chunk), BlockMetadata(num_rows=len(chunk), size_bytes=sum(map(len, chunk)),
+                                                        input_files=None, exec_stats=None), schema=schema)
+                    for chunk in chunks]
+
+    return RefsDatasource()
+
+
 def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool) -> list[dict]:
     """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging)."""
-    import pyarrow as pa
     import ray
 
     from pipelines.ingest.stage import process_batch
 
-    blocks, start = [], 0
+    chunks, start = [], 0
     for size in task_sizes(len(refs), int(ray.cluster_resources().get("CPU", 1))):
-        blocks.append(pa.table({"ref": [json.dumps(r) for r in refs[start : start + size]]}))
+        chunks.append([json.dumps(r) for r in refs[start : start + size]])
         start += size
-    # One block per task, whole blocks as batches: the task sizes are exactly `task_sizes`.
-    ds = ray.data.from_arrow(blocks or [pa.table({"ref": pa.array([], pa.string())})])
+    if not chunks:
+        return []
+    # One read task per chunk, fused with the map, whole blocks as batches: the task sizes are
+    # exactly `task_sizes`.
+    ds = ray.data.read_datasource(_refs_datasource(chunks), override_num_blocks=len(chunks))
     ds = ds.map_batches(process_batch, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging,
                                    "hash_files": hash_files})
@@ -156,19 +206,20 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
     source, out_root = str(source), str(out_root)
     fmt = fmt or cfg.format or detect_format(source)
     t0 = time.time()
-    refs = collect_refs(source, fmt, cfg)
-    listing = list_source(source)
-    salt = json.dumps({"v": PIPELINE_VERSION, "fmt": fmt, "cfg": cleaning_config(cfg)}, sort_keys=True)
-    key = quick_key(listing, refs, salt)[:32]
-    hint = layout.join(out_root, layout.INDEX_DIR, f"{key}.json")
-    inputs: list[dict] | None = None
-    if listing.remote or layout.exists(hint):
-        inputs = [fingerprint(listing, refs)]
-        version = version_id(cfg, fmt, inputs)
-        vdir = layout.join(out_root, version)
-        if layout.is_complete(vdir):
-            log(f"version {version} already exists: {vdir} (nothing rewritten)")
-            return layout.as_path(vdir)
+    with _gc_paused():
+        refs = collect_refs(source, fmt, cfg)
+        listing = list_source(source)
+        salt = json.dumps({"v": PIPELINE_VERSION, "fmt": fmt, "cfg": cleaning_config(cfg)}, sort_keys=True)
+        key = quick_key(listing, refs, salt)[:32]
+        hint = layout.join(out_root, layout.INDEX_DIR, f"{key}.json")
+        inputs: list[dict] | None = None
+        if listing.remote or layout.exists(hint):
+            inputs = [fingerprint(listing, refs)]
+            version = version_id(cfg, fmt, inputs)
+            vdir = layout.join(out_root, version)
+            if layout.is_complete(vdir):
+                log(f"version {version} already exists: {vdir} (nothing rewritten)")
+                return layout.as_path(vdir)
     log(f"{len(refs)} inputs from {source} (format {fmt})")
     _ensure_ray()
     staging = layout.join(out_root, layout.STAGING_DIR, key)
@@ -176,27 +227,28 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
     try:
         rows = _clean_all(refs, cfg, staging, hash_files=inputs is None)
         log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
-        if inputs is None:  # the workers hashed the image files; the driver hashes the rest
-            digests = {local_path(r["image"]): r["file_sha"] for r in rows if r["file_sha"]}
-            inputs = [fingerprint(listing, refs, digests)]
-            version = version_id(cfg, fmt, inputs)
-            vdir = layout.join(out_root, version)
-            if layout.is_complete(vdir):  # same content under new names or mtimes
-                layout.write_json_atomic(hint, {"version": version, "source": source})
-                log(f"version {version} already exists: {vdir} (same content; nothing rewritten)")
-                return layout.as_path(vdir)
-        log(f"version {version}: {vdir}")
-        layout.remove(vdir)  # leftovers of a killed run: never trusted, redone
-        t1 = time.time()
-        result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
-        plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
-        log(f"deduplicated and planned {len(plans)} shards in {time.time() - t1:.1f}s: "
-            f"{sum(result.counts().values())} duplicates dropped or merged")
-        t1 = time.time()
-        entries = _write_shards(plans, vdir)
-        log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
-        finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
-        layout.write_json_atomic(hint, {"version": version, "source": source})
+        with _gc_paused():
+            if inputs is None:  # the workers hashed the image files; the driver hashes the rest
+                digests = {local_path(r["image"]): r["file_sha"] for r in rows if r["file_sha"]}
+                inputs = [fingerprint(listing, refs, digests)]
+                version = version_id(cfg, fmt, inputs)
+                vdir = layout.join(out_root, version)
+                if layout.is_complete(vdir):  # same content under new names or mtimes
+                    layout.write_json_atomic(hint, {"version": version, "source": source})
+                    log(f"version {version} already exists: {vdir} (same content; nothing rewritten)")
+                    return layout.as_path(vdir)
+            log(f"version {version}: {vdir}")
+            layout.remove(vdir)  # leftovers of a killed run: never trusted, redone
+            t1 = time.time()
+            result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
+            plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
+            log(f"deduplicated and planned {len(plans)} shards in {time.time() - t1:.1f}s: "
+                f"{sum(result.counts().values())} duplicates dropped or merged")
+            t1 = time.time()
+            entries = _write_shards(plans, vdir)
+            log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
+            finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
+            layout.write_json_atomic(hint, {"version": version, "source": source})
     finally:
         layout.remove(staging)
         if not layout.is_remote(staging):

@@ -11,7 +11,13 @@ import webdataset as wds
 
 from pipelines.ingest.layout import read_shard, write_bytes_atomic
 from pipelines.ingest.shards import (
-    TAR_MTIME, TAR_OWNER, MemberWriter, archive_bytes, parse_members, plan_shards, write_shard,
+    TAR_MTIME,
+    TAR_OWNER,
+    MemberWriter,
+    archive_bytes,
+    parse_members,
+    plan_shards,
+    write_shard,
 )
 
 
@@ -108,3 +114,37 @@ def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
         # the last task of each CPU is short: at most ~0.1 s of work at a few ms per sample
         assert max(sizes[-cpus:]) <= 32
     assert task_sizes(10_000, 2).count(512) >= 15  # long tasks while there is plenty left
+
+
+def test_refs_datasource_runs_one_task_per_chunk_and_hands_out_every_ref(ray_local):
+    import os
+
+    import pyarrow as pa
+    import ray
+
+    from pipelines.ingest.job import _refs_datasource
+
+    chunks = [[json.dumps({"order": i}) for i in range(lo, hi)] for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 13)]]
+
+    def tag(batch: pa.Table) -> pa.Table:  # one call per task: a whole block, and who ran it
+        return pa.table({"orders": [[json.loads(s)["order"] for s in batch.column("ref").to_pylist()]],
+                         "pid": [os.getpid()]})
+
+    ds = ray.data.read_datasource(_refs_datasource(chunks), override_num_blocks=len(chunks))
+    out = ds.map_batches(tag, batch_size=None, batch_format="pyarrow").take_all()
+    # exactly the planned tasks: one per chunk, each with its chunk's refs, nothing lost or repeated
+    assert sorted(r["orders"] for r in out) == [list(range(lo, hi)) for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 13)]]
+
+
+def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
+    from pipelines.config import load_config
+    from pipelines.ingest import ingest
+    from pipelines.ingest.layout import read_manifest, read_report
+
+    (tmp_path / "samples.jsonl").write_text("")
+    cfg = load_config("local").data
+    vdir = ingest(tmp_path / "samples.jsonl", tmp_path / "out", cfg)
+    report, manifest = read_report(vdir), read_manifest(vdir)
+    assert (report["seen"], report["kept"], report["duplicates"], report["rejected"]) == (0, 0, 0, {})
+    assert manifest["splits"] == {"train": [], "val": [], "test": []}
+    assert ingest(tmp_path / "samples.jsonl", tmp_path / "out", cfg) == vdir  # and a re-run is a no-op
