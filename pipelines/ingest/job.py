@@ -37,6 +37,8 @@ from pipelines.ingest.sources.common import key_for
 
 PIPELINE_VERSION = 3  # bump when cleaning code changes what a config produces
 _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format")
+# A cleaning task carries its Refs; Ray Data warns about read tasks over 1 MiB serialised.
+CHUNK_BYTES = 768 * 1024
 
 
 def task_sizes(n: int, cpus: int, most: int = 512, least: int = 16) -> list[int]:
@@ -98,6 +100,24 @@ def collect_refs(source: str, fmt: str, cfg: DataConfig) -> list[dict]:
     return refs
 
 
+def ref_chunks(refs: list[dict], cpus: int, max_bytes: int = CHUNK_BYTES) -> list[list[str]]:
+    """The Refs as JSON lines, one list per cleaning task: `task_sizes` by count, and a task
+    whose lines would pass `max_bytes` split in two or more (a few Refs with long captions
+    or many QA pairs; typical Refs are ~0.3 KB, so 512 of them are far below)."""
+    chunks, start = [], 0
+    for size in task_sizes(len(refs), cpus):
+        chunk, nbytes = [], 0
+        for line in (json.dumps(r) for r in refs[start : start + size]):  # ASCII: chars == bytes
+            if chunk and nbytes + len(line) > max_bytes:
+                chunks.append(chunk)
+                chunk, nbytes = [], 0
+            chunk.append(line)
+            nbytes += len(line)
+        chunks.append(chunk)
+        start += size
+    return chunks
+
+
 def _refs_datasource(chunks: list[list[str]]):
     """A Ray Data source whose read tasks hand out the driver's Refs (JSON lines), one chunk per task.
 
@@ -136,10 +156,7 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
 
     from pipelines.ingest.stage import process_batch
 
-    chunks, start = [], 0
-    for size in task_sizes(len(refs), int(ray.cluster_resources().get("CPU", 1))):
-        chunks.append([json.dumps(r) for r in refs[start : start + size]])
-        start += size
+    chunks = ref_chunks(refs, int(ray.cluster_resources().get("CPU", 1)))
     if not chunks:
         return []
     # One read task per chunk, fused with the map, whole blocks as batches: the task sizes are

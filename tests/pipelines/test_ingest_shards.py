@@ -148,3 +148,16 @@ def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
     assert (report["seen"], report["kept"], report["duplicates"], report["rejected"]) == (0, 0, 0, {})
     assert manifest["splits"] == {"train": [], "val": [], "test": []}
     assert ingest(tmp_path / "samples.jsonl", tmp_path / "out", cfg) == vdir  # and a re-run is a no-op
+
+
+def test_ref_chunks_follow_task_sizes_and_split_tasks_whose_refs_are_large():
+    from pipelines.ingest.job import ref_chunks, task_sizes
+
+    small = [{"order": i, "captions": ["a cat"]} for i in range(3000)]
+    assert [len(c) for c in ref_chunks(small, 2)] == task_sizes(3000, 2)
+    big = [{"order": i, "captions": ["x" * 3000]} for i in range(3000)]  # ~3 KB each
+    chunks = ref_chunks(big, 2, max_bytes=100_000)
+    assert all(sum(map(len, c)) <= 100_000 for c in chunks)
+    assert [json.loads(line)["order"] for c in chunks for line in c] == list(range(3000))  # all, in order
+    assert len(chunks) > len(task_sizes(3000, 2))
+    assert ref_chunks([], 2) == []
