@@ -159,8 +159,7 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     chunks = ref_chunks(refs, int(ray.cluster_resources().get("CPU", 1)))
     if not chunks:
         return []
-    # One read task per chunk, fused with the map, whole blocks as batches: the task sizes are
-    # exactly `task_sizes`.
+    # One read task per chunk, fused with the map, whole blocks as batches: one task per chunk.
     ds = ray.data.read_datasource(_refs_datasource(chunks), override_num_blocks=len(chunks))
     ds = ds.map_batches(process_batch, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging,

@@ -137,6 +137,8 @@ def test_refs_datasource_runs_one_task_per_chunk_and_hands_out_every_ref(ray_loc
 
 
 def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
+    import gc
+
     from pipelines.config import load_config
     from pipelines.ingest import ingest
     from pipelines.ingest.layout import read_manifest, read_report
@@ -148,6 +150,9 @@ def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
     assert (report["seen"], report["kept"], report["duplicates"], report["rejected"]) == (0, 0, 0, {})
     assert manifest["splits"] == {"train": [], "val": [], "test": []}
     assert ingest(tmp_path / "samples.jsonl", tmp_path / "out", cfg) == vdir  # and a re-run is a no-op
+    # the driver pauses cyclic GC while it builds Refs and rows; both the full run and the early
+    # return of the re-run must hand it back on
+    assert gc.isenabled()
 
 
 def test_ref_chunks_follow_task_sizes_and_split_tasks_whose_refs_are_large():
