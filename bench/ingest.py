@@ -4,10 +4,12 @@ The input is real-sized photos: variants of ../shared/data/coco-mini (random cro
 side 640, JPEG q90), so every image is distinct. The baseline runs the same decode (the same
 functions: JPEG draft scaling, EXIF transpose, RGB conversion), resize, JPEG encode and tar write,
 one sample at a time in this process. The machine may be shared, so baseline and ingest run
-alternately `--repeats` times and the best time of each counts. Prints samples/s of both and the
-ratio. Peak memory (PSS summed over this process and every Ray process) of the ingest at 1x and 4x
-the input is measured in separate runs: reading every process's smaps costs a good part of a core,
-which would otherwise be taken from the timed ingest.
+alternately `--repeats` times and the best time of each counts. Every timed run starts after a
+`sync`: each run writes ~230 MB of tars, which the kernel would otherwise write back to disk during
+the next run, on a core that run needs. Prints samples/s of both and the ratio. Peak memory (PSS
+summed over this process and every Ray process) of the ingest at 1x and 4x the input is measured in
+separate runs: reading every process's smaps costs a good part of a core, which would otherwise be
+taken from the timed ingest.
 
     python bench/ingest.py --num 10000           # target: ratio >= 1.7, memory flat within 15%
 """
@@ -192,10 +194,12 @@ def main() -> None:
     ray_start = time.perf_counter() - t
     base_s = secs1 = float("inf")
     for rep in range(args.repeats):  # alternate, so both see the same background load
+        os.sync()  # no run pays for the write-back of the one before
         t = time.perf_counter()
         n = baseline(src1, runs / f"baseline{rep}", spec, cfg.shard_samples)
         b = time.perf_counter() - t
         base_s = min(base_s, b)
+        os.sync()
         secs, kept1, _ = run_ingest(src1, runs / f"ingest{rep}", cfg)
         secs1 = min(secs1, secs)
         print(f"  repeat {rep}: baseline {n / b:.1f}/s, ingest {args.num / secs:.1f}/s (this round {b / secs:.2f}x)", flush=True)

@@ -5,7 +5,9 @@ fixed mtime and owner, members of a sample contiguous and sorted), into a stagin
 and split (`MemberWriter`). A tar archive is its members back to back followed by an end marker,
 so writing a shard is copying the planned samples' member bytes in order and closing the archive
 the way `tarfile` does (`archive_end`): the second pass neither decodes nor re-serialises, and
-the shard is byte-for-byte the tar a single TarWriter would have written. Only a sample that an
+the shard is byte-for-byte the tar a single TarWriter would have written. On local disks the copy
+is done by the kernel (copy_file_range) and the checksum reads the staged bytes through a memory
+map, so the bytes never pass through Python. Only a sample that an
 exact duplicate merged captions into is rewritten, through TarWriter again.
 
 Shards of a split are filled in input order up to `shard_samples` samples and `shard_max_bytes`
@@ -15,13 +17,16 @@ never leaves a finished-looking shard.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import mmap
+import os
 import tarfile
 from typing import Any
 
-from pipelines.ingest.layout import PARTIAL_SUFFIX, SPLITS, get_fs, join, shard_name
+from pipelines.ingest.layout import PARTIAL_SUFFIX, SPLITS, get_fs, is_remote, join, shard_name
 
 TAR_MTIME = 946684800  # 2000-01-01: a fixed mtime makes the tar bytes reproducible
 TAR_OWNER = "mmfusion"
@@ -129,45 +134,147 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def _member_blobs(members: list[dict]):
-    """The planned samples' tar members in plan order, as few large pieces as possible.
-
-    Samples staged back to back in one file (the usual case: a split's samples in input order)
-    come out as one slice, so a shard is written in a few large writes rather than one per
-    sample. Holds one staging file at a time.
-    """
-    current, data, run = None, b"", None  # run: (start, end) of a pending slice of `data`
+def _pieces(members: list[dict]):
+    """The planned samples in plan order, as few pieces as possible: `(file, start, end)` for
+    staged bytes copied as they are, or a member dict for a sample whose captions a duplicate
+    merged into (re-serialised). Samples staged back to back in one file (the usual case: a
+    split's samples in input order) make one piece, so a shard is a few large copies."""
+    run = None
     for m in members:
-        if m["file"] == current and not m["extra"] and run and m["offset"] == run[1]:
-            run = (run[0], m["offset"] + m["length"])
+        if not m["extra"] and run and run[0] == m["file"] and run[2] == m["offset"]:
+            run = (run[0], run[1], m["offset"] + m["length"])
             continue
         if run:
-            yield memoryview(data)[run[0] : run[1]]
+            yield run
             run = None
-        if m["file"] != current:
-            fs, path = get_fs(m["file"])
-            with fs.open(path, "rb") as f:
-                data = f.read()
-            current = m["file"]
         if m["extra"]:
-            blob = bytes(memoryview(data)[m["offset"] : m["offset"] + m["length"]])
-            yield with_extra_captions(blob, m["key"], m["extra"])
+            yield m
         else:
-            run = (m["offset"], m["offset"] + m["length"])
+            run = (m["file"], m["offset"], m["offset"] + m["length"])
     if run:
-        yield memoryview(data)[run[0] : run[1]]
+        yield run
+
+
+def _merged(m: dict, staged: memoryview) -> bytes:
+    return with_extra_captions(bytes(staged[m["offset"] : m["offset"] + m["length"]]), m["key"], m["extra"])
+
+
+def _run(data: memoryview, file: str, start: int, end: int) -> memoryview:
+    """Bytes [start, end) of a staging file's `data`; a file cut short is an error, never a short shard."""
+    if len(data) < end:
+        raise OSError(errno.EIO, f"staging file {file} has {len(data)} bytes, the plan needs {end}")
+    return data[start:end]
+
+
+def _member_blobs(members: list[dict]):
+    """The shard's member bytes in order, through fsspec (any storage). Holds one staging file
+    at a time."""
+    current, data = None, memoryview(b"")
+    for piece in _pieces(members):
+        file = piece["file"] if isinstance(piece, dict) else piece[0]
+        if file != current:
+            fs, path = get_fs(file)
+            with fs.open(path, "rb") as f:
+                data = memoryview(f.read())
+            current = file
+        yield _merged(piece, data) if isinstance(piece, dict) else _run(data, *piece)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int, view: memoryview) -> None:
+    """Append bytes [start, end) of file `src` to `dst`: in the kernel (copy_file_range: the
+    bytes never pass through this process) where the file systems allow, else written from `view`."""
+    pos = start
+    try:
+        while pos < end:
+            n = os.copy_file_range(src, dst, end - pos, pos)
+            if n == 0:
+                raise OSError(errno.EIO, f"staging file ends at {pos}, before {end}")
+            pos += n
+    except OSError as e:
+        if e.errno not in _NO_COPY_RANGE or pos != start:
+            raise
+        _FdFile(dst).write(view)  # refused here (other file systems, old kernels): copy through memory
+
+
+# copy_file_range is refused across file systems or where a file system does not implement it
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
+
+
+class _Staged:
+    """One staging file at a time, open and mapped read-only (hashing reads the page cache)."""
+
+    def __init__(self):
+        self.file, self.fd, self.map = None, -1, None
+
+    def open(self, file: str) -> memoryview:
+        if file != self.file:
+            self.close()
+            self.fd = os.open(get_fs(file)[1], os.O_RDONLY)
+            self.file, self.map = file, mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+        return memoryview(self.map)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            os.close(self.fd)
+        self.file, self.fd, self.map = None, -1, None
+
+
+def _write_local(plan: dict, dst: int) -> _HashingWriter:
+    """Write the shard's members to the open local file `dst`: staged runs hashed through a map
+    of their staging file and copied in the kernel, merged samples re-serialised."""
+    out, staged = _HashingWriter(_FdFile(dst)), _Staged()
+    try:
+        for piece in _pieces(plan["members"]):
+            if isinstance(piece, dict):
+                with staged.open(piece["file"]) as view:
+                    out.write(_merged(piece, view))
+                continue
+            file, start, end = piece
+            with staged.open(file) as view, _run(view, file, start, end) as chunk:
+                out.sha.update(chunk)
+                out.bytes += len(chunk)
+                _copy_range(staged.fd, dst, start, end, chunk)
+    finally:
+        staged.close()
+    return out
+
+
+class _FdFile:
+    """`write` on a raw file descriptor, whole buffers only."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        return len(data)
 
 
 def write_shard(plan: dict, version_dir: str) -> dict[str, Any]:
-    """Write one planned shard; returns its manifest entry `{"path", "samples", "bytes", "sha256"}`."""
+    """Write one planned shard; returns its manifest entry `{"path", "samples", "bytes", "sha256"}`.
+
+    Local version and staging files take a fast path (kernel copies, hashing through a memory
+    map: no copy of the bytes in this process); any other storage goes through fsspec.
+    """
     final = join(version_dir, plan["path"])
     fs, path = get_fs(final)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     partial = f"{path}{PARTIAL_SUFFIX}"
-    with fs.open(partial, "wb") as f:
-        out = _HashingWriter(f)
-        for blob in _member_blobs(plan["members"]):
-            out.write(blob)
-        out.write(archive_end(out.bytes))
+    if not is_remote(final) and not any(is_remote(m["file"]) for m in plan["members"]):
+        dst = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            out = _write_local(plan, dst)
+            out.write(archive_end(out.bytes))
+        finally:
+            os.close(dst)
+    else:
+        with fs.open(partial, "wb") as f:
+            out = _HashingWriter(f)
+            for blob in _member_blobs(plan["members"]):
+                out.write(blob)
+            out.write(archive_end(out.bytes))
     fs.mv(partial, path)
     return {"path": plan["path"], "samples": len(plan["members"]), "bytes": out.bytes, "sha256": out.sha.hexdigest()}

@@ -101,6 +101,60 @@ def test_dropped_samples_leave_gaps_that_the_shard_skips(tmp_path):
     assert (tmp_path / "v" / plan["path"]).read_bytes() == want
 
 
+def _mixed_plan(tmp_path):
+    """Two staging files, gaps from dropped samples, one sample with merged captions."""
+    samples = [_sample(i, [f"caption {i}"]) for i in range(14)]
+    rows = _stage(tmp_path, "a.members", samples[:8]) + _stage(tmp_path, "b.members", samples[8:])
+    keep = [r for r in rows if r["key"] not in {"s002", "s009"}]
+    (plan,) = plan_shards(keep, {"s005": ["merged in"]}, max_samples=100, max_bytes=10**9)
+    return plan
+
+
+def test_local_fast_path_and_fsspec_path_write_the_same_shard(tmp_path):
+    """Local shards are copied in the kernel and hashed through a memory map; any other storage
+    goes through fsspec. Both must give the same bytes and manifest entry."""
+    import fsspec
+
+    plan = _mixed_plan(tmp_path)
+    local = write_shard(plan, str(tmp_path / "v"))
+    remote = write_shard(plan, "memory://versions/v")
+    got = fsspec.filesystem("memory").cat_file(f"/versions/v/{plan['path']}")
+    assert got == (tmp_path / "v" / plan["path"]).read_bytes()
+    assert remote == local and local["sha256"] == hashlib.sha256(got).hexdigest() and local["bytes"] == len(got)
+    assert [s["__key__"] for s in read_shard(str(tmp_path / "v" / plan["path"]))] == [m["key"] for m in plan["members"]]
+
+
+def test_shard_copy_falls_back_when_the_kernel_refuses(tmp_path, monkeypatch):
+    """copy_file_range is refused across file systems and on some kernels: the bytes then go
+    through memory, and the shard is the same."""
+    import errno
+    import os
+
+    plan = _mixed_plan(tmp_path)
+    want = write_shard(plan, str(tmp_path / "v1"))
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    assert write_shard(plan, str(tmp_path / "v2")) == want
+    assert calls, "the fast path was not taken"
+    assert (tmp_path / "v2" / plan["path"]).read_bytes() == (tmp_path / "v1" / plan["path"]).read_bytes()
+
+
+def test_a_staging_file_cut_short_fails_without_a_finished_shard(tmp_path):
+    import pytest
+
+    plan = _mixed_plan(tmp_path)
+    staged = tmp_path / "b.members"
+    staged.write_bytes(staged.read_bytes()[:-700])
+    with pytest.raises(OSError, match="b.members"):
+        write_shard(plan, str(tmp_path / "v"))
+    assert not (tmp_path / "v" / plan["path"]).exists()  # at most a .partial: never a finished-looking shard
+
+
 def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
     from pipelines.ingest.job import task_sizes
 
