@@ -13,6 +13,7 @@ Paths may be local or any fsspec URI (`s3://...`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -60,14 +61,22 @@ def read_json(uri: str | os.PathLike) -> dict[str, Any]:
         return json.loads(f.read().decode("utf-8"))
 
 
-def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
-    """Write under a temporary name, then rename: readers never see a half-written file."""
+@contextlib.contextmanager
+def open_atomic(uri: str | os.PathLike) -> Iterator[Any]:
+    """A file to write, under a temporary name renamed to `uri` when the block ends without an
+    error: readers never see a half-written file (a failed write leaves only a `.partial`)."""
     fs, path = get_fs(uri)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(tmp, "wb") as f:
-        f.write(data)
+        yield f
     fs.mv(tmp, path)
+
+
+def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
+    """Write under a temporary name, then rename: readers never see a half-written file."""
+    with open_atomic(uri) as f:
+        f.write(data)
 
 
 def write_json_atomic(uri: str | os.PathLike, obj: Any) -> None:

@@ -52,24 +52,47 @@ def padded(n: int) -> int:
 class MemberWriter:
     """Samples serialised as tar members, back to back, without the end marker.
 
-    `add(sample)` returns `(offset, length)` of the sample's members in `getvalue()`.
+    Writes to `fileobj` as samples come (a staging file: nothing held in memory), or to a buffer
+    that `getvalue()` returns. `add(sample)` returns `(offset, length)` of the sample's members;
+    `finish()` flushes the last of them and returns the bytes written.
     """
 
-    def __init__(self):
+    def __init__(self, fileobj=None):
         import webdataset as wds
 
-        self._buf = io.BytesIO()
-        self._writer = wds.TarWriter(self._buf, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
+        self._out = _Capped(io.BytesIO() if fileobj is None else fileobj)
+        self._writer = wds.TarWriter(self._out, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
 
     def add(self, sample: dict[str, Any]) -> tuple[int, int]:
         start = self._writer.tarstream.offset
         self._writer.write(sample)
         return start, self._writer.tarstream.offset - start
 
-    def getvalue(self) -> bytes:
+    def finish(self) -> int:
         end = self._writer.tarstream.offset
-        self._writer.close()  # flushes the stream; the end marker it adds is cut off
-        return self._buf.getvalue()[:end]
+        self._out.cap = end  # closing flushes the members still buffered, then the end marker: cut off
+        self._writer.close()
+        return end
+
+    def getvalue(self) -> bytes:
+        self.finish()
+        return self._out.f.getvalue()
+
+
+class _Capped:
+    """A write-only stream that drops what is written past `cap` bytes (once one is set)."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.cap = f, 0, None
+
+    def write(self, data) -> int:
+        n = len(data)
+        if self.cap is not None:
+            data = memoryview(data)[: max(0, self.cap - self.pos)]
+        if len(data):
+            self.f.write(data)
+        self.pos += len(data)
+        return n
 
 
 def serialize(sample: dict[str, Any]) -> bytes:

@@ -9,6 +9,7 @@ driver. Writing the shards later copies those bytes (`shards.py`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
@@ -18,7 +19,7 @@ import pyarrow as pa
 from pipelines.config import DataConfig
 from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
-from pipelines.ingest.layout import is_remote, join, write_bytes_atomic
+from pipelines.ingest.layout import is_remote, join, open_atomic
 from pipelines.ingest.shards import MemberWriter
 from pipelines.ingest.textclean import clean_captions, clean_qa
 from pipelines.runtime import quiet_loggers
@@ -101,14 +102,17 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files:
     cfg = DataConfig.model_validate(cfg_dict)
     refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
     first = min(r["order"] for r in refs)
-    rows, staged = [], {}  # staged: stage file -> its MemberWriter
-    for ref in refs:
-        row, sample = process_ref(ref, cfg, hash_files)
-        if sample is not None:
-            stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
-            offset, length = staged.setdefault(stage_file, MemberWriter()).add(sample)
-            row.update(stage_file=stage_file, stage_offset=offset, nbytes=length)
-        rows.append(row)
-    for stage_file, writer in staged.items():
-        write_bytes_atomic(stage_file, writer.getvalue())
+    rows, staged = [], {}  # staged: stage file -> its MemberWriter, streaming into the file
+    with contextlib.ExitStack() as files:  # each renamed into place when the batch is done
+        for ref in refs:
+            row, sample = process_ref(ref, cfg, hash_files)
+            if sample is not None:
+                stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
+                if stage_file not in staged:
+                    staged[stage_file] = MemberWriter(files.enter_context(open_atomic(stage_file)))
+                offset, length = staged[stage_file].add(sample)
+                row.update(stage_file=stage_file, stage_offset=offset, nbytes=length)
+            rows.append(row)
+        for writer in staged.values():
+            writer.finish()
     return pa.Table.from_pylist(rows)

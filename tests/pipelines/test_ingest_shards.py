@@ -15,6 +15,7 @@ from pipelines.ingest.shards import (
     TAR_OWNER,
     MemberWriter,
     archive_bytes,
+    archive_end,
     parse_members,
     plan_shards,
     write_shard,
@@ -75,6 +76,23 @@ def test_parse_members_round_trips_a_sample():
     writer = MemberWriter()
     offset, length = writer.add(s)
     assert parse_members(writer.getvalue()[offset : offset + length], s["__key__"]) == s
+
+
+def test_member_writer_streams_to_a_file_without_the_end_marker(tmp_path):
+    """Cleaning tasks stream members into their staging file: the same bytes as in memory, the
+    offsets point at each sample, and the tar end marker is never written."""
+    samples = [_sample(i, [f"caption {i}"]) for i in range(7)]
+    in_memory = MemberWriter()
+    spans = [in_memory.add(s) for s in samples]
+    with open(tmp_path / "a.members", "wb") as f:
+        streamed = MemberWriter(f)
+        assert [streamed.add(s) for s in samples] == spans
+        size = streamed.finish()
+    data = (tmp_path / "a.members").read_bytes()
+    assert data == in_memory.getvalue() and len(data) == size == spans[-1][0] + spans[-1][1]
+    assert _reference_tar(samples) == data + archive_end(len(data))
+    for s, (offset, length) in zip(samples, spans):
+        assert parse_members(data[offset : offset + length], s["__key__"]) == s
 
 
 def test_byte_cap_counts_merged_captions(tmp_path):
