@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mmfusion-bench-ingest"))
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--no-4x", action="store_true", help="skip the 4x memory run")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating baseline/ingest runs (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating baseline/ingest runs (default: %(default)s)")
     args = ap.parse_args()
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} not found: the benchmark needs the coco-mini photos")
