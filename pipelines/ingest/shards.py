@@ -7,8 +7,8 @@ so writing a shard is copying the planned samples' member bytes in order and clo
 the way `tarfile` does (`archive_end`): the second pass neither decodes nor re-serialises, and
 the shard is byte-for-byte the tar a single TarWriter would have written. On local disks the copy
 is done by the kernel (copy_file_range) and the checksum reads the staged bytes through a memory
-map, so the bytes never pass through Python. Only a sample that an
-exact duplicate merged captions into is rewritten, through TarWriter again.
+map, so the bytes never pass through Python. Only a sample that an exact duplicate merged
+captions into is rewritten, through TarWriter again.
 
 Shards of a split are filled in input order up to `shard_samples` samples and `shard_max_bytes`
 bytes. A shard is written under a `.partial` name and renamed when complete, so a killed job
