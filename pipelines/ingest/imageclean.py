@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from pipelines.ingest.phash import phash
+from pipelines.ingest.phash import phash_many, thumbnail
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a reject, never a padded image
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
@@ -42,8 +42,17 @@ class CleanImage:
     width: int  # original, after EXIF orientation
     height: int
     format: str
-    phash: int  # 64-bit perceptual hash of the cleaned image
-    pixel_sha: str  # sha256 of the cleaned JPEG: same pixels + settings -> same bytes
+    thumb: bytes  # the cleaned image's 32x32 grey thumbnail, which its perceptual hash is made of
+
+    @property
+    def phash(self) -> int:
+        """64-bit perceptual hash (`phash.phash_many` hashes many thumbnails at once: cheaper)."""
+        return phash_many([self.thumb])[0]
+
+    @property
+    def pixel_sha(self) -> str:
+        """sha256 of the cleaned JPEG: same pixels + settings -> same bytes."""
+        return hashlib.sha256(self.jpeg).hexdigest()
 
 
 def _open(data: bytes, spec: ImageSpec) -> Image.Image:
@@ -56,6 +65,9 @@ def _open(data: bytes, spec: ImageSpec) -> Image.Image:
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ImageReject("decompression_bomb", str(e)) from e
+    except Image.UnidentifiedImageError as e:  # its message names a BytesIO object: no use in a report
+        raise ImageReject("not_an_image", f"no image format recognises these {len(data)} bytes "
+                                          f"(they start {data[:12]!r})") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for non-images
         raise ImageReject("not_an_image", f"{type(e).__name__}: {e}") from e
     if img.format not in ALLOWED_FORMATS:
@@ -151,6 +163,5 @@ def clean_image(data: bytes, spec: ImageSpec) -> CleanImage:
         width=ow,
         height=oh,
         format=fmt,
-        phash=phash(img),
-        pixel_sha=hashlib.sha256(jpeg).hexdigest(),
+        thumb=thumbnail(img),
     )

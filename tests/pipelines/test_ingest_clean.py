@@ -6,16 +6,19 @@ import io
 import json
 import os
 
+import pyarrow as pa
 import pytest
 from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_size, scene
 from PIL import Image
 
+from pipelines.config import load_config
+from pipelines.ingest import stage
 from pipelines.ingest.dedup import deduplicate
 from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.fingerprint import _file_digest, fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
-from pipelines.ingest.phash import hamming, phash
-from pipelines.ingest.shards import archive_bytes, plan_shards
+from pipelines.ingest.phash import hamming, phash, phash_many, thumbnail
+from pipelines.ingest.shards import archive_bytes, parse_members, plan_shards
 from pipelines.ingest.stage import split_of
 from pipelines.ingest.textclean import TextReject, clean_caption, normalize
 
@@ -85,6 +88,84 @@ def test_phash_is_close_for_copies_and_far_for_other_scenes():
     a = phash(scene(5))
     assert hamming(a, phash(Image.open(io.BytesIO(encode(scene(5).resize((90, 90)), quality=60))))) <= 4
     assert min(hamming(a, phash(scene(i))) for i in range(6, 40)) > 8
+
+
+def test_phash_of_many_images_is_each_image_s_own_phash():
+    imgs = [scene(i).resize((40 + 7 * i, 90 - i)) for i in range(45)]  # sizes differ: thumbnails do not
+    alone = [phash(img) for img in imgs]
+    assert len(set(alone)) == len(alone)
+    thumbs = [thumbnail(img) for img in imgs]
+    assert phash_many(thumbs) == alone  # one batch
+    assert [h for i in range(0, 45, 8) for h in phash_many(thumbs[i : i + 8])] == alone  # other groupings
+    assert phash_many([]) == []
+    # A cleaned image's hash is the hash of the resized image it was encoded from.
+    spec = ImageSpec(**{**SPEC.__dict__, "jpeg_quality": 100})
+    cleaned = clean_image(encode(scene(3)), spec)
+    assert cleaned.phash == phash_many([cleaned.thumb])[0]
+    assert hamming(cleaned.phash, phash(_out(cleaned))) <= 2  # the JPEG of it, decoded again
+
+
+def _ingest_source(root, n: int) -> dict[int, str]:
+    """`n` raw JSONL records over more than two cleaning groups, some of them bad; returns
+    {input position: expected reject reason} for the bad ones."""
+    (root / "img").mkdir(parents=True)
+    bad, lines = {}, []
+    for i in range(n):
+        rec = {"id": f"s{i:03d}", "image": f"img/{i:03d}.jpg", "captions": [f"scene number {i} of the test"]}
+        if i % 7 == 3:
+            (root / rec["image"]).write_bytes(b"not an image at all")
+            bad[i] = "not_an_image"
+        elif i % 11 == 5:
+            bad[i] = "missing_image"  # never written
+        elif i % 13 == 6:
+            rec["captions"] = ["   "]
+            bad[i] = "caption_empty"
+        if i % 7 != 3 and i % 11 != 5:
+            (root / rec["image"]).write_bytes(encode(scene(i).resize((96 + i % 5, 80))))
+        lines.append(json.dumps(rec))
+    (root / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return bad
+
+
+def test_a_cleaning_batch_gives_each_ref_the_row_and_tar_members_it_gets_alone(tmp_path, monkeypatch):
+    """process_batch takes Refs through each step a group at a time, reading a group's files
+    ahead up to a byte cap: rows, hashes and staged bytes must be what one Ref at a time gives,
+    in input order, with rejects across groups."""
+    from pipelines.ingest.job import collect_refs
+
+    n = 2 * stage.GROUP + 11
+    bad = _ingest_source(tmp_path / "src", n)
+    cfg = load_config("local", ["data.image_size=64", "data.min_side=16"]).data
+    refs = collect_refs(str(tmp_path / "src"), "jsonl", cfg)
+    table = pa.table({"ref": [json.dumps(r) for r in refs]})
+    def run(name: str) -> list[dict]:
+        return stage.process_batch(table, cfg.model_dump(mode="json"), str(tmp_path / name), True).to_pylist()
+
+    grouped = run("grouped")
+    monkeypatch.setattr(stage, "READ_AHEAD_BYTES", 1)  # one file read ahead; the others when decoded
+    capped = run("capped")
+    monkeypatch.setattr(stage, "GROUP", 1)
+    single = run("single")
+
+    assert [r["order"] for r in grouped] == list(range(n))
+    assert {r["order"]: r["reason"] for r in grouped if r["reason"]} == bad
+    assert grouped[3]["detail"] == "no image format recognises these 19 bytes (they start b'not an image')"
+    spec = stage.image_spec(cfg)
+    for g, c, s in zip(grouped, capped, single, strict=True):
+        assert {**g, "stage_file": ""} == {**c, "stage_file": ""} == {**s, "stage_file": ""}
+        if g["reason"]:
+            continue
+        data = (tmp_path / "src" / f"img/{g['order']:03d}.jpg").read_bytes()
+        cleaned = clean_image(data, spec)
+        blob = open(g["stage_file"], "rb").read()[g["stage_offset"] : g["stage_offset"] + g["nbytes"]]
+        member = parse_members(blob, g["key"])
+        assert member["jpg"] == cleaned.jpeg and json.loads(member["json"])["captions"] == json.loads(g["captions"])
+        assert g["phash"] == f"{cleaned.phash:016x}" and g["pixel_sha"] == cleaned.pixel_sha
+        assert g["file_sha"] and g["file_sha"] == _file_digest(str(tmp_path / "src" / f"img/{g['order']:03d}.jpg"))
+    for split in {r["split"] for r in grouped if not r["reason"]}:
+        name = f"stage-000000000-{split}.members"
+        staged = (tmp_path / "grouped" / name).read_bytes()
+        assert staged == (tmp_path / "capped" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
 
 
 def _row(key, order, pix, ph, caps):

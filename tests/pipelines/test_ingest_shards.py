@@ -91,7 +91,7 @@ def test_member_writer_streams_to_a_file_without_the_end_marker(tmp_path):
     data = (tmp_path / "a.members").read_bytes()
     assert data == in_memory.getvalue() and len(data) == size == spans[-1][0] + spans[-1][1]
     assert _reference_tar(samples) == data + archive_end(len(data))
-    for s, (offset, length) in zip(samples, spans):
+    for s, (offset, length) in zip(samples, spans, strict=True):
         assert parse_members(data[offset : offset + length], s["__key__"]) == s
 
 
