@@ -1,10 +1,11 @@
 """The streaming map of an ingest: one Ref in, one small accounting row out.
 
 Runs inside Ray Data workers. For each Ref it cleans the text, fetches and cleans the image, and
-assigns the split; kept samples are serialised as their final tar members into a staging file per
-batch and split (named by the batch's first input position, so a retried task rewrites the same
-file), and only the small accounting row (key, reason, hashes, where staged) flows back to the
-driver. Writing the shards later copies those bytes (`shards.py`).
+assigns the split, a group of Refs at a time and step by step (see `process_batch`). Kept samples
+are serialised as their final tar members into a staging file per batch and split (named by the
+batch's first input position, so a retried task rewrites the same file), and only the small
+accounting row (key, reason, hashes, where staged) flows back to the driver. Writing the shards
+later copies those bytes (`shards.py`).
 """
 
 from __future__ import annotations
