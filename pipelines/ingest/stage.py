@@ -126,7 +126,7 @@ def _sample(c: _Cleaned, phash: int, cfg: DataConfig) -> tuple[dict, dict]:
     txt = c.captions[0] if c.captions else ""
     staged = {"__key__": ref["key"], "jpg": img.jpeg, "txt": txt.encode("utf-8"),
               "json": json.dumps(doc, ensure_ascii=False).encode("utf-8")}
-    row = _row(ref, split=split, phash=f"{phash:016x}", pixel_sha=hashlib.sha256(img.jpeg).hexdigest(),
+    row = _row(ref, split=split, phash=f"{phash:016x}", pixel_sha=img.pixel_sha,
                caption_sha=hashlib.sha256("\n".join(sorted(c.captions)).encode()).hexdigest(),
                captions=json.dumps(c.captions, ensure_ascii=False), dropped=json.dumps(c.dropped),
                file_sha=c.file_sha)
@@ -164,14 +164,12 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files:
                     results[i] = r = _read(r, cfg, hash_files)
                     held += len(r.data) if isinstance(r, _Cleaned) else 0
             results = [_clean_image(r, cfg, spec, hash_files) if isinstance(r, _Cleaned) else r for r in results]
-            cleaned = [r for r in results if isinstance(r, _Cleaned)]
-            hashes = phash_many([c.img.thumb for c in cleaned])
-            samples = iter([_sample(c, h, cfg) for c, h in zip(cleaned, hashes, strict=True)])
+            hashes = iter(phash_many([r.img.thumb for r in results if isinstance(r, _Cleaned)]))
             for result in results:
                 if isinstance(result, dict):
                     rows.append(result)
                     continue
-                row, sample = next(samples)
+                row, sample = _sample(result, next(hashes), cfg)
                 stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
                 if stage_file not in writers:
                     writers[stage_file] = MemberWriter(files.enter_context(open_atomic(stage_file)))
