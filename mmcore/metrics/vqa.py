@@ -1,4 +1,10 @@
-"""VQA accuracy: the standard answer normalisation of the VQA evaluation, then min(matches / 3, 1)."""
+"""VQA accuracy: the standard answer normalisation of the VQA evaluation, then min(matches / 3, 1).
+
+The "/ 3" assumes VQA's ten human answers per question: three annotators agreeing make an answer
+fully right. A question with fewer reference answers (synthetic sets, GQA/CLEVR-style data: one
+answer) needs as many matches as it has references, at most three, so an exact match scores 1, not
+1/3 (which capped such a set's accuracy at 0.33).
+"""
 
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ def normalize_answer(answer: str) -> str:
 
 
 def vqa_scores(predictions: dict, references: dict) -> dict:
-    """`{id: min(#references equal to the prediction / 3, 1)}` after normalising both sides."""
+    """`{id: min(#references equal to the prediction / min(3, #references), 1)}` after normalising
+    both sides (with ten references: the usual min(matches / 3, 1))."""
     missing = [k for k in predictions if k not in references]
     if missing:
         raise ValueError(f"predictions {missing[:5]} have no reference answers")
@@ -49,7 +56,8 @@ def vqa_scores(predictions: dict, references: dict) -> dict:
     for k, pred in predictions.items():
         p = normalize_answer(pred)
         matches = sum(normalize_answer(r) == p for r in references[k])
-        scores[k] = min(matches / 3.0, 1.0)
+        needed = min(3, len(references[k])) or 1
+        scores[k] = min(matches / needed, 1.0)
     return scores
 
 

@@ -95,6 +95,15 @@ def test_vqa_accuracy_normalisation_and_partial_credit():
     assert vqa_accuracy({0: "Two", 1: "red", 2: "green"}, refs) == pytest.approx(5 / 9)
 
 
+def test_vqa_with_fewer_than_three_references_needs_only_those():
+    # One reference answer (the synthetic set, CLEVR-style data): an exact match is fully right;
+    # the old min(matches / 3, 1) gave it 1/3 and capped the set's accuracy at 0.33.
+    assert vqa_scores({0: "Red", 1: "blue"}, {0: ["red"], 1: ["red"]}) == {0: 1.0, 1: 0.0}
+    assert vqa_scores({0: "yes"}, {0: ["yes", "no"]}) == {0: 0.5}
+    ten = ["cat"] * 2 + ["dog"] * 8  # VQA's ten answers: two agreeing annotators give 2/3
+    assert vqa_scores({0: "cat"}, {0: ten}) == pytest.approx({0: 2 / 3})
+
+
 def test_retrieval_hand_checked_and_chunked():
     # 3 images; texts 0,1 -> image 0, text 2 -> image 1, text 3 -> image 2
     image = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
