@@ -65,7 +65,7 @@ def format_report(cfg: Config, summary: dict[str, Any]) -> str:
         "",
         "test-split metrics:",
     ]
-    lines += [f"  {k:<10} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    lines += [f"  {k:<14} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     lines += ["", "generated captions vs ground truth:"]
     for ex in report.get("examples", []):
         lines += [f"  [{ex['key']}]", f"    model: {ex['generated']}"]

@@ -6,6 +6,7 @@ shard, and batches never straddle shards: the outputs are identical either way.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -41,8 +42,11 @@ def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
 def _decode(sample: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
     """A raw shard sample -> image tensor `(3, S, S)`, every caption's ids, every QA pair's ids."""
     from mmcore.data import SampleConfig, decode_sample, encode
+    from pipelines.ingest.synth import scene_objects
 
     item = decode_sample(sample, tokenizer, SampleConfig(s.image_size, s.max_text_len, s.max_answer_len), train=False)
+    meta = sample.get("json")
+    meta = meta if isinstance(meta, dict) else json.loads(meta) if meta else {}
     qa = [p for p in item["qa"] if p.get("question") and p.get("answers")]
     return {
         "key": item["key"],
@@ -51,6 +55,7 @@ def _decode(sample: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
         "caption_ids": [torch.tensor(encode(tokenizer, c, s.max_text_len)) for c in item["captions"]],
         "qa": qa,
         "question_ids": [torch.tensor(encode(tokenizer, p["question"], s.max_text_len)) for p in qa],
+        "objects": scene_objects(meta),
     }
 
 
@@ -82,6 +87,7 @@ def infer_batch(model, tokenizer, items: list[dict], s: InferenceSettings) -> di
         "text_ids": [t.tolist() for t in text_ids], "text_owner": torch.tensor(owner, dtype=torch.long),
         "generated": generated, "answers": answers,
         "captions": [it["captions"] for it in items], "qa": [it["qa"] for it in items],
+        "objects": [it["objects"] for it in items],
     }
 
 
@@ -97,7 +103,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         offsets.append(total)
         total += len(p["keys"])
     out["text_owner"] = torch.cat([p["text_owner"] + off for p, off in zip(parts, offsets, strict=True)])
-    for name in ("keys", "text_ids", "generated", "answers", "captions", "qa"):
+    for name in ("keys", "text_ids", "generated", "answers", "captions", "qa", "objects"):
         out[name] = [x for p in parts for x in p[name]]
     return out
 

@@ -12,6 +12,7 @@ from pipelines.config import Config, home_dir
 from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
 from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
 from pipelines.evaluate.scoring import compute_metrics
+from pipelines.ingest.synth import PHRASE_VOCAB as SHAPES_VOCAB
 
 
 def benchmark_id(data_dir) -> tuple[str, str]:
@@ -36,11 +37,22 @@ def _caption_scores(merged: dict) -> tuple[dict, dict]:
 
 def _vqa(qa: list[dict], answers: list[str]) -> list[dict]:
     from mmcore.metrics import vqa_scores
+    from mmcore.metrics.grounding import question_type
 
     preds = {i: a for i, a in enumerate(answers)}
     scores = vqa_scores(preds, {i: p["answers"] for i, p in enumerate(qa)})
-    return [{"question": p["question"], "answers": p["answers"], "predicted": a, "score": scores[i]}
+    return [{"question": p["question"], "answers": p["answers"], "predicted": a, "score": scores[i],
+             "type": p.get("type") or question_type(p["question"])}
             for i, (p, a) in enumerate(zip(qa, answers, strict=True))]
+
+
+def _grounding(generated: str, objects: list | None) -> list[int] | None:
+    """`[tp, fp, fn]` of a caption's object phrases against the scene's objects (synthetic set)."""
+    from mmcore.metrics.grounding import grounding_counts
+
+    if not objects:
+        return None
+    return list(grounding_counts(generated, [tuple(o) for o in objects], SHAPES_VOCAB))
 
 
 def build_records(model, merged: dict, cfg: Config) -> list[dict]:
@@ -56,7 +68,8 @@ def build_records(model, merged: dict, cfg: Config) -> list[dict]:
         rec = {"key": key, "i2t_rank": int(ranks["i2t"][i]), "t2i_ranks": t2i[i],
                "generated": merged["generated"][i], "references": merged["captions"][i],
                "bleu_stats": [float(x) for x in bleu[key]], "cider_d": float(cider[key]),
-               "vqa": _vqa(merged["qa"][i], merged["answers"][i]), "itm": None}
+               "vqa": _vqa(merged["qa"][i], merged["answers"][i]), "itm": None,
+               "grounding": _grounding(merged["generated"][i], merged["objects"][i])}
         if i in itm:
             pos, neg, neg_t = itm[i]
             rec["itm"] = {"pos_logit": pos, "neg_logit": neg, "neg_key": merged["keys"][int(merged["text_owner"][neg_t])],

@@ -9,8 +9,10 @@ metric needs, so that a metric can be recomputed, and bootstrapped, from the fil
      "generated": str, "references": [str, ...],
      "bleu_stats": [10 floats], # mmcore.metrics.bleu4_stats of this caption (n-gram counts)
      "cider_d": float,          # this caption's CIDEr-D (document frequencies of the whole split)
-     "vqa": [{"question", "answers", "predicted", "score"}],
-     "itm": {"pos_logit", "neg_logit", "neg_key", "correct": int}}   # correct out of 2 pairs
+     "vqa": [{"question", "answers", "predicted", "score", "type"}],  # type: mmcore QUESTION_TYPES
+     "itm": {"pos_logit", "neg_logit", "neg_key", "correct": int},   # correct out of 2 pairs
+     "grounding": [tp, fp, fn] or None}  # object phrases of `generated` against the scene's
+                                         # objects, where the sample lists them (synthetic set)
 
 Ratio metrics (recalls, VQA and ITM accuracy, CIDEr-D) are sums of per-sample numerators over
 sums of denominators, so a resampled subset is scored with two array sums. BLEU-4 is a corpus
@@ -24,9 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmcore.metrics.grounding import QUESTION_TYPES
+
 KS = (1, 5, 10)
 RETRIEVAL_METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS)
-RATIO_METRICS = RETRIEVAL_METRICS + ("vqa_acc", "itm_acc", "cider_d")
+VQA_TYPE_METRICS = tuple(f"vqa_{t}" for t in QUESTION_TYPES)
+RATIO_METRICS = RETRIEVAL_METRICS + ("vqa_acc", "itm_acc", "cider_d", "grounding_f1") + VQA_TYPE_METRICS
 CORPUS_METRICS = ("bleu4",)
 ALL_METRICS = RATIO_METRICS + CORPUS_METRICS
 
@@ -54,6 +59,14 @@ def ratio_terms(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.nd
     elif metric == "vqa_acc":
         num = [float(sum(q["score"] for q in r.get("vqa", []))) for r in records]
         den = [float(len(r.get("vqa", []))) for r in records]
+    elif metric in VQA_TYPE_METRICS:
+        kind = metric[4:]
+        num = [float(sum(q["score"] for q in r.get("vqa", []) if q.get("type") == kind)) for r in records]
+        den = [float(sum(q.get("type") == kind for q in r.get("vqa", []))) for r in records]
+    elif metric == "grounding_f1":  # 2 TP / (2 TP + FP + FN), summed over captions
+        counts = [r.get("grounding") or (0, 0, 0) for r in records]
+        num = [2.0 * tp for tp, _, _ in counts]
+        den = [2.0 * tp + fp + fn for tp, fp, fn in counts]
     elif metric == "cider_d":
         num = [float(r["cider_d"]) for r in records]
         den = [1.0] * len(records)

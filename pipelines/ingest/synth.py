@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmcore.metrics.grounding import PhraseVocab
+
 IMAGE_SIZE = 112
 _SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges at little cost
 COLORS = {
@@ -33,6 +35,8 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.18, "large": 0.30}  # extent as a fraction of the image side
 COLUMNS = ("left", "middle", "right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+GENERATOR = "mmfusion-shapes"
+PHRASE_VOCAB = PhraseVocab(tuple(SIZES), tuple(COLORS), SHAPES)  # "<size> <colour> <shape>"
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,15 @@ def questions(shapes: list[Shape], rng: np.random.Generator) -> list[dict]:
     return qa
 
 
+def scene_objects(sample_meta: dict) -> list[tuple[str, str, str]] | None:
+    """The `(size, colour, shape)` of each object of a shard sample made by this generator (its
+    `json` member as a dict), or None for samples from any other source."""
+    meta = sample_meta.get("meta") or {}
+    if meta.get("generator") != GENERATOR or not isinstance(meta.get("shapes"), list):
+        return None
+    return [(s["size"], s["color"], s["shape"]) for s in meta["shapes"]]
+
+
 # ----------------------------------------------------------------------------- writer
 
 
@@ -168,7 +181,7 @@ def make_sample(seed: int, index: int) -> tuple[dict, Image.Image]:
         "captions": captions(shapes),
         "qa": questions(shapes, rng),
         "meta": {
-            "generator": "mmfusion-shapes",
+            "generator": GENERATOR,
             "seed": seed,
             "index": index,
             "license": "CC0-1.0",

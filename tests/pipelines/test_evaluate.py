@@ -51,6 +51,17 @@ def test_report_card_is_complete_deterministic_and_recomputable(cfg, tiny_datase
         v = a["metrics"][m]
         assert v is None or (0.0 <= v <= (10.0 if m == "cider_d" else 1.0)), (m, v)
     assert len(a["examples"]) == min(cfg.eval.num_samples_shown, len(records))
+    # The synthetic scenes list their objects: every caption is scored for grounding, from the file.
+    from mmcore.metrics.grounding import grounding_counts, grounding_f1, question_type
+    from pipelines.ingest.synth import PHRASE_VOCAB
+
+    assert all(r["grounding"] is not None for r in records)
+    assert a["metrics"]["grounding_f1"] == pytest.approx(grounding_f1(r["grounding"] for r in records))
+    phrases = [grounding_counts(r["generated"], [], PHRASE_VOCAB)[1] for r in records]
+    assert [r["grounding"][0] + r["grounding"][1] for r in records] == phrases  # tp + fp = phrases stated
+    for kind in ("count", "colour", "size", "shape", "yesno"):
+        asked = [q for q in qa if question_type(q["question"]) == kind]
+        assert asked and a["metrics"][f"vqa_{kind}"] == pytest.approx(sum(q["score"] for q in asked) / len(asked))
     card = json.loads(open(a["report_card_path"]).read())
     assert card["metrics"] == a["metrics"]
 
