@@ -104,3 +104,22 @@ def test_caption_real_photos(coco_mini, tmp_path, opts, tiny_dataset, capsys, ti
     assert cli(["caption", *opts, "--model", str(ckpt), *map(str, photos)]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
     shutil.rmtree(tmp_path / "ckpt")
+
+
+def test_explain_draws_one_attention_panel_per_generated_word(tiny_dataset, tmp_path, opts, capsys, tiny_checkpoint):
+    from pipelines.evaluate.explain import COLUMNS, LABEL_HEIGHT, PANEL
+
+    ckpt = tiny_checkpoint(tiny_dataset, tmp_path / "ckpt", seed=5)
+    photo = tmp_path / "scene.png"
+    Image.new("RGB", (80, 64), "red").save(photo)
+    for extra, kind in (([], "caption"), (["--question", "what colour is the shape?"], "answer")):
+        out = tmp_path / f"{kind}.png"
+        assert cli(["explain", *opts, "--model", str(ckpt), str(photo), "--out", str(out), *extra]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[0].startswith(f"{kind}: ") and str(out) in lines[1]
+        words = int(lines[1].split()[2])
+        panels = words + 1  # the input, then one per word
+        cols, rows = min(COLUMNS, panels), -(-panels // COLUMNS)
+        with Image.open(out) as sheet:
+            assert sheet.format == "PNG"
+            assert sheet.size == (cols * PANEL, rows * (PANEL + LABEL_HEIGHT) + LABEL_HEIGHT)

@@ -7,6 +7,10 @@ cached decoding alike.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +47,7 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"attention dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.dropout = num_heads, dropout
+        self.record: list[Tensor] | None = None  # set by `record_attention`
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
@@ -77,9 +82,38 @@ class Attention(nn.Module):
                 kv = (torch.cat([past[0], kv[0]], dim=2), torch.cat([past[1], kv[1]], dim=2))
         k, v = kv
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        if self.record is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        else:
+            y = self._recorded(q, k, v, mask)
         b, h, n, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(b, n, h * dh)), (k, v)
+
+
+    def _recorded(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """The same attention with its weights written out `(B, H, Lq, Lk)` and kept (no dropout)."""
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        self.record.append(weights.detach())
+        return weights @ v
+
+
+@contextmanager
+def record_attention(modules: dict[str, Attention]) -> Iterator[dict[str, list[Tensor]]]:
+    """While active, each named Attention keeps its weights: `{name: [(B, H, Lq, Lk) per call]}`.
+
+    For looking at where a model attends (explanations, diagnostics); slower than the fused kernel.
+    """
+    records = {name: [] for name in modules}
+    for name, module in modules.items():
+        module.record = records[name]
+    try:
+        yield records
+    finally:
+        for module in modules.values():
+            module.record = None
 
 
 class FeedForward(nn.Module):

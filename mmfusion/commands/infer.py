@@ -36,6 +36,20 @@ def register(subparsers) -> None:
     ret.add_argument("--text", required=True)
     ret.add_argument("--top-k", type=int, default=5)
     ret.set_defaults(func=run_retrieve)
+    exp = subparsers.add_parser(
+        "explain", help="draw where the model looks for each word it generates",
+        description=("Caption an image (or answer --question about it) and draw, for every generated "
+                     "word, the decoder's cross-attention over the image patches as a heatmap: a PNG "
+                     "grid with the input first and the word under each panel.\n\n"
+                     '  mmfusion explain photo.jpg --out photo-attention.png\n'
+                     '  mmfusion explain photo.jpg --question "what colour is the circle?"'),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(exp)
+    exp.add_argument("image", metavar="IMAGE")
+    exp.add_argument("--question", default=None, help="explain the answer to this question instead of a caption")
+    exp.add_argument("--out", default=None, metavar="FILE.png",
+                     help="where to write the picture (default: IMAGE's name + '-attention.png' in the current directory)")
+    exp.set_defaults(func=run_explain)
 
 
 def _predictor(args):
@@ -69,4 +83,18 @@ def run_retrieve(args: argparse.Namespace) -> int:
     _, p = _predictor(args)
     for path, score in retrieve(p, image_files(args.images), args.text, args.top_k):
         print(f"{score:+.4f}\t{path}")
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmcore.data import load_image
+    from pipelines.evaluate.explain import explain, save_explanation
+
+    cfg, p = _predictor(args)
+    expl = explain(p.model, p.tokenizer, load_image(args.image), args.question, cfg.eval.max_len, p.max_text_len)
+    out = save_explanation(expl, args.out or f"{Path(args.image).stem}-attention.png")
+    print(f"{'answer' if args.question else 'caption'}: {expl.text}")
+    print(f"attention for {len(expl.words)} word(s) drawn in {out}")
     return 0
