@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
-from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer, interpolate_embeddings
 
 RESNETS = {"resnet18": (resnet18, 512), "resnet50": (resnet50, 2048)}
 
@@ -31,6 +31,11 @@ class ImageEncoderConfig:
     num_heads: int = 4  # ViT only
     hidden_dim: int = 128  # ViT only (ResNets have fixed widths)
     mlp_dim: int = 256  # ViT only
+    # ViT only: "patch" = one linear patch embedding (the original ViT); "conv" = a stack of
+    # stride-2 3x3 convolutions down to the patch grid (torchvision's conv stem, after Xiao et al.
+    # 2021, "Early convolutions help transformers see better"): far faster to learn colour and shape
+    # from little data, at the same token count.
+    stem: str = "patch"
     dropout: float = 0.0
     pretrained: str | None = None  # torchvision state-dict file (.pth), loaded by build
 
@@ -77,6 +82,10 @@ class ImageEncoder(nn.Module):
             pos = state.get("encoder.pos_embedding")
             if pos is not None and pos.shape != self.backbone.encoder.pos_embedding.shape:
                 state = dict(interpolate_embeddings(self.cfg.image_size, self.cfg.patch_size, state))
+        if self.cfg.arch == "vit" and ("conv_proj.weight" in state) != (self.cfg.stem == "patch"):
+            kind = "a patch embedding" if "conv_proj.weight" in state else "a conv stem"
+            raise ValueError(f"{path} holds a ViT with {kind} but the config asks for image.stem={self.cfg.stem!r}; "
+                             f"set image.stem={'patch' if 'conv_proj.weight' in state else 'conv'} (model.overrides)")
         missing, unexpected = self.backbone.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -96,9 +105,24 @@ def _vit(cfg: ImageEncoderConfig) -> VisionTransformer:
         hidden_dim=cfg.hidden_dim,
         mlp_dim=cfg.mlp_dim,
         dropout=cfg.dropout,
+        conv_stem_configs=_conv_stem(cfg),
     )
     vit.heads = nn.Identity()
     return vit
+
+
+def _conv_stem(cfg: ImageEncoderConfig) -> list[ConvStemConfig] | None:
+    """Stride-2 3x3 convolutions (BatchNorm, ReLU) whose strides multiply to the patch size, widths
+    doubling from 32 up to the ViT width; torchvision adds the final 1x1 projection."""
+    if cfg.stem == "patch":
+        return None
+    if cfg.stem != "conv":
+        raise ValueError(f"unknown ViT stem {cfg.stem!r}; use patch or conv")
+    n = cfg.patch_size.bit_length() - 1
+    if cfg.patch_size < 2 or 2**n != cfg.patch_size:
+        raise ValueError(f"a conv stem needs a power-of-two patch_size (stride 2 per layer), got {cfg.patch_size}")
+    widths = [min(32 * 2**i, cfg.hidden_dim) for i in range(n)]
+    return [ConvStemConfig(out_channels=w, kernel_size=3, stride=2) for w in widths]
 
 
 def _vit_tokens(vit: VisionTransformer, images: Tensor) -> Tensor:

@@ -58,6 +58,9 @@ def test_pretrained_vit_weights_with_interpolation(tokenizer, tmp_path):
     src = VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
     torch.save(src.state_dict(), tmp_path / "vit.pth")
     cfg = tiny_config(tokenizer, image_pretrained=str(tmp_path / "vit.pth"), **{"image.num_heads": 2})
+    with pytest.raises(ValueError, match="set image.stem=patch"):  # torchvision ViTs embed patches linearly
+        build_model(cfg)
+    cfg.image.stem = "patch"
     model = build_model(cfg)  # config image size 32: position embeddings are interpolated
     enc = model.image_encoder.backbone
     assert torch.equal(enc.conv_proj.weight, src.conv_proj.weight)
