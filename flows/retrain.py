@@ -6,6 +6,7 @@ orders them, retries the I/O-bound ones and leaves a report in Prefect's UI. No 
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -142,4 +143,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"- data: `{summary['data_dir']}`\n- checkpoint: `{summary['checkpoint']}`\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n"
         f"| sample | generated | reference |\n|---|---|---|\n{examples}\n"
+        f"{_attention_section(summary['report'].get('explanations', []))}"
     )
+
+
+def _attention_section(pictures: list[str]) -> str:
+    """The attention pictures inline (PNG data URIs: the artifact needs no file server), with paths."""
+    if not pictures:
+        return ""
+    parts = ["\n## Where the model looks\n\nDecoder cross-attention over the image for each generated word.\n"]
+    for path in pictures:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        parts.append(f"\n`{path}`\n\n![attention](data:image/png;base64,{data})\n")
+    return "".join(parts)

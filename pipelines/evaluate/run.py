@@ -117,7 +117,7 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     print(f"[eval] {model_uri} on {benchmark}: {len(urls)} test shard(s), {'Ray' if use_ray else 'in-process'}",
           flush=True)
     merged = merge(infer_shards(str(ckpt), urls, settings, use_ray, cfg.eval.ray_cpus_per_task))
-    model, _, _ = load_checkpoint(ckpt)
+    model, tokenizer, _ = load_checkpoint(ckpt)
     records = build_records(model, merged, cfg)
     weights = sha256_file(ckpt / "model.safetensors")
     card = {
@@ -131,9 +131,28 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
         "settings": {**settings_dict(settings), "itm_rerank_k": cfg.eval.itm_rerank_k},
     }
     out = Path(out_dir) if out_dir else home_dir(cfg) / "evaluations" / version / weights[:12]
+    card["explanations"] = explain_examples(model, tokenizer, urls, [e["key"] for e in card["examples"]],
+                                            out / "attention", cfg)
     card_path, per_sample = _write(out, card, records)
     print(f"[eval] done in {time.time() - start:.1f}s: {format_metrics(card['metrics'])}", flush=True)
     return {**card, "report_card_path": str(card_path), "per_sample_path": str(per_sample)}
+
+
+def explain_examples(model, tokenizer, urls: list[str], keys: list[str], out_dir: Path, cfg: Config) -> list[str]:
+    """Attention pictures (`mmfusion explain`) of the shown test examples: `<out_dir>/<key>.png`."""
+    from mmcore.data import load_image
+    from pipelines.evaluate.explain import explain, save_explanation
+    from pipelines.ingest.layout import read_shard
+
+    wanted, paths = set(keys), {}
+    for url in urls:
+        for sample in read_shard(url):
+            if sample["__key__"] in wanted:
+                expl = explain(model, tokenizer, load_image(sample["jpg"]), None, cfg.eval.max_len)
+                paths[sample["__key__"]] = str(save_explanation(expl, out_dir / f"{sample['__key__']}.png"))
+        if len(paths) == len(wanted):
+            break
+    return [paths[k] for k in keys if k in paths]
 
 
 def format_metrics(metrics: dict) -> str:

@@ -105,6 +105,8 @@ def _log_run(cfg: Config, ckpt: Path, report: dict, tags: dict[str, str], mlclie
         mlflow.set_tags(tags)
         mlflow.log_artifact(report["report_card_path"], "eval")
         mlflow.log_artifact(report["per_sample_path"], "eval")
+        for picture in report.get("explanations", []):  # where the decoder looked, per word
+            mlflow.log_artifact(picture, "eval/attention")
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / "checkpoint"
             for rel in model_files(ckpt):

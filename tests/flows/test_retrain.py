@@ -57,3 +57,14 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
     # the printed report says where things are and shows generated captions
     text = format_report(cfg, summary)
     assert str(data_dir) in text and "model:" in text and "mlflow ui" in text
+
+    # attention pictures of the shown test examples: on disk, in the MLflow run, in the Prefect report
+    from flows.retrain import render_markdown
+
+    pictures = summary["report"]["explanations"]
+    assert len(pictures) == len(summary["report"]["examples"]) > 0
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
+    logged = client.list_artifacts(champion.run_id, "eval/attention")
+    assert sorted(Path(a.path).name for a in logged) == sorted(Path(p).name for p in pictures)
+    markdown = render_markdown(summary)
+    assert markdown.count("data:image/png;base64,") == len(pictures)
