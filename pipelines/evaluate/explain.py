@@ -73,7 +73,7 @@ def _panel(image: Image.Image, label: str, amap: np.ndarray | None, font) -> Ima
 def render(expl: Explanation) -> Image.Image:
     """The image, then one panel per generated word with its attention heatmap; rows of COLUMNS."""
     font = ImageFont.load_default()
-    first = "Q: " + expl.question if expl.question else "input"
+    first = "question" if expl.question else "input"
     panels = [_panel(expl.image, first, None, font)]
     panels += [_panel(expl.image, w, m, font) for w, m in zip(expl.words, expl.maps, strict=True)]
     cols = min(COLUMNS, len(panels))
@@ -81,7 +81,8 @@ def render(expl: Explanation) -> Image.Image:
     sheet = Image.new("RGB", (cols * PANEL, rows * (PANEL + LABEL_HEIGHT) + LABEL_HEIGHT), "white")
     for i, p in enumerate(panels):
         sheet.paste(p, ((i % cols) * PANEL, (i // cols) * (PANEL + LABEL_HEIGHT)))
-    ImageDraw.Draw(sheet).text((4, rows * (PANEL + LABEL_HEIGHT) + 4), expl.text[:120], fill="black", font=font)
+    line = f"Q: {expl.question}  A: {expl.text}" if expl.question else expl.text
+    ImageDraw.Draw(sheet).text((4, rows * (PANEL + LABEL_HEIGHT) + 4), line[:150], fill="black", font=font)
     return sheet
 
 
