@@ -47,3 +47,21 @@ def test_small_presets(preset, low, high):
     p = _parts(preset)
     assert low < p["total"] < high, p
     assert p["total"] == sum(v for k, v in p.items() if k != "total")
+
+
+def test_the_debug_preset_sees_through_a_conv_stem():
+    """The debug ViT embeds 8 px patches with stride-2 convolutions (a 64 px image -> 8x8 tokens)."""
+    import torch
+    from torch import nn
+
+    from mmcore.encoders import ImageEncoder, ImageEncoderConfig
+
+    enc = ImageEncoder(model_config("debug").image, 128)
+    convs = [m for m in enc.backbone.conv_proj.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)]  # three stride-2 layers, then the 1x1
+    tokens, pooled = enc(torch.zeros(2, 3, 64, 64))
+    assert tokens.shape == (2, 1 + 8 * 8, 128) and pooled.shape == (2, 128)
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ImageEncoder(ImageEncoderConfig(image_size=48, patch_size=12, stem="conv"), 128)
+    with pytest.raises(ValueError, match="unknown ViT stem"):
+        ImageEncoder(ImageEncoderConfig(stem="pixels"), 128)
