@@ -142,6 +142,7 @@ def run_search(cfg: Config, spec: SearchSpec) -> SearchResult:
     """Prepare data, run the trials, and pick the best finished one."""
     from pipelines.runtime import init_ray
     from pipelines.train.driver import check_resources
+    from pipelines.tune.cleanup import ReleaseEndedTrials
     from pipelines.tune.tracking import TrialsToMlflow
 
     check_spec(cfg, spec)
@@ -158,7 +159,7 @@ def run_search(cfg: Config, spec: SearchSpec) -> SearchResult:
                               "data_dir": str(data_dir)})
     print(f"[tune] {name}: {spec.samples} sample(s) over {', '.join(d.key for d in spec.dims)}; "
           f"ASHA on {spec.metric} ({spec.mode}), {n_val_reports(cfg)} validation reports a trial", flush=True)
-    grid = build_tuner(cfg, spec, plan, [tracker]).fit()
+    grid = build_tuner(cfg, spec, plan, [tracker, ReleaseEndedTrials(name)]).fit()
     rows = [trial_row(r, spec, n_val_reports(cfg)) for r in grid]
     best = pick_best(rows, spec.mode)
     best_config = apply_values(cfg.to_dict(), best.values) if best else None

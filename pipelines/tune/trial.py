@@ -115,16 +115,17 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     import ray.tune
 
     from pipelines.train import run_training
+    from pipelines.tune.cleanup import RecordPlacementGroup, kv_key
     from pipelines.tune.space import apply_values
 
     cfg = apply_values(plan.base, params)
     cfg.registry.experiment = plan.experiment  # the training runs' MLflow runs sit beside the trial's
     trial = ray.tune.get_context().get_trial_id()
-    name = f"{plan.search_name}-{trial}"
+    name, record = f"{plan.search_name}-{trial}", RecordPlacementGroup(kv_key(plan.search_name, trial))
     pre = run_training(cfg, plan.data_dir, "pretrain", run_name=f"{name}-pretrain",
-                       callbacks=[ValidationToTune("pretrain", 0)])
+                       callbacks=[ValidationToTune("pretrain", 0), record])
     fine = run_training(cfg, plan.data_dir, "finetune", init_from=pre, run_name=f"{name}-finetune",
-                        callbacks=[ValidationToTune("finetune", cfg.train.steps)])
+                        callbacks=[ValidationToTune("finetune", cfg.train.steps), record])
     scores = score_in_task(cfg, fine, plan.data_dir)
     total = cfg.train.steps + cfg.train.finetune_steps
     ray.tune.report({**scores, "phase": "final", "step": total, "checkpoint_dir": str(fine)})
