@@ -85,6 +85,7 @@ def build_spec(args: argparse.Namespace, cfg):
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    from pipelines.config import home_dir
     from pipelines.tune import best_config_yaml, results_table, run_search
     from pipelines.tune.search import check_spec
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if not text:
         print("\nmmfusion tune: no trial reported the metric; see the errors above", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else Path(result.storage) / "best.yaml"
+    out = Path(args.out) if args.out else home_dir(cfg) / "tune" / result.name / "best.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"\nbest config ({out}; pass it back with --config):\n")

@@ -69,7 +69,7 @@ class SearchResult:
     rows: list[TrialRow]
     best: TrialRow | None
     best_config: Config | None
-    storage: str
+    storage: str  # Tune's results folder (local path or URI)
     experiment: str
     max_reports: int
 
@@ -97,6 +97,11 @@ def pinned_base(cfg: Config) -> dict[str, Any]:
     tree["services"].update(home=str(home_dir(cfg)), mlflow_tracking_uri=mlflow_tracking_uri(cfg))
     tree["train"]["storage"] = train_storage(cfg)
     return tree
+
+
+def tune_storage(cfg: Config) -> str:
+    """Tune's results beside the Ray Train runs (`train.storage`: local, or object storage)."""
+    return f"{train_storage(cfg).rstrip('/')}/tune"
 
 
 def default_concurrency(cfg: Config) -> int:
@@ -133,8 +138,8 @@ def build_tuner(cfg: Config, spec: SearchSpec, plan: TrialPlan, callbacks: list)
             search_alg=BasicVariantGenerator(random_state=spec.seed,
                                              max_concurrent=spec.concurrency or default_concurrency(cfg)),
         ),
-        run_config=tune.RunConfig(name=plan.search_name, storage_path=str(home_dir(cfg) / "tune"),
-                                  callbacks=callbacks, verbose=1),
+        run_config=tune.RunConfig(name=plan.search_name, storage_path=tune_storage(cfg), callbacks=callbacks,
+                                  verbose=1),
     )
 
 
@@ -160,15 +165,15 @@ def run_search(cfg: Config, spec: SearchSpec) -> SearchResult:
     print(f"[tune] {name}: {spec.samples} sample(s) over {', '.join(d.key for d in spec.dims)}; "
           f"ASHA on {spec.metric} ({spec.mode}), {n_val_reports(cfg)} validation reports a trial", flush=True)
     grid = build_tuner(cfg, spec, plan, [tracker, ReleaseEndedTrials(name)]).fit()
-    rows = [trial_row(r, spec, n_val_reports(cfg)) for r in grid]
+    rows = [trial_row(r, spec) for r in grid]
     best = pick_best(rows, spec.mode)
     best_config = apply_values(cfg.to_dict(), best.values) if best else None
     tracker.log_best(best.trial_id if best else None, best.score if best else None)
-    return SearchResult(name, spec, rows, best, best_config, str(home_dir(cfg) / "tune" / name), experiment,
+    return SearchResult(name, spec, rows, best, best_config, f"{tune_storage(cfg)}/{name}", experiment,
                         n_val_reports(cfg))
 
 
-def trial_row(result, spec: SearchSpec, max_reports: int) -> TrialRow:
+def trial_row(result, spec: SearchSpec) -> TrialRow:
     """One trial's outcome from its Tune result: every report, not only the last."""
     history = result.metrics_dataframe
     metrics = dict(result.metrics or {})
