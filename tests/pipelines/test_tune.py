@@ -111,8 +111,14 @@ def search(ray_local, tiny_dataset, tmp_path_factory):
     validation pretraining loss. Returns (home, printed stdout, best.yaml path, exit code)."""
     import contextlib
     import io
+    import sys
 
     from mmfusion.cli import main
+
+    class Tee(io.StringIO):  # keep the search's progress in pytest's report too
+        def write(self, text):
+            sys.__stdout__.write(text)
+            return super().write(text)
 
     home = tmp_path_factory.mktemp("tune-home")
     out = home / "best.yaml"
@@ -121,7 +127,7 @@ def search(ray_local, tiny_dataset, tmp_path_factory):
             "--samples", "1", "--search", "train.lr=grid(0.003, 0)",
             "--search", "model.overrides.fusion.num_layers=grid(2)",
             "--metric", "val_pretrain_loss", "--mode", "min", "--concurrency", "1", "--out", str(out)]
-    buffer = io.StringIO()
+    buffer = Tee()
     with contextlib.redirect_stdout(buffer):
         code = main(args)
     return home, buffer.getvalue(), out, code
