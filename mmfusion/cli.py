@@ -10,7 +10,7 @@ from mmfusion import __version__
 
 # Each module exposes register(subparsers); they import their heavy dependencies lazily so that
 # `mmfusion --help` stays fast.
-COMMAND_MODULES = ("run", "data", "train", "evaluate", "registry", "infer")
+COMMAND_MODULES = ("run", "data", "train", "evaluate", "registry", "infer", "tune")
 
 EPILOG = """\
 examples:
@@ -21,6 +21,7 @@ examples:
   mmfusion train pretrain --data datasets/<version> --set train.steps=100
   mmfusion eval --model models:/mmfusion-debug@champion --data datasets/<version>
   mmfusion caption photo.jpg --model models:/mmfusion-debug@champion
+  mmfusion tune --config debug --samples 4       # hyperparameter search (Ray Tune, ASHA)
 
 Services come from the config's `services` section or RAY_ADDRESS, PREFECT_API_URL and
 MLFLOW_TRACKING_URI; local state lives under $MMFUSION_HOME (default ./.mmfusion).

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +208,9 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     )
 
 
-def build_trainer(cfg: Config, job: TrainJob):
-    """The TorchTrainer for `job` (Ray Train V2 API)."""
+def build_trainer(cfg: Config, job: TrainJob, callbacks: Sequence = ()):
+    """The TorchTrainer for `job` (Ray Train V2 API); `callbacks` are `ray.train.UserCallback`s
+    (`mmfusion tune` passes one that forwards validation reports to Ray Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -230,6 +232,7 @@ def build_trainer(cfg: Config, job: TrainJob):
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1)),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines suffice
+            callbacks=list(callbacks),
         ),
     )
 
@@ -279,7 +282,8 @@ def final_checkpoint_dir(cfg: Config, result, job: TrainJob) -> Path:
     return local
 
 
-def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str | None = None) -> Path:
+def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str | None = None,
+                 callbacks: Sequence = ()) -> Path:
     """Pretrain or fine-tune on a dataset version with Ray Train; returns the final checkpoint dir.
 
     `task`: pretrain | caption | vqa | retrieval | finetune (= `train.finetune_tasks`, alternated).
@@ -291,7 +295,7 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
     job = build_job(cfg, str(data_dir), task, init_from, run_name)
     init_ray(cfg)
     check_resources(cfg)
-    trainer = build_trainer(cfg, job)
+    trainer = build_trainer(cfg, job, callbacks)
     print(f"[train] {job.run_name}: {job.task} for {job.total_steps} steps on {cfg.scaling.num_workers} "
           f"worker(s), storage {run_dir(cfg, job.run_name)}", flush=True)
     try:
