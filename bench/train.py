@@ -50,7 +50,7 @@ def make_dataset(cfg, root: Path) -> str:
 
 def baseline(job, steps: int, threads: int) -> float:
     """Samples/s of a plain loop over in-memory batches (decoded before timing)."""
-    from pipelines.ingest.layout import read_shard
+    from pipelines.core.dataset import read_shard
     from pipelines.train.loop import build_losses, initial_model, sample_codec, train_step
     from pipelines.train.optim import build_optimizer
 

@@ -6,7 +6,6 @@ orders them, retries the I/O-bound ones and leaves a report in Prefect's UI. No 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -93,7 +92,7 @@ def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[s
     report = evaluate(cfg, finetuned, data_dir)
     champion_report = evaluate_champion(cfg, data_dir, report["benchmark"])
     lineage = {
-        "dataset_version": Path(data_dir).name,
+        "dataset_version": report["dataset_version"],
         "dataset_dir": data_dir,
         "config_hash": cfg.hash(),
         "code_version": code_version(),

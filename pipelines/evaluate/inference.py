@@ -105,7 +105,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def infer_shard(checkpoint_dir: str, url: str, s: InferenceSettings, num_threads: int | None = None) -> dict:
     """All model outputs for one shard (loads the checkpoint; runs in a Ray task or in-process)."""
     from mmcore.checkpoint import load_checkpoint
-    from pipelines.ingest.layout import read_shard
+    from pipelines.core.dataset import read_shard
 
     if num_threads:
         torch.set_num_threads(num_threads)

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config, home_dir
+from pipelines.core.dataset import benchmark_id
 from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
 from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
 from pipelines.evaluate.scoring import compute_metrics
-
-
-def benchmark_id(data_dir) -> tuple[str, str]:
-    """`(dataset version, benchmark id)`: the id is the version plus a hash of the test shards'
-    sha256s from the manifest, so it names exactly the bytes every model is scored on."""
-    from pipelines.ingest.layout import read_manifest
-
-    manifest = read_manifest(data_dir)
-    version = str(manifest.get("version") or Path(str(data_dir)).name)
-    shas = [str(e.get("sha256") or e["path"]) for e in manifest["splits"].get("test", [])]
-    digest = hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()[:12]
-    return version, f"{version}:test-{digest}"
 
 
 def _caption_scores(merged: dict) -> tuple[dict, dict]:
@@ -86,7 +74,7 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     `report_card_path`, `per_sample_path`, sample counts and the settings used.
     """
     from mmcore.checkpoint import load_checkpoint
-    from pipelines.ingest.layout import shard_paths
+    from pipelines.core.dataset import shard_paths
     from pipelines.registry.register import sha256_file
     from pipelines.registry.resolve import resolve_model
     from pipelines.runtime import init_ray

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.ingest.layout import read_shard
+from pipelines.core.dataset import read_shard
 
 Sample = dict[str, Any]
 

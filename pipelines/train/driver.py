@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config, home_dir, mlflow_tracking_uri, train_storage
+from pipelines.core.dataset import version_id
 from pipelines.train.job import TrainJob
 
 log = logging.getLogger("pipelines.train")
@@ -61,7 +62,7 @@ def resolve_init(cfg: Config, init_from: str | os.PathLike | None) -> str | None
 
 
 def split_urls(data_dir: str, split: str) -> list[str]:
-    from pipelines.ingest.layout import shard_paths
+    from pipelines.core.dataset import shard_paths
 
     try:
         urls = shard_paths(data_dir, split)
@@ -70,16 +71,9 @@ def split_urls(data_dir: str, split: str) -> list[str]:
     if not urls:
         raise TrainingError(
             f"dataset version {data_dir} has no {split} shards; ingest more data or change "
-            "data.split_fractions so that the {split} split is not empty"
+            f"data.split_fractions so that the {split} split is not empty"
         )
     return [u if "://" in u else str(Path(u).resolve()) for u in urls]
-
-
-def dataset_version(data_dir: str) -> str:
-    from pipelines.ingest.layout import read_manifest
-
-    manifest = read_manifest(data_dir)
-    return str(manifest.get("version") or manifest.get("version_id") or Path(str(data_dir)).name)
 
 
 def default_run_name(cfg: Config, task: str, version: str, init_dir: str | None) -> str:
@@ -154,7 +148,7 @@ def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None
     (a few KB) are copied here; the weights and optimiser stay in the bucket, and Ray Train hands
     them to the workers.
     """
-    from pipelines.ingest.layout import get_fs, is_remote
+    from pipelines.core.storage import get_fs, is_remote
     from pipelines.train.state import latest_checkpoint
 
     found = latest_checkpoint(run_path)
@@ -175,7 +169,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     tasks = resolve_tasks(cfg, task)
     init_dir = resolve_init(cfg, init_from)
     train_urls, val_urls = split_urls(data_dir, "train"), split_urls(data_dir, "val")
-    version = dataset_version(data_dir)
+    version = version_id(data_dir)
     name = run_name or default_run_name(cfg, task, version, init_dir)
     path = run_dir(cfg, name)
     resume = existing_checkpoint(cfg, name, path)

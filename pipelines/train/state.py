@@ -105,7 +105,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | str | None:
     """The complete checkpoint with the highest step under a run directory, or None: a `Path`
     for a local run, a URI for one on object storage. A checkpoint whose resume files are not
     all there (a write or upload cut short) is skipped."""
-    from pipelines.ingest.layout import get_fs, is_remote
+    from pipelines.core.storage import get_fs, is_remote
 
     fs, root = get_fs(run_dir)
     if not fs.isdir(root):

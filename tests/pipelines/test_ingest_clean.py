@@ -12,10 +12,11 @@ from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_s
 from PIL import Image
 
 from pipelines.config import load_config
+from pipelines.core.storage import sha256_file
 from pipelines.ingest import stage
 from pipelines.ingest.dedup import deduplicate
 from pipelines.ingest.fetch import FetchError, fetch
-from pipelines.ingest.fingerprint import _file_digest, fingerprint, list_source, local_path, quick_key
+from pipelines.ingest.fingerprint import fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
 from pipelines.ingest.phash import hamming, phash, phash_many, thumbnail
 from pipelines.ingest.shards import archive_bytes, parse_members, plan_shards
@@ -161,7 +162,7 @@ def test_a_cleaning_batch_gives_each_ref_the_row_and_tar_members_it_gets_alone(t
         member = parse_members(blob, g["key"])
         assert member["jpg"] == cleaned.jpeg and json.loads(member["json"])["captions"] == json.loads(g["captions"])
         assert g["phash"] == f"{cleaned.phash:016x}" and g["pixel_sha"] == cleaned.pixel_sha
-        assert g["file_sha"] and g["file_sha"] == _file_digest(str(tmp_path / "src" / f"img/{g['order']:03d}.jpg"))
+        assert g["file_sha"] and g["file_sha"] == sha256_file(str(tmp_path / "src" / f"img/{g['order']:03d}.jpg"))
     for split in {r["split"] for r in grouped if not r["reason"]}:
         name = f"stage-000000000-{split}.members"
         staged = (tmp_path / "grouped" / name).read_bytes()
@@ -249,7 +250,7 @@ def test_fingerprint_is_the_same_whoever_hashed_the_files(tmp_path):
     listing = list_source(str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p, _, _ in listing.files] == [*(f"{i}.jpg" for i in range(5)), "samples.jsonl"]
     on_driver = fingerprint(listing, refs)
-    digests = {local_path(r["image"]["uri"]): _file_digest(r["image"]["uri"]) for r in refs[:3]}
+    digests = {local_path(r["image"]["uri"]): sha256_file(r["image"]["uri"]) for r in refs[:3]}
     assert fingerprint(listing, refs, digests) == on_driver
     # the digests are used, not recomputed: a wrong one changes the result
     wrong = {**digests, local_path(refs[0]["image"]["uri"]): "0" * 64}

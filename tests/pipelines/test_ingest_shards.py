@@ -9,7 +9,8 @@ import tarfile
 
 import webdataset as wds
 
-from pipelines.ingest.layout import read_shard, write_bytes_atomic
+from pipelines.core.dataset import read_shard
+from pipelines.core.storage import write_bytes_atomic
 from pipelines.ingest.shards import (
     TAR_MTIME,
     TAR_OWNER,
@@ -212,8 +213,8 @@ def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
     import gc
 
     from pipelines.config import load_config
+    from pipelines.core.dataset import read_manifest, read_report
     from pipelines.ingest import ingest
-    from pipelines.ingest.layout import read_manifest, read_report
 
     (tmp_path / "samples.jsonl").write_text("")
     cfg = load_config("local").data

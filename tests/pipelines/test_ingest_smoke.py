@@ -6,7 +6,7 @@ import json
 
 import webdataset as wds
 
-from pipelines.ingest.layout import SPLITS, read_manifest, read_report, shard_paths
+from pipelines.core.dataset import SPLITS, read_manifest, read_report, shard_paths
 
 
 def test_tiny_dataset_layout_and_sample_contract(tiny_dataset):

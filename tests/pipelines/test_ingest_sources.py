@@ -16,9 +16,9 @@ import webdataset as wds
 from ingest_corpus import ImageServer, build_bad_corpus, encode, scene
 
 from pipelines.config import load_config
+from pipelines.core.dataset import SPLITS, read_manifest, read_report, shard_paths
 from pipelines.ingest import ingest
-from pipelines.ingest.inspect import validate_version
-from pipelines.ingest.layout import SPLITS, read_manifest, read_report, shard_paths
+from pipelines.ingest.inspection import validate_version
 from pipelines.ingest.sources import detect_format
 from pipelines.ingest.synth import synthesize
 

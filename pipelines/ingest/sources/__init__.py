@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs, join
+from pipelines.core.storage import get_fs, join, read_json
 from pipelines.ingest.sources.coco import list_coco
 from pipelines.ingest.sources.common import IMAGE_EXTS, find_files
 from pipelines.ingest.sources.folder import list_folder
@@ -22,9 +21,7 @@ FORMATS = ("coco", "vqa", "jsonl", "csv", "parquet", "folder", "webdataset")
 
 def _json_kind(uri: str) -> str:
     """COCO captions or VQA, from the structure of one JSON file."""
-    fs, path = get_fs(uri)
-    with fs.open(path, "rb") as f:
-        data = json.loads(f.read().decode("utf-8"))
+    data = read_json(uri)
     if isinstance(data, dict) and "questions" in data:
         return "vqa"
     if isinstance(data, dict) and any("caption" in a for a in data.get("annotations", [])[:5]):

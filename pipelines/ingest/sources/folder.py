@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs
+from pipelines.core.storage import get_fs
 from pipelines.ingest.sources.common import IMAGE_EXTS, as_list, make_ref, reject_ref
 
 SIDECARS = (".txt", ".json")

@@ -10,7 +10,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs
+from pipelines.core.storage import get_fs
 from pipelines.ingest.sources.common import IMAGE_EXTS, as_list, find_files, make_ref, reject_ref
 
 _TEXT_MEMBERS = ("json", "txt", "caption", "cap")

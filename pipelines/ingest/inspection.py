@@ -8,7 +8,15 @@ import io
 import json
 from typing import Any
 
-from pipelines.ingest.layout import SPLITS, get_fs, join, read_manifest, read_report, read_shard
+from pipelines.core.dataset import (
+    SPLITS,
+    all_split_entries,
+    read_manifest,
+    read_report,
+    read_shard,
+    split_entries,
+)
+from pipelines.core.storage import get_fs, join
 
 
 def iter_samples(paths: list[str]):
@@ -20,9 +28,9 @@ def iter_samples(paths: list[str]):
 def inspect_version(version_dir: str, num_samples: int = 3) -> dict[str, Any]:
     manifest, report = read_manifest(version_dir), read_report(version_dir)
     splits = {s: {"samples": sum(e["samples"] for e in v), "shards": len(v), "bytes": sum(e["bytes"] for e in v)}
-              for s, v in manifest["splits"].items()}
+              for s, v in all_split_entries(manifest).items()}
     examples = []
-    paths = [join(version_dir, e["path"]) for e in manifest["splits"].get("train", [])][:1]
+    paths = [join(version_dir, e["path"]) for e in split_entries(manifest, "train")][:1]
     for sample in iter_samples(paths):
         doc = json.loads(sample["json"])
         examples.append({"key": sample["__key__"], "caption": sample["txt"].decode(),
@@ -74,7 +82,7 @@ def validate_version(version_dir: str) -> dict[str, Any]:
     problems: list[str] = []
     total = 0
     for split in SPLITS:
-        for entry in manifest["splits"].get(split, []):
+        for entry in split_entries(manifest, split):
             p, n = _check_shard(version_dir, split, entry)
             problems += p
             total += n
