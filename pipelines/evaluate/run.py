@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config, home_dir
+from pipelines.core.checkpoints import weights_sha256
 from pipelines.core.dataset import benchmark_id
 from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
 from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
@@ -75,7 +76,6 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     """
     from mmcore.checkpoint import load_checkpoint
     from pipelines.core.dataset import shard_paths
-    from pipelines.registry.register import sha256_file
     from pipelines.registry.resolve import resolve_model
     from pipelines.runtime import init_ray
 
@@ -94,7 +94,7 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     merged = merge(infer_shards(str(ckpt), urls, settings, use_ray, cfg.eval.ray_cpus_per_task))
     model, _, _ = load_checkpoint(ckpt)
     records = build_records(model, merged, cfg)
-    weights = sha256_file(ckpt / "model.safetensors")
+    weights = weights_sha256(ckpt)
     card = {
         "model_uri": str(model_uri), "checkpoint": str(ckpt), "weights_sha256": weights,
         "dataset_version": version, "benchmark": benchmark,

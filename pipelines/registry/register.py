@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -11,18 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config
-from pipelines.registry import gate as gate_mod
-from pipelines.registry.tracking import (
+from pipelines.core.checkpoints import model_files, weights_sha256
+from pipelines.core.mlflow import (
     CHAMPION,
     champion_version,
     client,
     experiment_id,
     registry_lock,
 )
-
-# Training state kept beside the model for resuming: not part of the served model version.
-_STATE_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".tmp")
-_STATE_PREFIXES = ("optimizer", "scheduler", "rng", "train_state", "trainer_state")
+from pipelines.registry import gate as gate_mod
 
 
 def code_version() -> str:
@@ -39,29 +35,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_files(checkpoint_dir: Path) -> list[Path]:
-    """The files that make up the served model: weights, config, tokenizer (relative paths)."""
-    if not (checkpoint_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{checkpoint_dir}: no model.safetensors; pass a checkpoint directory written by "
-            "mmcore.checkpoint.save_checkpoint (e.g. the path run_training returned)"
-        )
-    keep = []
-    for p in sorted(checkpoint_dir.rglob("*")):
-        name = p.name.lower()
-        if p.is_file() and not name.endswith(_STATE_SUFFIXES) and not name.startswith(_STATE_PREFIXES):
-            keep.append(p.relative_to(checkpoint_dir))
-    return keep
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -149,7 +122,7 @@ def register_version(cfg: Config, checkpoint_dir, report: dict, lineage: dict | 
     """Log the run and create the model version (no gating). Returns the `ModelVersion`."""
     ckpt = Path(checkpoint_dir)
     mlclient = client(cfg)
-    tags = _lineage_tags(cfg, report, lineage or {}, sha256_file(ckpt / "model.safetensors"))
+    tags = _lineage_tags(cfg, report, lineage or {}, weights_sha256(ckpt))
     run_id, source = _log_run(cfg, ckpt, report, tags, mlclient)
     name = cfg.registry.model_name
     _ensure_registered_model(mlclient, name)

@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pipelines.core.mlflow import MlflowTracker
 from pipelines.train import data as D
 from pipelines.train import state as S
 from pipelines.train.job import TrainJob
 from pipelines.train.optim import build_optimizer
 from pipelines.train.throughput import Throughput, mfu, peak_flops, train_flops_per_sample
-from pipelines.train.tracking import MlflowTracker
 
 Batch = dict[str, Any]
 
@@ -403,7 +403,8 @@ class Window:
 def make_tracker(job: TrainJob, worker: Worker, state: dict[str, Any]) -> MlflowTracker | None:
     if not worker.is_main or not job.mlflow_uri:
         return None
-    tracker = MlflowTracker(job.mlflow_uri, job.mlflow_experiment, job.run_name, state.get("mlflow_run_id"))
+    tracker = MlflowTracker(job.mlflow_uri, job.mlflow_experiment, job.run_name, state.get("mlflow_run_id"),
+                            artifact_location=job.mlflow_artifact_location)
     if state.get("mlflow_run_id") is None:  # params are write-once in MLflow: only on a fresh run
         tracker.log_params(job.describe())
         tracker.set_tags({"task": job.task, **{f"lineage.{k}": v for k, v in job.lineage.items()}})
