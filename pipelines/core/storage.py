@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what counts as an image file
 PARTIAL_SUFFIX = ".partial"  # in-progress files: never match `*.tar`, so never look finished
 _CHUNK = 1 << 20
 

@@ -10,9 +10,9 @@ from typing import Any
 from pipelines.config import Config, home_dir
 from pipelines.core.checkpoints import weights_sha256
 from pipelines.core.dataset import benchmark_id
+from pipelines.core.records import compute_metrics, write_records
 from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
 from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
-from pipelines.evaluate.scoring import compute_metrics
 
 
 def _caption_scores(merged: dict) -> tuple[dict, dict]:
@@ -33,7 +33,7 @@ def _vqa(qa: list[dict], answers: list[str]) -> list[dict]:
 
 
 def build_records(model, merged: dict, cfg: Config) -> list[dict]:
-    """One per-sample record per test image (format in `pipelines.evaluate.scoring`)."""
+    """One per-sample record per test image (format in `pipelines.core.records`)."""
     ranks = retrieval_ranks(model, merged, cfg.eval.itm_rerank_k, cfg.eval.batch_size)
     itm = itm_logits(model, merged, cfg.eval.batch_size)
     bleu, cider = _caption_scores(merged)
@@ -61,8 +61,7 @@ def _use_ray(cfg: Config, num_shards: int) -> bool:
 
 def _write(out_dir: Path, card: dict, records: list[dict]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_sample = out_dir / "per_sample.jsonl"
-    per_sample.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    per_sample = write_records(out_dir, records)
     path = out_dir / "report_card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return path, per_sample
@@ -76,7 +75,7 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     """
     from mmcore.checkpoint import load_checkpoint
     from pipelines.core.dataset import shard_paths
-    from pipelines.registry.resolve import resolve_model
+    from pipelines.core.model_uri import resolve_model
     from pipelines.runtime import init_ray
 
     start = time.time()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pipelines.config import Config
 from pipelines.core.mlflow import CHAMPION, champion_version, client, registry_lock
+from pipelines.core.model_uri import ModelURIError, model_version, parse_models_uri
 from pipelines.registry.register import set_champion
-from pipelines.registry.resolve import ModelURIError, model_version, parse_models_uri
 
 
 def _summary(mv) -> dict:

@@ -18,6 +18,7 @@ from pipelines.core.mlflow import (
     experiment_id,
     registry_lock,
 )
+from pipelines.core.records import PER_SAMPLE, read_records
 from pipelines.registry import gate as gate_mod
 
 
@@ -102,20 +103,15 @@ def _ensure_registered_model(mlclient, name: str) -> None:
             mlclient.get_registered_model(name)
 
 
-def load_per_sample(path: str | Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def champion_per_sample(mlclient, mv) -> list[dict]:
     """Download the champion's per-sample results from its run."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path="eval/per_sample.jsonl", dst_path=tmp
+            run_id=mv.run_id, artifact_path=f"eval/{PER_SAMPLE}", dst_path=tmp
         )
-        return load_per_sample(local)
+        return read_records(local)
 
 
 def register_version(cfg: Config, checkpoint_dir, report: dict, lineage: dict | None = None):
@@ -162,7 +158,7 @@ def _champion_records(mlclient, champ, mine: str, champion_report: dict | None) 
         and str(champion_report.get("version")) == str(champ.version)
         and champion_report.get("benchmark") == mine
     ):
-        return load_per_sample(champion_report["per_sample_path"])
+        return read_records(champion_report["per_sample_path"])
     return None
 
 
@@ -224,7 +220,7 @@ def register_and_gate(
     mlclient = client(cfg)
     created = register_version(cfg, checkpoint_dir, report, lineage)
     mv = mlclient.get_model_version(created.name, created.version)
-    records = load_per_sample(report["per_sample_path"])
+    records = read_records(report["per_sample_path"])
     name = cfg.registry.model_name
     with registry_lock(cfg, name):
         # Read the champion only now, under the lock: whoever held it before may have moved it.

@@ -51,7 +51,7 @@ def resolve_init(cfg: Config, init_from: str | os.PathLike | None) -> str | None
     if init_from is None:
         return None
     if str(init_from).startswith("models:/"):
-        from pipelines.registry import resolve_model  # written by the registry part; lazily
+        from pipelines.core.model_uri import resolve_model
 
         return str(Path(resolve_model(cfg, str(init_from))).resolve())
     path = Path(init_from).expanduser().resolve()

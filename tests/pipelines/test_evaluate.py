@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from pipelines.config import load_config
+from pipelines.core.records import ALL_METRICS, compute_metrics, read_records
 from pipelines.evaluate import evaluate
-from pipelines.evaluate.scoring import ALL_METRICS, compute_metrics
-from pipelines.registry.register import load_per_sample
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def test_report_card_is_complete_deterministic_and_recomputable(cfg, tiny_datase
     assert a["metrics"] == b["metrics"] and a["benchmark"] == b["benchmark"]
     assert open(a["per_sample_path"]).read() == open(b["per_sample_path"]).read()
     assert a["benchmark"].startswith(tiny_dataset.name) or a["dataset_version"] in a["benchmark"]
-    records = load_per_sample(a["per_sample_path"])
+    records = read_records(a["per_sample_path"])
     assert len(records) == a["num_images"] > 0
     assert compute_metrics(records) == a["metrics"]
     # The file alone reproduces mmcore's corpus metrics.
@@ -70,7 +69,7 @@ def test_ray_tasks_give_the_same_results(cfg, tiny_dataset, tiny_checkpoint, tmp
     local = evaluate(cfg, tiny_checkpoint, tiny_dataset, tmp_path / "local")
     cfg.eval.parallel = "ray"
     on_ray = evaluate(cfg, tiny_checkpoint, tiny_dataset, tmp_path / "ray")
-    a, b = load_per_sample(local["per_sample_path"]), load_per_sample(on_ray["per_sample_path"])
+    a, b = read_records(local["per_sample_path"]), read_records(on_ray["per_sample_path"])
     assert [r["key"] for r in a] == [r["key"] for r in b]
     assert [r["generated"] for r in a] == [r["generated"] for r in b]
     for m, v in local["metrics"].items():
@@ -85,7 +84,7 @@ def test_evaluate_on_real_coco_photos(coco_mini, ray_local, tmp_path, cfg, make_
     vdir = ingest(coco_mini, tmp_path / "datasets", data_cfg)
     ckpt = make_untrained_checkpoint(vdir, tmp_path / "ckpt")
     report = evaluate(cfg, ckpt, vdir, tmp_path / "eval")
-    records = load_per_sample(report["per_sample_path"])
+    records = read_records(report["per_sample_path"])
     assert report["num_images"] == len(records) > 20
     assert report["num_captions"] >= 5 * len(records) - 5  # COCO: 5 (rarely 6) captions per photo
     assert all(len(r["references"]) >= 5 for r in records)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.evaluate.scoring import metric_value
+from pipelines.core.records import metric_value
 from pipelines.registry.gate import GateError, decide
 
 

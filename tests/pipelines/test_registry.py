@@ -17,10 +17,10 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.core.checkpoints import RESUME_FILES
-from pipelines.evaluate.scoring import RATIO_METRICS, metric_value
+from pipelines.core.model_uri import ModelURIError
+from pipelines.core.records import RATIO_METRICS, metric_value
 from pipelines.registry import list_models, register_and_gate, resolve_model, rollback, show
 from pipelines.registry import register as register_mod
-from pipelines.registry.resolve import ModelURIError
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 torch = pytest.importorskip("torch")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pipelines.core.storage import get_fs, join, read_json
+from pipelines.core.storage import IMAGE_SUFFIXES, get_fs, join, read_json
 from pipelines.ingest.sources.coco import list_coco
-from pipelines.ingest.sources.common import IMAGE_EXTS, find_files
+from pipelines.ingest.sources.common import find_files
 from pipelines.ingest.sources.folder import list_folder
 from pipelines.ingest.sources.jsonl import list_jsonl
 from pipelines.ingest.sources.tabular import list_tabular, tabular_files
@@ -56,7 +56,7 @@ def detect_format(source: str) -> str:
             return fmt
     if find_files(source, ".tar"):
         return "webdataset"
-    if any(n.endswith(IMAGE_EXTS) for n in top) or fs.find(path):
+    if any(n.endswith(IMAGE_SUFFIXES) for n in top) or fs.find(path):
         return "folder"
     raise ValueError(f"{source} is an empty folder")
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from pipelines.core.storage import join
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 

@@ -3,6 +3,8 @@
 Accepted: a checkpoint directory, `models:/NAME@ALIAS`, `models:/NAME/VERSION`. Registry
 versions are downloaded once into `<home>/models/NAME/VERSION` and checked against the
 `weights_sha256` tag recorded at registration, so what loads is exactly what was registered.
+It lives in `core` because training (fine-tuning from `models:/...`), evaluation and serving all
+resolve URIs, and none of them may import the registry job.
 """
 
 from __future__ import annotations
