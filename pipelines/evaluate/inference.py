@@ -38,17 +38,19 @@ def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
     )
 
 
-def _decode(sample: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
-    """A raw shard sample -> image tensor `(3, S, S)`, every caption's ids, every QA pair's ids."""
-    from mmcore.data import SampleConfig, decode_sample, encode
+def _decode(raw: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
+    """A raw shard sample -> image tensor `(3, S, S)`, every caption's ids, every answerable QA
+    pair's question ids (all read through `mmcore.data.parse_sample`)."""
+    from mmcore.data import SampleConfig, decode_sample, encode, parse_sample
 
+    sample = parse_sample(raw)
     item = decode_sample(sample, tokenizer, SampleConfig(s.image_size, s.max_text_len, s.max_answer_len), train=False)
-    qa = [p for p in item["qa"] if p.get("question") and p.get("answers")]
+    qa = sample.answerable_qa
     return {
-        "key": item["key"],
+        "key": sample.key,
         "image": item["image"],
-        "captions": list(item["captions"]),
-        "caption_ids": [torch.tensor(encode(tokenizer, c, s.max_text_len)) for c in item["captions"]],
+        "captions": list(sample.captions),
+        "caption_ids": [torch.tensor(encode(tokenizer, c, s.max_text_len)) for c in sample.captions],
         "qa": qa,
         "question_ids": [torch.tensor(encode(tokenizer, p["question"], s.max_text_len)) for p in qa],
     }
