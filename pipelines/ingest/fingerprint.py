@@ -6,7 +6,7 @@ hashed too, which covers images a manifest names outside the source folder by lo
 
 Hashing every local byte on the driver would read the whole source through one machine before
 any cleaning starts. So the image files are hashed by the Ray workers that read them anyway
-(`stage.process_ref` returns each file's sha256), and the driver hashes only what no worker read
+(`stage.process_batch` gives each row its file's sha256, `file_sha`), and the driver hashes only what no worker read
 (manifests, annotation files, images of rejected Refs). Both ways give the same value.
 
 `quick_key` is the cheap stand-in, from the listing alone (path, size, mtime): the same key means

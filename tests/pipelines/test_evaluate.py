@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -33,7 +35,9 @@ def test_report_card_is_complete_deterministic_and_recomputable(cfg, tiny_datase
     assert set(a["metrics"]) == set(ALL_METRICS)
     assert a["metrics"] == b["metrics"] and a["benchmark"] == b["benchmark"]
     assert open(a["per_sample_path"]).read() == open(b["per_sample_path"]).read()
-    assert a["benchmark"].startswith(tiny_dataset.name) or a["dataset_version"] in a["benchmark"]
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    assert a["dataset_version"] == manifest["version"]
+    assert re.fullmatch(re.escape(manifest["version"]) + r":test-[0-9a-f]{12}", a["benchmark"])
     records = read_records(a["per_sample_path"])
     assert len(records) == a["num_images"] > 0
     assert compute_metrics(records) == a["metrics"]
@@ -51,7 +55,9 @@ def test_report_card_is_complete_deterministic_and_recomputable(cfg, tiny_datase
         assert v is None or (0.0 <= v <= (10.0 if m == "cider_d" else 1.0)), (m, v)
     assert len(a["examples"]) == min(cfg.eval.num_samples_shown, len(records))
     card = json.loads(open(a["report_card_path"]).read())
-    assert card["metrics"] == a["metrics"]
+    weights = (tiny_checkpoint / "model.safetensors").read_bytes()
+    assert card["weights_sha256"] == hashlib.sha256(weights).hexdigest()  # names the bytes scored
+    assert card["num_images"] == len(records) and card["num_captions"] == sum(len(r["references"]) for r in records)
 
 
 def test_itm_rerank_only_reorders_the_top_k(cfg, tiny_dataset, tiny_checkpoint, tmp_path):
