@@ -32,8 +32,8 @@ def main() -> int:
     from bench.gpu import synthetic_batch
     from mmcore.losses import build_loss
     from mmcore.model import build_model, model_config
-    from pipelines.train.loop import gather_with_grad, train_step
     from pipelines.train.optim import build_optimizer
+    from pipelines.train.steps import gather_with_grad, train_step
 
     dist.init_process_group("gloo" if args.cpu else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -58,8 +58,8 @@ def main() -> int:
         return 2
     from mmcore.losses import build_loss
     from mmcore.model import build_model, count_parameters, model_config
-    from pipelines.train.loop import train_step
     from pipelines.train.optim import build_optimizer
+    from pipelines.train.steps import train_step
     from pipelines.train.throughput import mfu, peak_flops, train_flops_per_sample
 
     device = torch.device("cuda", torch.cuda.current_device())

@@ -150,8 +150,8 @@ def run_ingest(src: Path, out: Path, cfg, memory: bool = False) -> tuple[float, 
     """(seconds, samples kept, peak bytes or 0) of one `ingest` call on a warm local Ray."""
     from contextlib import nullcontext
 
+    from pipelines.core.dataset import read_report
     from pipelines.ingest import ingest
-    from pipelines.ingest.layout import read_report
 
     with PeakMemory() if memory else nullcontext() as mem:
         t = time.perf_counter()

@@ -50,9 +50,10 @@ def make_dataset(cfg, root: Path) -> str:
 
 def baseline(job, steps: int, threads: int) -> float:
     """Samples/s of a plain loop over in-memory batches (decoded before timing)."""
-    from pipelines.ingest.layout import read_shard
-    from pipelines.train.loop import build_losses, initial_model, sample_codec, train_step
+    from pipelines.core.dataset import read_shard
     from pipelines.train.optim import build_optimizer
+    from pipelines.train.resume import initial_model
+    from pipelines.train.steps import build_losses, sample_codec, train_step
 
     torch.set_num_threads(threads)
     decode, collate = sample_codec(job, train=True)
@@ -72,7 +73,8 @@ def baseline(job, steps: int, threads: int) -> float:
 
 def loader_alone(job, batches: int) -> float:
     """Samples/s of the training stream by itself (one rank, the configured loader workers)."""
-    from pipelines.train.loop import Worker, build_train_loader
+    from pipelines.train.steps import build_train_loader
+    from pipelines.train.worker import Worker
 
     worker = Worker(rank=0, world_size=1, device=torch.device("cpu"), amp_dtype=None)
     it = iter(build_train_loader(job, worker, start_step=0))

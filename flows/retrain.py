@@ -94,7 +94,7 @@ def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[s
     report = evaluate(cfg, finetuned, data_dir)
     champion_report = evaluate_champion(cfg, data_dir, report["benchmark"])
     lineage = {
-        "dataset_version": Path(data_dir).name,
+        "dataset_version": report["dataset_version"],
         "dataset_dir": data_dir,
         "config_hash": cfg.hash(),
         "code_version": code_version(),

@@ -138,7 +138,7 @@ def make_untrained_checkpoint():
     from mmcore.checkpoint import save_checkpoint
     from mmcore.data import special_token_ids, train_tokenizer
     from mmcore.model import build_model, model_config
-    from pipelines.ingest.layout import shard_paths
+    from pipelines.core.dataset import shard_paths
     from pipelines.train.data import sample_texts
 
     def make(data_dir, out_dir, seed: int = 0, extra: dict | None = None) -> Path:

@@ -1,47 +1,193 @@
-"""House rule 1: imports run one way, mmfusion (CLI) -> flows -> pipelines -> mmcore."""
+"""House rule 1: imports run one way, and the project's modules import no cycle.
+
+An allowlist with ranks: a module may import its own package and the packages ranked below it,
+nothing else of the project. Imports inside functions (and under `TYPE_CHECKING`) count: a lazy
+import is still a dependency. `bench/` and the CLI (`mmfusion/`) are covered like the rest.
+"""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# package -> top-level modules it must never import
-FORBIDDEN = {
-    "mmcore": {"ray", "prefect", "mlflow", "webdataset", "pipelines", "flows", "mmfusion", "yaml"},
-    "pipelines": {"flows", "prefect", "mmfusion"},
-    "flows": {"mmfusion"},
-}
+# Lowest first. A layer is a module prefix; a module belongs to the longest layer that prefixes it.
+RANKS = (
+    "mmcore",
+    "pipelines.config",
+    "pipelines.runtime",
+    "pipelines.core",
+    "pipelines.ingest",
+    "pipelines.train",
+    "pipelines.evaluate",
+    "pipelines.serve",
+    "pipelines.registry",
+    "pipelines.tune",
+    "flows",
+    "mmfusion",
+    "bench",
+)
+TOP_LEVEL = ("mmcore", "pipelines", "flows", "mmfusion", "bench")
+
+# Third-party packages each layer may not import (mmcore: only what the allowlist below names).
+MMCORE_THIRD_PARTY = {"torch", "torchvision", "transformers", "tokenizers", "safetensors", "PIL", "numpy"}
+FORBIDDEN = {"pipelines": {"prefect"}}
 
 
-def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
+def module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(root: Path, path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in the file, as absolute dotted names. `from a import b`
+    names `a.b` when `b` is a module of the project, else `a`."""
+    name = module_name(root, path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base]) if base else ".".join(anchor)
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.add(sub if _is_module(root, sub) else base)
+    return out
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_import_direction(package: str) -> None:
-    files = sorted((ROOT / package).rglob("*.py"))
-    assert files, f"no sources found under {package}/"
-    violations = [
-        f"{f.relative_to(ROOT)} imports {name}"
-        for f in files
-        for name in sorted(imported_modules(f) & FORBIDDEN[package])
+def _is_module(root: Path, dotted: str) -> bool:
+    rel = Path(*dotted.split("."))
+    return (root / rel).with_suffix(".py").is_file() or (root / rel / "__init__.py").is_file()
+
+
+def layer_of(module: str) -> str | None:
+    found = [r for r in RANKS if module == r or module.startswith(r + ".")]
+    return max(found, key=len) if found else None
+
+
+def sources(root: Path) -> list[Path]:
+    return sorted(p for top in TOP_LEVEL if (root / top).is_dir() for p in (root / top).rglob("*.py"))
+
+
+def rank_violations(root: Path) -> list[str]:
+    """`file imports module (layer a may not import layer b)` for every import against the ranks."""
+    out = []
+    for path in sources(root):
+        mine = layer_of(module_name(root, path))
+        for target in sorted(imports_of(root, path)):
+            theirs = layer_of(target)
+            if mine is None or theirs is None or theirs == mine:
+                continue
+            if RANKS.index(theirs) > RANKS.index(mine):
+                out.append(f"{path.relative_to(root)} imports {target} ({mine} may not import {theirs})")
+    return out
+
+
+def third_party_violations(root: Path) -> list[str]:
+    out = []
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for path in sources(root):
+        mine = module_name(root, path).split(".")[0]
+        for target in sorted(imports_of(root, path)):
+            top = target.split(".")[0]
+            if top in TOP_LEVEL or top in stdlib:
+                continue
+            if (mine == "mmcore" and top not in MMCORE_THIRD_PARTY) or top in FORBIDDEN.get(mine, ()):
+                out.append(f"{path.relative_to(root)} imports {target}")
+    return out
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Cycles among the project's own modules (a package's `__init__` is the package's module)."""
+    graph: dict[str, set[str]] = {}
+    for path in sources(root):
+        mods = {t for t in imports_of(root, path) if t.split(".")[0] in TOP_LEVEL and _is_module(root, t)}
+        graph[module_name(root, path)] = mods - {module_name(root, path)}
+    cycles, done, stack = [], set(), []
+
+    def visit(node: str) -> None:
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in stack:
+                cycles.append([*stack[stack.index(nxt):], nxt])
+            elif nxt not in done:
+                visit(nxt)
+        stack.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        if node not in done:
+            visit(node)
+    return cycles
+
+
+def test_every_module_has_a_rank():
+    unranked = [str(p.relative_to(ROOT)) for p in sources(ROOT) if layer_of(module_name(ROOT, p)) is None]
+    # `pipelines/__init__.py` is the namespace itself; everything else must sit in a layer.
+    assert unranked == ["pipelines/__init__.py"]
+
+
+def test_imports_follow_the_ranks():
+    violations = rank_violations(ROOT)
+    assert not violations, "imports against the ranks:\n" + "\n".join(violations)
+
+
+def test_third_party_imports_stay_in_their_layer():
+    violations = third_party_violations(ROOT)
+    assert not violations, "third-party imports against the layering:\n" + "\n".join(violations)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(ROOT)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Path:
+    """A tiny tree shaped like the project, with nothing wrong in it yet."""
+    for pkg in ("mmcore", "pipelines", "pipelines/core", "pipelines/train", "pipelines/registry"):
+        (tmp_path / pkg).mkdir(parents=True, exist_ok=True)
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "mmcore" / "model.py").write_text("import torch\n")
+    (tmp_path / "pipelines" / "core" / "files.py").write_text("import json\n")
+    (tmp_path / "pipelines" / "train" / "loop.py").write_text("from pipelines.core import files\n")
+    (tmp_path / "pipelines" / "registry" / "gate.py").write_text("from pipelines.train.loop import x\n")
+    return tmp_path
+
+
+def test_the_checker_passes_a_clean_tree(planted: Path):
+    assert rank_violations(planted) == [] and import_cycles(planted) == []
+    assert third_party_violations(planted) == []
+
+
+def test_the_checker_catches_an_upward_import_inside_a_function(planted: Path):
+    (planted / "pipelines" / "train" / "driver.py").write_text(
+        "def f():\n    from pipelines.registry import gate\n"
+    )
+    assert rank_violations(planted) == [
+        "pipelines/train/driver.py imports pipelines.registry.gate "
+        "(pipelines.train may not import pipelines.registry)"
     ]
-    assert not violations, "imports against the layering:\n" + "\n".join(violations)
 
 
-def test_checker_sees_violations(tmp_path: Path) -> None:
-    """The checker itself must catch both import forms, including ones inside functions."""
-    f = tmp_path / "bad.py"
-    f.write_text("import ray.data\n\ndef g():\n    from prefect import flow\n")
-    assert imported_modules(f) == {"ray", "prefect"}
+def test_the_checker_catches_a_lazy_cycle_inside_one_package(planted: Path):
+    (planted / "pipelines" / "core" / "a.py").write_text("from pipelines.core import b\n")
+    (planted / "pipelines" / "core" / "b.py").write_text("def g():\n    from . import a\n")
+    assert import_cycles(planted) == [["pipelines.core.a", "pipelines.core.b", "pipelines.core.a"]]
+
+
+def test_the_checker_catches_a_forbidden_third_party_import(planted: Path):
+    (planted / "mmcore" / "bad.py").write_text("def g():\n    import ray.data\n")
+    (planted / "pipelines" / "core" / "bad.py").write_text("from prefect import flow\n")
+    assert third_party_violations(planted) == ["mmcore/bad.py imports ray.data",
+                                               "pipelines/core/bad.py imports prefect"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,33 @@ class SampleConfig:
     max_answer_len: int = 8
 
 
+@dataclass(frozen=True)
+class ShardSample:
+    """One shard sample with its members read: the one owner of the `txt`/`json` schema.
+
+    `image` is the `jpg` member as stored (JPEG bytes, or an image a caller decoded already;
+    None when the sample has none); `caption` the primary caption (`txt`, "" for a QA-only
+    sample); `captions` all of them; `qa` the `{"question", "answers"}` pairs as stored; `meta`
+    the whole `json` document (`id`, `split`, `source`, `width`, `height`, `meta`, ...).
+    """
+
+    key: str
+    image: Any
+    caption: str
+    captions: list[str]
+    qa: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def answerable_qa(self) -> list[dict]:
+        """The QA pairs that have a question and at least one answer."""
+        return [p for p in self.qa if p.get("question") and p.get("answers")]
+
+    @property
+    def split(self) -> str | None:
+        return self.meta.get("split")
+
+
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
 
@@ -32,9 +59,24 @@ def _meta(sample: dict) -> dict:
     return value if isinstance(value, dict) else json.loads(_text(value))
 
 
-def _choose_qa(qa: list, train: bool, rng) -> tuple[str, str] | None:
-    """Training: a random pair and a random answer; eval: the first pair and its most common answer."""
-    pairs = [p for p in qa if p.get("question") and p.get("answers")]
+def parse_sample(raw: dict) -> ShardSample:
+    """A raw shard sample (`{"__key__", "jpg", "txt", "json"}`, members as bytes or already
+    decoded) -> `ShardSample`. No image is decoded."""
+    meta = _meta(raw)
+    primary = _text(raw["txt"]) if "txt" in raw else (meta.get("captions") or [""])[0]
+    return ShardSample(
+        key=raw.get("__key__", ""),
+        image=raw.get("jpg"),
+        caption=primary,
+        captions=list(meta.get("captions") or [primary]),
+        qa=list(meta.get("qa") or []),
+        meta=meta,
+    )
+
+
+def _choose_qa(pairs: list[dict], train: bool, rng) -> tuple[str, str] | None:
+    """Of answerable `pairs`: training takes a random pair and a random answer; evaluation the
+    first pair and its most common answer."""
     if not pairs:
         return None
     pair = rng.choice(pairs) if train else pairs[0]
@@ -43,32 +85,30 @@ def _choose_qa(qa: list, train: bool, rng) -> tuple[str, str] | None:
     return pair["question"], answer
 
 
-def decode_sample(sample: dict, tokenizer, cfg: SampleConfig, train: bool, rng=None) -> dict[str, Any]:
-    """Shard sample -> `{"key", "image" (3, S, S), "caption_ids" (L,), "question_ids" (Lq,),
-    "answer_ids" (La,), "has_qa", "captions", "qa"}`. Members may be raw bytes or already decoded.
+def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, train: bool, rng=None) -> dict[str, Any]:
+    """Shard sample (raw, or parsed by `parse_sample`) -> `{"key", "image" (3, S, S),
+    "caption_ids" (L,), "question_ids" (Lq,), "answer_ids" (La,), "has_qa", "captions", "qa"}`.
+    Raw members may be bytes or already decoded.
 
     Training picks a random caption (and QA pair); evaluation uses the primary caption (`txt`).
     """
     rng = rng or random
-    key = sample.get("__key__", "")
-    if "jpg" not in sample:
-        raise KeyError(f"sample {key!r} has no 'jpg' member; members are {sorted(sample)}")
-    meta = _meta(sample)
-    primary = _text(sample["txt"]) if "txt" in sample else (meta.get("captions") or [""])[0]
-    captions = meta.get("captions") or [primary]
-    caption = rng.choice(captions) if train else primary
-    qa = meta.get("qa") or []
-    chosen = _choose_qa(qa, train, rng)
+    if not isinstance(sample, ShardSample):
+        if "jpg" not in sample:
+            raise KeyError(f"sample {sample.get('__key__', '')!r} has no 'jpg' member; members are {sorted(sample)}")
+        sample = parse_sample(sample)
+    caption = rng.choice(sample.captions) if train else sample.caption
+    chosen = _choose_qa(sample.answerable_qa, train, rng)
     question, answer = chosen if chosen else ("", "")
-    img = load_image(sample["jpg"])
+    img = load_image(sample.image)
     image = train_image(img, cfg.image_size, rng) if train else image_transform(cfg.image_size, False)(img)
     return {
-        "key": key,
+        "key": sample.key,
         "image": image,
         "caption_ids": torch.tensor(encode(tokenizer, caption, cfg.max_text_len)),
         "question_ids": torch.tensor(encode(tokenizer, question, cfg.max_text_len)),
         "answer_ids": torch.tensor(encode(tokenizer, answer, cfg.max_answer_len)),
         "has_qa": chosen is not None,
-        "captions": captions,
-        "qa": qa,
+        "captions": sample.captions,
+        "qa": sample.qa,
     }

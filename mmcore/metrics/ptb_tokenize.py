@@ -54,9 +54,3 @@ def ptb_tokenize(text: str) -> list[str]:
             tokens.extend(_split_word(tok) if tok[0].isalnum() else [tok])
     return [t for t in tokens if t not in PUNCTUATIONS and t != '"']
 
-
-def tokenize_corpus(texts: dict) -> dict:
-    """`{id: str | list[str]}` -> the same with each string replaced by its space-joined tokens."""
-    def one(s: str) -> str:
-        return " ".join(ptb_tokenize(s))
-    return {k: [one(s) for s in v] if isinstance(v, (list, tuple)) else one(v) for k, v in texts.items()}

@@ -37,7 +37,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipelines.ingest.inspect import inspect_version
+    from pipelines.ingest.inspection import inspect_version
 
     info = inspect_version(args.dir, args.samples)
     if args.json:
@@ -56,7 +56,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipelines.ingest.inspect import validate_version
+    from pipelines.ingest.inspection import validate_version
 
     result = validate_version(args.dir)
     for p in result["problems"]:

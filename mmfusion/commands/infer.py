@@ -53,14 +53,14 @@ def register(subparsers) -> None:
 
 
 def _predictor(args):
-    from pipelines.evaluate.predict import load_predictor
+    from pipelines.serve.predict import load_predictor
 
     cfg = config_from_args(args)
     return cfg, load_predictor(cfg, args.model or f"models:/{cfg.registry.model_name}@champion", args.device)
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from pipelines.evaluate.predict import caption
+    from pipelines.serve.predict import caption
 
     cfg, p = _predictor(args)
     beams = args.beams or cfg.eval.num_beams
@@ -70,7 +70,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
 
 def run_answer(args: argparse.Namespace) -> int:
-    from pipelines.evaluate.predict import answer
+    from pipelines.serve.predict import answer
 
     cfg, p = _predictor(args)
     print(answer(p, args.image, args.question, cfg.model.max_answer_len))
@@ -78,7 +78,7 @@ def run_answer(args: argparse.Namespace) -> int:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    from pipelines.evaluate.predict import image_files, retrieve
+    from pipelines.serve.predict import image_files, retrieve
 
     _, p = _predictor(args)
     for path, score in retrieve(p, image_files(args.images), args.text, args.top_k):

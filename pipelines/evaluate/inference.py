@@ -6,7 +6,6 @@ shard, and batches never straddle shards: the outputs are identical either way.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,23 +38,23 @@ def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
     )
 
 
-def _decode(sample: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
-    """A raw shard sample -> image tensor `(3, S, S)`, every caption's ids, every QA pair's ids."""
-    from mmcore.data import SampleConfig, decode_sample, encode
+def _decode(raw: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
+    """A raw shard sample -> image tensor `(3, S, S)`, every caption's ids, every answerable QA
+    pair's question ids (all read through `mmcore.data.parse_sample`)."""
+    from mmcore.data import SampleConfig, decode_sample, encode, parse_sample
     from pipelines.ingest.synth import scene_objects
 
+    sample = parse_sample(raw)
     item = decode_sample(sample, tokenizer, SampleConfig(s.image_size, s.max_text_len, s.max_answer_len), train=False)
-    meta = sample.get("json")
-    meta = meta if isinstance(meta, dict) else json.loads(meta) if meta else {}
-    qa = [p for p in item["qa"] if p.get("question") and p.get("answers")]
+    qa = sample.answerable_qa
     return {
-        "key": item["key"],
+        "key": sample.key,
         "image": item["image"],
-        "captions": list(item["captions"]),
-        "caption_ids": [torch.tensor(encode(tokenizer, c, s.max_text_len)) for c in item["captions"]],
+        "captions": list(sample.captions),
+        "caption_ids": [torch.tensor(encode(tokenizer, c, s.max_text_len)) for c in sample.captions],
         "qa": qa,
         "question_ids": [torch.tensor(encode(tokenizer, p["question"], s.max_text_len)) for p in qa],
-        "objects": scene_objects(meta),
+        "objects": scene_objects(sample.meta),
     }
 
 
@@ -111,7 +110,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def infer_shard(checkpoint_dir: str, url: str, s: InferenceSettings, num_threads: int | None = None) -> dict:
     """All model outputs for one shard (loads the checkpoint; runs in a Ray task or in-process)."""
     from mmcore.checkpoint import load_checkpoint
-    from pipelines.ingest.layout import read_shard
+    from pipelines.core.dataset import read_shard
 
     if num_threads:
         torch.set_num_threads(num_threads)

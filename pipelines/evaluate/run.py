@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config, home_dir
+from pipelines.core.checkpoints import weights_sha256
+from pipelines.core.dataset import benchmark_id
+from pipelines.core.records import compute_metrics, write_records
 from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
 from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
-from pipelines.evaluate.scoring import compute_metrics
 from pipelines.ingest.synth import PHRASE_VOCAB as SHAPES_VOCAB
-
-
-def benchmark_id(data_dir) -> tuple[str, str]:
-    """`(dataset version, benchmark id)`: the id is the version plus a hash of the test shards'
-    sha256s from the manifest, so it names exactly the bytes every model is scored on."""
-    from pipelines.ingest.layout import read_manifest
-
-    manifest = read_manifest(data_dir)
-    version = str(manifest.get("version") or Path(str(data_dir)).name)
-    shas = [str(e.get("sha256") or e["path"]) for e in manifest["splits"].get("test", [])]
-    digest = hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()[:12]
-    return version, f"{version}:test-{digest}"
 
 
 def _caption_scores(merged: dict) -> tuple[dict, dict]:
@@ -56,7 +45,7 @@ def _grounding(generated: str, objects: list | None) -> list[int] | None:
 
 
 def build_records(model, merged: dict, cfg: Config) -> list[dict]:
-    """One per-sample record per test image (format in `pipelines.evaluate.scoring`)."""
+    """One per-sample record per test image (format in `pipelines.core.records`)."""
     ranks = retrieval_ranks(model, merged, cfg.eval.itm_rerank_k, cfg.eval.batch_size)
     itm = itm_logits(model, merged, cfg.eval.batch_size)
     bleu, cider = _caption_scores(merged)
@@ -85,8 +74,7 @@ def _use_ray(cfg: Config, num_shards: int) -> bool:
 
 def _write(out_dir: Path, card: dict, records: list[dict]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_sample = out_dir / "per_sample.jsonl"
-    per_sample.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    per_sample = write_records(out_dir, records)
     path = out_dir / "report_card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return path, per_sample
@@ -99,9 +87,8 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     `report_card_path`, `per_sample_path`, sample counts and the settings used.
     """
     from mmcore.checkpoint import load_checkpoint
-    from pipelines.ingest.layout import shard_paths
-    from pipelines.registry.register import sha256_file
-    from pipelines.registry.resolve import resolve_model
+    from pipelines.core.dataset import shard_paths
+    from pipelines.core.model_uri import resolve_model
     from pipelines.runtime import init_ray
 
     start = time.time()
@@ -119,7 +106,7 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     merged = merge(infer_shards(str(ckpt), urls, settings, use_ray, cfg.eval.ray_cpus_per_task))
     model, tokenizer, _ = load_checkpoint(ckpt)
     records = build_records(model, merged, cfg)
-    weights = sha256_file(ckpt / "model.safetensors")
+    weights = weights_sha256(ckpt)
     card = {
         "model_uri": str(model_uri), "checkpoint": str(ckpt), "weights_sha256": weights,
         "dataset_version": version, "benchmark": benchmark,
@@ -140,16 +127,16 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
 
 def explain_examples(model, tokenizer, urls: list[str], keys: list[str], out_dir: Path, cfg: Config) -> list[str]:
     """Attention pictures (`mmfusion explain`) of the shown test examples: `<out_dir>/<key>.png`."""
-    from mmcore.data import load_image
+    from mmcore.data import load_image, parse_sample
+    from pipelines.core.dataset import read_shard
     from pipelines.evaluate.explain import explain, save_explanation
-    from pipelines.ingest.layout import read_shard
 
     wanted, paths = set(keys), {}
     for url in urls:
-        for sample in read_shard(url):
-            if sample["__key__"] in wanted:
-                expl = explain(model, tokenizer, load_image(sample["jpg"]), None, cfg.eval.max_len)
-                paths[sample["__key__"]] = str(save_explanation(expl, out_dir / f"{sample['__key__']}.png"))
+        for sample in map(parse_sample, read_shard(url)):
+            if sample.key in wanted:
+                expl = explain(model, tokenizer, load_image(sample.image), None, cfg.eval.max_len)
+                paths[sample.key] = str(save_explanation(expl, out_dir / f"{sample.key}.png"))
         if len(paths) == len(wanted):
             break
     return [paths[k] for k in keys if k in paths]

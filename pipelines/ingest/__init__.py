@@ -2,7 +2,7 @@
 
 `ingest(source, out_root, cfg, fmt=None) -> Path` (the version directory);
 `synth.synthesize(out_dir, num, seed)` makes the synthetic shapes source;
-`layout.shard_paths(version_dir, split)`, `layout.read_manifest`, `layout.read_report` read a version.
+`pipelines.core.dataset` reads a version (`shard_paths`, `read_manifest`, `read_report`).
 """
 
 from __future__ import annotations

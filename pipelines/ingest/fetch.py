@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
-from pipelines.ingest.layout import get_fs, is_remote
+from pipelines.core.storage import get_fs, is_remote
 
 MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 _OK_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")

@@ -6,7 +6,7 @@ hashed too, which covers images a manifest names outside the source folder by lo
 
 Hashing every local byte on the driver would read the whole source through one machine before
 any cleaning starts. So the image files are hashed by the Ray workers that read them anyway
-(`stage.process_ref` returns each file's sha256), and the driver hashes only what no worker read
+(`stage.process_batch` gives each row its file's sha256, `file_sha`), and the driver hashes only what no worker read
 (manifests, annotation files, images of rejected Refs). Both ways give the same value.
 
 `quick_key` is the cheap stand-in, from the listing alone (path, size, mtime): the same key means
@@ -22,9 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pipelines.ingest.layout import get_fs, is_remote
-
-_CHUNK = 1 << 20
+from pipelines.core.storage import get_fs, is_remote, sha256_file
 
 
 @dataclass(frozen=True)
@@ -91,15 +89,6 @@ def quick_key(listing: Listing, refs: list[dict], salt: str = "") -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: str) -> str:
-    """sha256 of a local file (plain `open`: fsspec's local layer costs more than the hashing)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def local_path(uri: str) -> str:
     """The key a worker's file digest is filed under: the absolute path, as the listing has it."""
     return os.path.abspath(uri.removeprefix("file://"))
@@ -119,7 +108,7 @@ def fingerprint(listing: Listing, refs: list[dict], digests: dict[str, str] | No
         threads = min(8, os.cpu_count() or 1, len(todo))
         step = -(-len(todo) // threads)
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            parts = pool.map(lambda i: [(p, _file_digest(p)) for p in todo[i : i + step]], range(0, len(todo), step))
+            parts = pool.map(lambda i: [(p, sha256_file(p)) for p in todo[i : i + step]], range(0, len(todo), step))
             hashed = {p: d for part in parts for p, d in part}
     h = hashlib.sha256()
     for path, size, stamp in listing.files:

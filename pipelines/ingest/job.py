@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import DataConfig
-from pipelines.ingest import layout
+from pipelines.core import dataset, storage
 from pipelines.ingest.dedup import deduplicate
 from pipelines.ingest.fingerprint import fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.shards import plan_shards, write_shard
@@ -227,19 +227,19 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
         listing = list_source(source)
         salt = json.dumps({"v": PIPELINE_VERSION, "fmt": fmt, "cfg": cleaning_config(cfg)}, sort_keys=True)
         key = quick_key(listing, refs, salt)[:32]
-        hint = layout.join(out_root, layout.INDEX_DIR, f"{key}.json")
+        hint = storage.join(out_root, dataset.INDEX_DIR, f"{key}.json")
         inputs: list[dict] | None = None
-        if listing.remote or layout.exists(hint):
+        if listing.remote or storage.exists(hint):
             inputs = [fingerprint(listing, refs)]
             version = version_id(cfg, fmt, inputs)
-            vdir = layout.join(out_root, version)
-            if layout.is_complete(vdir):
+            vdir = storage.join(out_root, version)
+            if dataset.is_complete(vdir):
                 log(f"version {version} already exists: {vdir} (nothing rewritten)")
-                return layout.as_path(vdir)
+                return storage.as_path(vdir)
     log(f"{len(refs)} inputs from {source} (format {fmt})")
     _ensure_ray()
-    staging = layout.join(out_root, layout.STAGING_DIR, key)
-    layout.remove(staging)  # leftovers of a killed run on the same inputs
+    staging = storage.join(out_root, dataset.STAGING_DIR, key)
+    storage.remove(staging)  # leftovers of a killed run on the same inputs
     try:
         rows = _clean_all(refs, cfg, staging, hash_files=inputs is None)
         log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
@@ -248,13 +248,13 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
                 digests = {local_path(r["image"]): r["file_sha"] for r in rows if r["file_sha"]}
                 inputs = [fingerprint(listing, refs, digests)]
                 version = version_id(cfg, fmt, inputs)
-                vdir = layout.join(out_root, version)
-                if layout.is_complete(vdir):  # same content under new names or mtimes
-                    layout.write_json_atomic(hint, {"version": version, "source": source})
+                vdir = storage.join(out_root, version)
+                if dataset.is_complete(vdir):  # same content under new names or mtimes
+                    storage.write_json_atomic(hint, {"version": version, "source": source})
                     log(f"version {version} already exists: {vdir} (same content; nothing rewritten)")
-                    return layout.as_path(vdir)
+                    return storage.as_path(vdir)
             log(f"version {version}: {vdir}")
-            layout.remove(vdir)  # leftovers of a killed run: never trusted, redone
+            storage.remove(vdir)  # leftovers of a killed run: never trusted, redone
             t1 = time.time()
             result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
             plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
@@ -264,16 +264,16 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
             entries = _write_shards(plans, vdir)
             log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
             finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
-            layout.write_json_atomic(hint, {"version": version, "source": source})
+            storage.write_json_atomic(hint, {"version": version, "source": source})
     finally:
-        layout.remove(staging)
-        if not layout.is_remote(staging):
+        storage.remove(staging)
+        if not storage.is_remote(staging):
             try:
-                os.rmdir(layout.get_fs(staging)[1].rsplit("/", 1)[0])  # `_staging/` once empty
+                os.rmdir(storage.get_fs(staging)[1].rsplit("/", 1)[0])  # `_staging/` once empty
             except OSError:
                 pass
     log(f"done in {time.time() - t0:.1f}s: {len(result.kept)} kept of {len(rows)}")
-    return layout.as_path(vdir)
+    return storage.as_path(vdir)
 
 
 def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
@@ -281,12 +281,12 @@ def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
     from pipelines.ingest.report import build_report, rejects_lines
 
     report = build_report(version, rows, result, entries, cfg)
-    layout.write_bytes_atomic(layout.join(vdir, layout.REJECTS), rejects_lines(rows, result))
-    layout.write_json_atomic(layout.join(vdir, layout.REPORT), report)
-    splits = {s: [e for e in entries if e["path"].startswith(f"{s}/")] for s in layout.SPLITS}
+    storage.write_bytes_atomic(storage.join(vdir, dataset.REJECTS), rejects_lines(rows, result))
+    storage.write_json_atomic(storage.join(vdir, dataset.REPORT), report)
+    splits = {s: [e for e in entries if e["path"].startswith(f"{s}/")] for s in dataset.SPLITS}
     manifest = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
                 "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()}}
-    layout.write_json_atomic(layout.join(vdir, layout.MANIFEST), manifest)
+    storage.write_json_atomic(storage.join(vdir, dataset.MANIFEST), manifest)
 
 

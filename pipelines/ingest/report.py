@@ -7,8 +7,8 @@ from collections import Counter
 from typing import Any
 
 from pipelines.config import DataConfig
+from pipelines.core.dataset import SPLITS
 from pipelines.ingest.dedup import DedupResult
-from pipelines.ingest.layout import SPLITS
 
 
 def build_report(version: str, rows: list[dict], result: DedupResult, entries: list[dict], cfg: DataConfig) -> dict[str, Any]:

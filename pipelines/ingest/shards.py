@@ -26,7 +26,8 @@ import os
 import tarfile
 from typing import Any
 
-from pipelines.ingest.layout import PARTIAL_SUFFIX, SPLITS, get_fs, is_remote, join, shard_name
+from pipelines.core.dataset import SPLITS, shard_name
+from pipelines.core.storage import PARTIAL_SUFFIX, get_fs, is_remote, join
 
 TAR_MTIME = 946684800  # 2000-01-01: a fixed mtime makes the tar bytes reproducible
 TAR_OWNER = "mmfusion"

@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.config import DataConfig
+from pipelines.core.storage import is_remote, join, open_atomic
 from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.imageclean import CleanImage, ImageReject, ImageSpec, clean_image
-from pipelines.ingest.layout import is_remote, join, open_atomic
 from pipelines.ingest.phash import phash_many
 from pipelines.ingest.shards import MemberWriter
 from pipelines.ingest.textclean import clean_captions, clean_qa

@@ -1,8 +1,8 @@
 """MLflow registry: register evaluated checkpoints, gate them against the champion, resolve URIs."""
 
+from pipelines.core.model_uri import ModelURIError, resolve_model
 from pipelines.registry.manage import list_models, promote, rollback, show
 from pipelines.registry.register import champion_benchmark, code_version, register_and_gate, register_version
-from pipelines.registry.resolve import ModelURIError, resolve_model
 
 __all__ = [
     "ModelURIError",

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipelines.evaluate.scoring import CORPUS_METRICS, metric_value, ratio_terms
+from pipelines.core.records import CORPUS_METRICS, metric_value, ratio_terms
 
 
 class GateError(ValueError):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pipelines.config import Config
+from pipelines.core.mlflow import CHAMPION, champion_version, client, registry_lock
+from pipelines.core.model_uri import ModelURIError, model_version, parse_models_uri
 from pipelines.registry.register import set_champion
-from pipelines.registry.resolve import ModelURIError, model_version, parse_models_uri
-from pipelines.registry.tracking import CHAMPION, champion_version, client, registry_lock
 
 
 def _summary(mv) -> dict:

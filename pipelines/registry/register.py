@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -11,18 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config
-from pipelines.registry import gate as gate_mod
-from pipelines.registry.tracking import (
+from pipelines.core.checkpoints import model_files, weights_sha256
+from pipelines.core.mlflow import (
     CHAMPION,
     champion_version,
     client,
     experiment_id,
     registry_lock,
 )
-
-# Training state kept beside the model for resuming: not part of the served model version.
-_STATE_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".tmp")
-_STATE_PREFIXES = ("optimizer", "scheduler", "rng", "train_state", "trainer_state")
+from pipelines.core.records import PER_SAMPLE, read_records
+from pipelines.registry import gate as gate_mod
 
 
 def code_version() -> str:
@@ -39,29 +36,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_files(checkpoint_dir: Path) -> list[Path]:
-    """The files that make up the served model: weights, config, tokenizer (relative paths)."""
-    if not (checkpoint_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{checkpoint_dir}: no model.safetensors; pass a checkpoint directory written by "
-            "mmcore.checkpoint.save_checkpoint (e.g. the path run_training returned)"
-        )
-    keep = []
-    for p in sorted(checkpoint_dir.rglob("*")):
-        name = p.name.lower()
-        if p.is_file() and not name.endswith(_STATE_SUFFIXES) and not name.startswith(_STATE_PREFIXES):
-            keep.append(p.relative_to(checkpoint_dir))
-    return keep
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -131,27 +105,22 @@ def _ensure_registered_model(mlclient, name: str) -> None:
             mlclient.get_registered_model(name)
 
 
-def load_per_sample(path: str | Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def champion_per_sample(mlclient, mv) -> list[dict]:
     """Download the champion's per-sample results from its run."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path="eval/per_sample.jsonl", dst_path=tmp
+            run_id=mv.run_id, artifact_path=f"eval/{PER_SAMPLE}", dst_path=tmp
         )
-        return load_per_sample(local)
+        return read_records(local)
 
 
 def register_version(cfg: Config, checkpoint_dir, report: dict, lineage: dict | None = None):
     """Log the run and create the model version (no gating). Returns the `ModelVersion`."""
     ckpt = Path(checkpoint_dir)
     mlclient = client(cfg)
-    tags = _lineage_tags(cfg, report, lineage or {}, sha256_file(ckpt / "model.safetensors"))
+    tags = _lineage_tags(cfg, report, lineage or {}, weights_sha256(ckpt))
     run_id, source = _log_run(cfg, ckpt, report, tags, mlclient)
     name = cfg.registry.model_name
     _ensure_registered_model(mlclient, name)
@@ -191,7 +160,7 @@ def _champion_records(mlclient, champ, mine: str, champion_report: dict | None) 
         and str(champion_report.get("version")) == str(champ.version)
         and champion_report.get("benchmark") == mine
     ):
-        return load_per_sample(champion_report["per_sample_path"])
+        return read_records(champion_report["per_sample_path"])
     return None
 
 
@@ -253,7 +222,7 @@ def register_and_gate(
     mlclient = client(cfg)
     created = register_version(cfg, checkpoint_dir, report, lineage)
     mv = mlclient.get_model_version(created.name, created.version)
-    records = load_per_sample(report["per_sample_path"])
+    records = read_records(report["per_sample_path"])
     name = cfg.registry.model_name
     with registry_lock(cfg, name):
         # Read the champion only now, under the lock: whoever held it before may have moved it.

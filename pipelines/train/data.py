@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.ingest.layout import read_shard
+from pipelines.core.dataset import read_shard
 
 Sample = dict[str, Any]
 
@@ -251,14 +251,13 @@ def val_batches(
 
 def sample_texts(urls: list[str], limit: int | None = None) -> Iterator[str]:
     """Every caption, question and answer in the shards (for training a tokenizer); no images decoded."""
-    import json
+    from mmcore.data import parse_sample
 
-    for count, sample in enumerate(s for url in urls for s in read_shard(url)):
+    for count, raw in enumerate(s for url in urls for s in read_shard(url)):
         if limit is not None and count >= limit:
             return
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        captions = meta.get("captions") or ([sample["txt"].decode("utf-8")] if "txt" in sample else [])
-        yield from captions
-        for qa in meta.get("qa") or []:
+        sample = parse_sample(raw)
+        yield from sample.captions
+        for qa in sample.qa:
             yield qa.get("question", "")
             yield from qa.get("answers", [])

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config, home_dir, mlflow_tracking_uri, train_storage
+from pipelines.core.checkpoints import CONFIG, CONFIG_FILES, TRAINER_STATE, WEIGHTS, is_checkpoint_dir
+from pipelines.core.dataset import version_id
+from pipelines.core.mlflow import artifact_location
 from pipelines.train.job import TrainJob
 
 log = logging.getLogger("pipelines.train")
@@ -49,20 +52,20 @@ def resolve_init(cfg: Config, init_from: str | os.PathLike | None) -> str | None
     if init_from is None:
         return None
     if str(init_from).startswith("models:/"):
-        from pipelines.registry import resolve_model  # written by the registry part; lazily
+        from pipelines.core.model_uri import resolve_model
 
         return str(Path(resolve_model(cfg, str(init_from))).resolve())
     path = Path(init_from).expanduser().resolve()
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+    if not is_checkpoint_dir(path):
         raise TrainingError(
-            f"--init {init_from}: not a checkpoint directory (needs model.safetensors and config.json). "
+            f"--init {init_from}: not a checkpoint directory (needs {WEIGHTS} and {CONFIG}). "
             "Pass the directory printed by `mmfusion train pretrain`, or a models:/NAME@alias URI."
         )
     return str(path)
 
 
 def split_urls(data_dir: str, split: str) -> list[str]:
-    from pipelines.ingest.layout import shard_paths
+    from pipelines.core.dataset import shard_paths
 
     try:
         urls = shard_paths(data_dir, split)
@@ -71,16 +74,9 @@ def split_urls(data_dir: str, split: str) -> list[str]:
     if not urls:
         raise TrainingError(
             f"dataset version {data_dir} has no {split} shards; ingest more data or change "
-            "data.split_fractions so that the {split} split is not empty"
+            f"data.split_fractions so that the {split} split is not empty"
         )
     return [u if "://" in u else str(Path(u).resolve()) for u in urls]
-
-
-def dataset_version(data_dir: str) -> str:
-    from pipelines.ingest.layout import read_manifest
-
-    manifest = read_manifest(data_dir)
-    return str(manifest.get("version") or manifest.get("version_id") or Path(str(data_dir)).name)
 
 
 def default_run_name(cfg: Config, task: str, version: str, init_dir: str | None) -> str:
@@ -144,9 +140,6 @@ def tokenizer_and_model_config(
     return tokenizer, model_cfg.to_dict()
 
 
-_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
 def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None:
     """The latest complete checkpoint of the run (a re-run resumes it), as a local directory, or None.
 
@@ -155,7 +148,7 @@ def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None
     (a few KB) are copied here; the weights and optimiser stay in the bucket, and Ray Train hands
     them to the workers.
     """
-    from pipelines.ingest.layout import get_fs, is_remote
+    from pipelines.core.storage import get_fs, is_remote
     from pipelines.train.state import latest_checkpoint
 
     found = latest_checkpoint(run_path)
@@ -164,7 +157,7 @@ def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None
     fs, ckpt = get_fs(str(found))
     local = home_dir(cfg) / "resume" / run_name / ckpt.rsplit("/", 1)[-1]
     local.mkdir(parents=True, exist_ok=True)
-    for name in _MODEL_FILES:
+    for name in CONFIG_FILES:
         if fs.exists(f"{ckpt}/{name}"):
             fs.get_file(f"{ckpt}/{name}", str(local / name))
     return str(local)
@@ -176,7 +169,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     tasks = resolve_tasks(cfg, task)
     init_dir = resolve_init(cfg, init_from)
     train_urls, val_urls = split_urls(data_dir, "train"), split_urls(data_dir, "val")
-    version = dataset_version(data_dir)
+    version = version_id(data_dir)
     name = run_name or default_run_name(cfg, task, version, init_dir)
     path = run_dir(cfg, name)
     resume = existing_checkpoint(cfg, name, path)
@@ -203,6 +196,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
         use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         fail_at_step=t.fail_at_step, fail_marker=f"{path}/.fail-at-step-{t.fail_at_step}" if t.fail_at_step is not None else None,
         mlflow_uri=mlflow_tracking_uri(cfg), mlflow_experiment=cfg.registry.experiment,
+        mlflow_artifact_location=artifact_location(cfg),
         lineage={"dataset_version": version, "data_dir": str(data_dir), "config_hash": cfg.hash(),
                  "init_from": str(init_from) if init_from else None, "preset": cfg.model.preset},
     )
@@ -303,14 +297,14 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
     except Exception as e:  # Ray wraps worker errors; keep the cause and name the run
         raise TrainingError(f"training run {job.run_name} failed: {e}") from e
     path = final_checkpoint_dir(cfg, result, job)
-    state = json.loads((path / "trainer_state.json").read_text()) if (path / "trainer_state.json").is_file() else {}
+    state = summary(path) if (path / TRAINER_STATE).is_file() else {}
     print(f"[train] {job.run_name} done at step {state.get('step')}: {path} "
           f"({state.get('samples_per_s', 0.0):.1f} samples/s)", flush=True)
     return path
 
 
 def summary(path: Path) -> dict[str, Any]:
-    """trainer_state.json of a checkpoint directory."""
+    """The trainer state of a checkpoint directory."""
     from pipelines.train.state import read_trainer_state
 
     return read_trainer_state(path)

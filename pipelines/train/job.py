@@ -43,9 +43,10 @@ class TrainJob:
     fail_marker: str | None = None
     mlflow_uri: str | None = None
     mlflow_experiment: str = "mmfusion"
+    mlflow_artifact_location: str | None = None  # the experiment's, when this run creates it
     lineage: dict[str, Any] = field(default_factory=dict)  # dataset version, config hash, init
 
     def describe(self) -> dict[str, Any]:
         """The loggable parameters (no tokenizer, no shard lists, no model config)."""
-        skip = {"tokenizer", "train_urls", "val_urls", "model_config"}
+        skip = {"tokenizer", "train_urls", "val_urls", "model_config", "mlflow_artifact_location"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}

@@ -1,7 +1,7 @@
 """The resumable half of a checkpoint: optimiser, scheduler, step and data position.
 
-A checkpoint directory is an mmcore checkpoint (`model.safetensors`, `config.json`, tokenizer
-files) plus the files written here:
+A checkpoint directory is an mmcore checkpoint (weights, config, tokenizer files) plus the files
+written here (their names: `pipelines.core.checkpoints`):
 - `trainer_state.json`: readable; `step`, `data_position`, latest `metrics`, run facts.
 - `optimizer.safetensors` + `optimizer.json`: the optimiser's tensors and its plain fields.
 - `scheduler.json`: the LR scheduler's state (plain numbers).
@@ -17,10 +17,14 @@ from typing import Any
 
 import torch
 
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_META = "optimizer.json"
-SCHEDULER_STATE = "scheduler.json"
+from pipelines.core.checkpoints import (
+    OPTIMIZER_META,
+    OPTIMIZER_TENSORS,
+    RESUME_FILES,
+    SCHEDULER_STATE,
+    TRAINER_STATE,
+)
+from pipelines.core.storage import get_fs, is_remote
 
 
 class TrainStateError(RuntimeError):
@@ -98,15 +102,10 @@ def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
         raise TrainStateError(f"{path}: not valid JSON ({e})") from e
 
 
-RESUME_FILES = frozenset({TRAINER_STATE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER_STATE})
-
-
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | str | None:
     """The complete checkpoint with the highest step under a run directory, or None: a `Path`
     for a local run, a URI for one on object storage. A checkpoint whose resume files are not
     all there (a write or upload cut short) is skipped."""
-    from pipelines.ingest.layout import get_fs, is_remote
-
     fs, root = get_fs(run_dir)
     if not fs.isdir(root):
         return None

@@ -28,8 +28,16 @@ TRIAL_MEMORY = 256 * 2**20  # bytes: the trial process, which loads the fine-tun
 SHOWN = ("val_i2t_r1", "val_vqa_acc", "val_itm_acc", "val_bleu4")  # besides the metric, in the table
 
 
+def tune_artifact_location(cfg: Config, experiment: str) -> str | None:
+    """The search experiment's artifact root beside the configured experiment's (None: a server's)."""
+    from pipelines.core.mlflow import artifact_location
+
+    location = artifact_location(cfg)
+    return None if location is None else location.rstrip("/").rpartition("/")[0] + f"/{experiment}"
+
+
 def known_metrics() -> tuple[str, ...]:
-    from pipelines.evaluate.scoring import ALL_METRICS
+    from pipelines.core.records import ALL_METRICS
 
     return tuple(f"val_{m}" for m in ALL_METRICS) + LOSSES
 
@@ -161,7 +169,7 @@ def run_search(cfg: Config, spec: SearchSpec) -> SearchResult:
     tracker = TrialsToMlflow(mlflow_tracking_uri(cfg), experiment, name, n_val_reports(cfg),
                              {"base_config_hash": cfg.hash(), "metric": spec.metric, "mode": spec.mode,
                               "space": "; ".join(f"{d.key}={d.describe()}" for d in spec.dims),
-                              "data_dir": str(data_dir)})
+                              "data_dir": str(data_dir)}, tune_artifact_location(cfg, experiment))
     print(f"[tune] {name}: {spec.samples} sample(s) over {', '.join(d.key for d in spec.dims)}; "
           f"ASHA on {spec.metric} ({spec.mode}), {n_val_reports(cfg)} validation reports a trial", flush=True)
     grid = build_tuner(cfg, spec, plan, [tracker, ReleaseEndedTrials(name)]).fit()

@@ -18,8 +18,9 @@ class TrialsToMlflow(Callback):
     error), `tune.reports`."""
 
     def __init__(self, tracking_uri: str, experiment: str, search_name: str, max_reports: int,
-                 params: dict[str, Any]):
+                 params: dict[str, Any], artifact_location: str | None = None):
         self.tracking_uri, self.experiment, self.search_name = tracking_uri, experiment, search_name
+        self.artifact_location = artifact_location  # never MLflow's ./mlruns fallback in a worker's cwd
         self.max_reports, self.params = max_reports, params
         self.parent_run_id: str | None = None
         self._client, self._exp_id, self._runs, self._last = None, None, {}, {}
@@ -31,9 +32,10 @@ class TrialsToMlflow(Callback):
     def setup(self, **info) -> None:
         from mlflow.tracking import MlflowClient
 
+        from pipelines.core.mlflow import ensure_experiment
+
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        exp = self._client.get_experiment_by_name(self.experiment)
-        self._exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+        self._exp_id = ensure_experiment(self._client, self.experiment, self.artifact_location)
         run = self._client.create_run(self._exp_id, run_name=self.search_name, tags={"tune.search": self.search_name})
         self.parent_run_id = run.info.run_id
         self._log(self.parent_run_id, params={k: str(v)[:500] for k, v in self.params.items()})

@@ -47,10 +47,11 @@ def prepare_dataset(cfg: Config) -> str:
 
 def prepare_tokenizer(cfg: Config, data_dir: str) -> None:
     """Train the dataset version's tokenizer once, before trials race to do it."""
-    from pipelines.train.driver import dataset_tokenizer, dataset_version, split_urls
+    from pipelines.core.dataset import version_id
+    from pipelines.train.driver import dataset_tokenizer, split_urls
 
     if not cfg.model.tokenizer:
-        dataset_tokenizer(cfg, split_urls(data_dir, "train"), dataset_version(data_dir))
+        dataset_tokenizer(cfg, split_urls(data_dir, "train"), version_id(data_dir))
 
 
 def n_val_reports(cfg: Config) -> int:
@@ -88,7 +89,7 @@ def validation_scores(cfg: Config, checkpoint: Path, data_dir: str) -> dict[str,
     from mmcore.checkpoint import load_checkpoint
     from pipelines.evaluate.inference import infer_shards, merge, settings_for
     from pipelines.evaluate.run import build_records
-    from pipelines.evaluate.scoring import compute_metrics
+    from pipelines.core.records import compute_metrics
     from pipelines.train.driver import split_urls
 
     merged = merge(infer_shards(str(checkpoint), split_urls(data_dir, "val"), settings_for(cfg, checkpoint), False))

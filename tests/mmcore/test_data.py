@@ -18,6 +18,7 @@ from mmcore.data import (
     encode,
     image_to_tensor,
     load_tokenizer,
+    parse_sample,
 )
 
 
@@ -140,6 +141,31 @@ def test_sample_without_qa_and_collate(samples, tokenizer, sample_cfg):
         assert mask.sum(1).tolist() == [len(x[f"{name}_ids"]) for x in items]
     with pytest.raises(KeyError, match="jpg"):
         decode_sample({"__key__": "x", "txt": b"hi"}, tokenizer, sample_cfg, False)
+
+
+def test_parse_sample_reads_the_members_once():
+    doc = {"id": "a", "captions": ["a red circle", "a circle"], "split": "val", "width": 3, "height": 2,
+           "qa": [{"question": "colour?", "answers": ["red"]}, {"question": "", "answers": ["x"]},
+                  {"question": "shape?", "answers": []}]}
+    raw = {"__key__": "k1", "jpg": b"\xff\xd8", "txt": b"a red circle", "json": json.dumps(doc).encode()}
+    s = parse_sample(raw)
+    assert (s.key, s.image, s.caption, s.captions, s.split) == ("k1", b"\xff\xd8", "a red circle", doc["captions"], "val")
+    assert s.qa == doc["qa"] and s.answerable_qa == [{"question": "colour?", "answers": ["red"]}]
+    assert s.meta == doc
+    # A QA-only sample: `txt` is "" and the model still sees one (empty) caption.
+    qa_only = parse_sample({"__key__": "k2", "txt": b"", "json": json.dumps({**doc, "captions": []}).encode()})
+    assert qa_only.caption == "" and qa_only.captions == [""] and qa_only.image is None
+    # No `txt`: the first stored caption is the primary one; no `json`: no metadata.
+    assert parse_sample({"json": json.dumps(doc)}).caption == "a red circle"
+    assert parse_sample({"__key__": "k3", "txt": "hi"}).captions == ["hi"]
+
+
+def test_decode_sample_takes_a_parsed_sample(samples, tokenizer, sample_cfg):
+    raw = samples[0]
+    a = decode_sample(raw, tokenizer, sample_cfg, train=False)
+    b = decode_sample(parse_sample(raw), tokenizer, sample_cfg, train=False)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["answer_ids"], b["answer_ids"])
+    assert (a["key"], a["captions"], a["qa"]) == (b["key"], b["captions"], b["qa"])
 
 
 def test_image_to_tensor(samples, tmp_path):

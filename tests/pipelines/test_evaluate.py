@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 
 import pytest
 import torch
 
 from pipelines.config import load_config
+from pipelines.core.records import ALL_METRICS, compute_metrics, read_records
 from pipelines.evaluate import evaluate
-from pipelines.evaluate.scoring import ALL_METRICS, compute_metrics
-from pipelines.registry.register import load_per_sample
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,10 @@ def test_report_card_is_complete_deterministic_and_recomputable(cfg, tiny_datase
     assert set(a["metrics"]) == set(ALL_METRICS)
     assert a["metrics"] == b["metrics"] and a["benchmark"] == b["benchmark"]
     assert open(a["per_sample_path"]).read() == open(b["per_sample_path"]).read()
-    assert a["benchmark"].startswith(tiny_dataset.name) or a["dataset_version"] in a["benchmark"]
-    records = load_per_sample(a["per_sample_path"])
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    assert a["dataset_version"] == manifest["version"]
+    assert re.fullmatch(re.escape(manifest["version"]) + r":test-[0-9a-f]{12}", a["benchmark"])
+    records = read_records(a["per_sample_path"])
     assert len(records) == a["num_images"] > 0
     assert compute_metrics(records) == a["metrics"]
     # The file alone reproduces mmcore's corpus metrics.
@@ -63,7 +66,9 @@ def test_report_card_is_complete_deterministic_and_recomputable(cfg, tiny_datase
         asked = [q for q in qa if question_type(q["question"]) == kind]
         assert asked and a["metrics"][f"vqa_{kind}"] == pytest.approx(sum(q["score"] for q in asked) / len(asked))
     card = json.loads(open(a["report_card_path"]).read())
-    assert card["metrics"] == a["metrics"]
+    weights = (tiny_checkpoint / "model.safetensors").read_bytes()
+    assert card["weights_sha256"] == hashlib.sha256(weights).hexdigest()  # names the bytes scored
+    assert card["num_images"] == len(records) and card["num_captions"] == sum(len(r["references"]) for r in records)
 
 
 def test_itm_rerank_only_reorders_the_top_k(cfg, tiny_dataset, tiny_checkpoint, tmp_path):
@@ -81,7 +86,7 @@ def test_ray_tasks_give_the_same_results(cfg, tiny_dataset, tiny_checkpoint, tmp
     local = evaluate(cfg, tiny_checkpoint, tiny_dataset, tmp_path / "local")
     cfg.eval.parallel = "ray"
     on_ray = evaluate(cfg, tiny_checkpoint, tiny_dataset, tmp_path / "ray")
-    a, b = load_per_sample(local["per_sample_path"]), load_per_sample(on_ray["per_sample_path"])
+    a, b = read_records(local["per_sample_path"]), read_records(on_ray["per_sample_path"])
     assert [r["key"] for r in a] == [r["key"] for r in b]
     assert [r["generated"] for r in a] == [r["generated"] for r in b]
     for m, v in local["metrics"].items():
@@ -96,7 +101,7 @@ def test_evaluate_on_real_coco_photos(coco_mini, ray_local, tmp_path, cfg, make_
     vdir = ingest(coco_mini, tmp_path / "datasets", data_cfg)
     ckpt = make_untrained_checkpoint(vdir, tmp_path / "ckpt")
     report = evaluate(cfg, ckpt, vdir, tmp_path / "eval")
-    records = load_per_sample(report["per_sample_path"])
+    records = read_records(report["per_sample_path"])
     assert report["num_images"] == len(records) > 20
     assert report["num_captions"] >= 5 * len(records) - 5  # COCO: 5 (rarely 6) captions per photo
     assert all(len(r["references"]) >= 5 for r in records)

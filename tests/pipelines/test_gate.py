@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.evaluate.scoring import metric_value
+from pipelines.core.records import metric_value
 from pipelines.registry.gate import GateError, decide
 
 
@@ -85,11 +85,14 @@ def test_margin_blocks_small_real_gains():
 
 
 def test_gate_is_deterministic_and_uses_other_ratio_metrics():
-    a, b = records(hits_with_rate(100, 0.7, 7)), records(hits_with_rate(100, 0.5, 8))
+    hits_a, hits_b = hits_with_rate(100, 0.7, 7), hits_with_rate(100, 0.5, 8)
+    a, b = records(hits_a), records(hits_b)
     d1 = decide(a, b, "vqa_acc", samples=200)
     d2 = decide(a, b, "vqa_acc", samples=200)
     assert d1 == d2
-    assert d1.challenger == metric_value(a, "vqa_acc")
+    # one question per record, scored 1 on a hit: VQA accuracy is the hit rate
+    assert d1.challenger == pytest.approx(hits_a.mean()) and d1.champion == pytest.approx(hits_b.mean())
+    assert d1.delta == pytest.approx(hits_a.mean() - hits_b.mean())
 
 
 def test_different_samples_are_refused():

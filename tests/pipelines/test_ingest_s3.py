@@ -9,9 +9,9 @@ import fsspec
 import pytest
 
 from pipelines.config import load_config
+from pipelines.core.dataset import SPLITS, read_manifest, read_report, read_shard, shard_paths
 from pipelines.ingest import ingest
-from pipelines.ingest.inspect import inspect_version, validate_version
-from pipelines.ingest.layout import SPLITS, read_manifest, read_report, read_shard, shard_paths
+from pipelines.ingest.inspection import inspect_version, validate_version
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import load_config
+from pipelines.core.dataset import SPLITS, read_report, read_shard, shard_paths
 from pipelines.ingest import ingest
-from pipelines.ingest.layout import SPLITS, read_report, read_shard, shard_paths
 from pipelines.ingest.sources import detect_format, list_refs
 from pipelines.ingest.synth import synthesize
 

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from pipelines.config import load_config
-from pipelines.evaluate.scoring import RATIO_METRICS, metric_value
+from pipelines.core.checkpoints import RESUME_FILES
+from pipelines.core.model_uri import ModelURIError
+from pipelines.core.records import RATIO_METRICS, metric_value
 from pipelines.registry import list_models, register_and_gate, resolve_model, rollback, show
 from pipelines.registry import register as register_mod
-from pipelines.registry.resolve import ModelURIError
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 torch = pytest.importorskip("torch")
@@ -39,7 +40,8 @@ def make_checkpoint(root: Path, seed: int) -> Path:
     safetensors_torch.save_file({"w": torch.randn(8, 4, generator=g)}, str(ckpt / "model.safetensors"))
     (ckpt / "config.json").write_text(json.dumps({"preset": "debug", "seed": seed}))
     (ckpt / "tokenizer.json").write_text(json.dumps({"vocab": ["a", "b"]}))
-    (ckpt / "optimizer.pt").write_bytes(b"\0" * 64)  # training state: must not be registered
+    for name in RESUME_FILES:  # training state: must not be registered
+        (ckpt / name).write_bytes(b"\0" * 64)
     return ckpt
 
 
@@ -130,7 +132,7 @@ def test_resolve_round_trip_gives_identical_files(cfg, tmp_path):
     for uri in (f"models:/{res['name']}@champion", res["model_uri"]):
         local = resolve_model(cfg, uri)
         names = sorted(p.name for p in local.iterdir())
-        assert names == ["config.json", "model.safetensors", "tokenizer.json"]  # no optimizer.pt
+        assert names == ["config.json", "model.safetensors", "tokenizer.json"]  # no resume files
         for n in names:
             assert (local / n).read_bytes() == (ckpt / n).read_bytes()
     assert resolve_model(cfg, ckpt) == ckpt.resolve()

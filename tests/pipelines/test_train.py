@@ -10,7 +10,7 @@ import json
 import pytest
 
 from pipelines.config import load_config
-from pipelines.ingest.layout import shard_paths
+from pipelines.core.dataset import shard_paths
 from pipelines.train import TrainingError, read_trainer_state, run_training
 
 pytestmark = pytest.mark.timeout(900)

@@ -153,7 +153,7 @@ def test_latest_checkpoint_picks_highest_complete_step(tmp_path):
 def test_dataset_tokenizer_is_trained_once_per_version(tiny_dataset, tmp_path):
     """Every run on one dataset version shares one tokenizer (training again could renumber ids)."""
     from pipelines.config import load_config
-    from pipelines.ingest.layout import shard_paths
+    from pipelines.core.dataset import shard_paths
     from pipelines.train.driver import dataset_tokenizer
 
     cfg = load_config("debug", [f"services.home={tmp_path}"])

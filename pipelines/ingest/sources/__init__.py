@@ -5,12 +5,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs, join
+from pipelines.core.storage import IMAGE_SUFFIXES, get_fs, join, read_json
 from pipelines.ingest.sources.coco import list_coco
-from pipelines.ingest.sources.common import IMAGE_EXTS, find_files
+from pipelines.ingest.sources.common import find_files
 from pipelines.ingest.sources.folder import list_folder
 from pipelines.ingest.sources.jsonl import list_jsonl
 from pipelines.ingest.sources.tabular import list_tabular, tabular_files
@@ -22,9 +21,7 @@ FORMATS = ("coco", "vqa", "jsonl", "csv", "parquet", "folder", "webdataset")
 
 def _json_kind(uri: str) -> str:
     """COCO captions or VQA, from the structure of one JSON file."""
-    fs, path = get_fs(uri)
-    with fs.open(path, "rb") as f:
-        data = json.loads(f.read().decode("utf-8"))
+    data = read_json(uri)
     if isinstance(data, dict) and "questions" in data:
         return "vqa"
     if isinstance(data, dict) and any("caption" in a for a in data.get("annotations", [])[:5]):
@@ -59,7 +56,7 @@ def detect_format(source: str) -> str:
             return fmt
     if find_files(source, ".tar"):
         return "webdataset"
-    if any(n.endswith(IMAGE_EXTS) for n in top) or fs.find(path):
+    if any(n.endswith(IMAGE_SUFFIXES) for n in top) or fs.find(path):
         return "folder"
     raise ValueError(f"{source} is an empty folder")
 

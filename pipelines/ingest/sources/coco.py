@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs, join
+from pipelines.core.storage import get_fs, join, read_json
 from pipelines.ingest.sources.common import image_loc, make_ref, reject_ref
 
 
@@ -36,9 +35,7 @@ def _image_base(json_uri: str) -> str:
 
 def read_coco(json_uri: str) -> Iterator[dict]:
     """One Ref per image (all its captions); orphan captions are rejects."""
-    fs, path = get_fs(json_uri)
-    with fs.open(path, "rb") as f:
-        data = json.loads(f.read().decode("utf-8"))
+    data = read_json(json_uri)
     base = _image_base(json_uri)
     caps: dict = defaultdict(list)
     for ann in data.get("annotations", []):

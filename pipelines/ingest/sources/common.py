@@ -11,9 +11,8 @@ import hashlib
 import re
 from typing import Any
 
-from pipelines.ingest.layout import join
+from pipelines.core.storage import join
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -76,7 +75,7 @@ def has_surrogates(text: str) -> bool:
 
 def find_files(source: str, suffix: str) -> list[str]:
     """URIs of the files under `source` (recursively) whose names end in `suffix`, sorted."""
-    from pipelines.ingest.layout import get_fs
+    from pipelines.core.storage import get_fs
 
     fs, root = get_fs(source)
     prefix = source[: len(source) - len(root)] if source.endswith(root) else ""

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs
-from pipelines.ingest.sources.common import IMAGE_EXTS, as_list, make_ref, reject_ref
+from pipelines.core.storage import IMAGE_SUFFIXES, get_fs
+from pipelines.ingest.sources.common import as_list, make_ref, reject_ref
 
 SIDECARS = (".txt", ".json")
 
@@ -46,7 +46,7 @@ def list_folder(source: str) -> Iterator[dict]:
         stem_path, dot, ext = path.rpartition(".")
         if not dot or "/" in ext:
             stem_path, ext = path, ""
-        if f".{ext.lower()}" in SIDECARS and any(stem_path + e in names for e in IMAGE_EXTS):
+        if f".{ext.lower()}" in SIDECARS and any(stem_path + e in names for e in IMAGE_SUFFIXES):
             continue  # a sidecar of an image
         if f".{ext.lower()}" in SIDECARS or rel.startswith(".") or rel.split("/")[-1].startswith("."):
             continue  # a stray sidecar / hidden file, not an input sample

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs, join
+from pipelines.core.storage import get_fs, join
 from pipelines.ingest.sources.common import as_list, image_loc, make_ref, reject_ref
 
 

@@ -13,7 +13,7 @@ import io
 import json
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs, join
+from pipelines.core.storage import get_fs, join
 from pipelines.ingest.sources.common import as_list, has_surrogates, image_loc, make_ref, reject_ref
 
 DEFAULTS = {

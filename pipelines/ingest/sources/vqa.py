@@ -16,22 +16,15 @@ test split's, is a `no_answers` reject.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs, join
+from pipelines.core.storage import get_fs, join, read_json
 from pipelines.ingest.sources.common import image_loc, make_ref, reject_ref
 
 QUESTIONS_GLOB = "*_questions.json"
 _SPLIT_IN_NAME = re.compile(r"_([^_]+)_questions\.json$")  # ..._train2014_questions.json
-
-
-def _load(uri: str):
-    fs, path = get_fs(uri)
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
 
 
 def question_files(source: str) -> list[str]:
@@ -72,7 +65,7 @@ def _answers_by_question(folder: str, split: str) -> tuple[str | None, dict]:
         return None, {}
     uri = join(folder, found[0].rsplit("/", 1)[-1])
     answers = {}
-    for a in _load(uri).get("annotations", []):
+    for a in read_json(uri).get("annotations", []):
         # all ten human answers, repeats included: VQA accuracy counts how many gave each
         answers[a.get("question_id")] = [x.get("answer", "") if isinstance(x, dict) else x for x in a.get("answers") or []]
     return uri, answers
@@ -152,5 +145,5 @@ def read_one_file(source: str, data) -> Iterator[dict]:
 def list_vqa(source: str) -> Iterator[dict]:
     fs, path = get_fs(source)
     for uri in question_files(source) if fs.isdir(path) else [source]:
-        data = _load(uri)
+        data = read_json(uri)
         yield from (read_split_files(uri, data) if is_split_questions(data) else read_one_file(uri, data))

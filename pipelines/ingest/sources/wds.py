@@ -10,8 +10,8 @@ import json
 import tarfile
 from collections.abc import Iterator
 
-from pipelines.ingest.layout import get_fs
-from pipelines.ingest.sources.common import IMAGE_EXTS, as_list, find_files, make_ref, reject_ref
+from pipelines.core.storage import IMAGE_SUFFIXES, get_fs
+from pipelines.ingest.sources.common import as_list, find_files, make_ref, reject_ref
 
 _TEXT_MEMBERS = ("json", "txt", "caption", "cap")
 
@@ -51,7 +51,7 @@ def _scan(uri: str) -> dict[str, dict]:
 
 
 def _ref(key: str, entry: dict, uri: str) -> dict:
-    image_ext = next((e for e in entry if f".{e}" in IMAGE_EXTS), None)
+    image_ext = next((e for e in entry if f".{e}" in IMAGE_SUFFIXES), None)
     if image_ext is None:
         return reject_ref(key, "missing_image", f"{uri}: sample {key} has no image member", uri)
     offset, size = entry[image_ext]

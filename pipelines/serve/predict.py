@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from pipelines.core.storage import IMAGE_SUFFIXES
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Predictor:
 def load_predictor(cfg, uri, device: str | None = None) -> Predictor:
     """Resolve `uri` (checkpoint dir or `models:/...`) and load it for inference."""
     from mmcore.checkpoint import load_checkpoint
-    from pipelines.registry.resolve import resolve_model
+    from pipelines.core.model_uri import resolve_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = resolve_model(cfg, uri)

@@ -1,4 +1,4 @@
-"""The one place that knows a dataset version's layout on disk or object storage.
+"""The dataset version: its layout on disk or object storage, its manifest, its shards.
 
 ```
 <root>/<version>/manifest.json     written last: its presence marks the version complete
@@ -13,10 +13,8 @@ Paths may be local or any fsspec URI (`s3://...`).
 
 from __future__ import annotations
 
-import contextlib
-import json
+import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,75 +22,19 @@ from urllib.parse import urlparse
 
 import fsspec
 
+from pipelines.core.storage import exists, get_fs, join, read_json
+
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 REJECTS = "rejects.jsonl"
 SHARD_NAME = "shard-{index:06d}.tar"
-PARTIAL_SUFFIX = ".partial"  # in-progress files: never match `*.tar`, so never look finished
 STAGING_DIR = "_staging"
 INDEX_DIR = "_index"
 
 
-def is_remote(uri: str | os.PathLike) -> bool:
-    return "://" in str(uri) and not str(uri).startswith("file://")
-
-
-def get_fs(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for a local path or any fsspec URI."""
-    fs, path = fsspec.core.url_to_fs(str(uri))
-    return fs, path
-
-
-def join(base: str | os.PathLike, *parts: str) -> str:
-    out = str(base).rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
-
-
 def shard_name(index: int) -> str:
     return SHARD_NAME.format(index=index)
-
-
-def read_json(uri: str | os.PathLike) -> dict[str, Any]:
-    fs, path = get_fs(uri)
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-@contextlib.contextmanager
-def open_atomic(uri: str | os.PathLike) -> Iterator[Any]:
-    """A file to write, under a temporary name renamed to `uri` when the block ends without an
-    error: readers never see a half-written file (a failed write leaves only a `.partial`)."""
-    fs, path = get_fs(uri)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        yield f
-    fs.mv(tmp, path)
-
-
-def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
-    """Write under a temporary name, then rename: readers never see a half-written file."""
-    with open_atomic(uri) as f:
-        f.write(data)
-
-
-def write_json_atomic(uri: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
-
-
-def exists(uri: str | os.PathLike) -> bool:
-    fs, path = get_fs(uri)
-    return fs.exists(path)
-
-
-def remove(uri: str | os.PathLike) -> None:
-    """Delete a file or a directory tree, if there."""
-    fs, path = get_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def is_complete(version_dir: str | os.PathLike) -> bool:
@@ -119,13 +61,34 @@ def shard_paths(version_dir: str | os.PathLike, split: str) -> list[str]:
     """Paths (or URIs) of the finished shards of one split, in order, from the manifest."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return [join(version_dir, entry["path"]) for entry in split_entries(read_manifest(version_dir), split)]
+
+
+def all_split_entries(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """`{split: entries}` for every split the manifest lists; an entry is a shard's
+    `{"path", "samples", "bytes", "sha256"}`, in shard order."""
+    return {split: list(entries) for split, entries in manifest["splits"].items()}
+
+
+def split_entries(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The manifest's shard entries of one split (none when the split is empty)."""
+    return all_split_entries(manifest).get(split, [])
+
+
+def version_id(version_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> str:
+    """The dataset version id: the manifest's, else the directory's name."""
+    manifest = read_manifest(version_dir) if manifest is None else manifest
+    return str(manifest.get("version") or manifest.get("version_id") or Path(str(version_dir)).name)
+
+
+def benchmark_id(version_dir: str | os.PathLike) -> tuple[str, str]:
+    """`(dataset version, benchmark id)`: the id is the version plus a hash of the test shards'
+    sha256s from the manifest, so it names exactly the bytes every model is scored on."""
     manifest = read_manifest(version_dir)
-    return [join(version_dir, entry["path"]) for entry in manifest["splits"].get(split, [])]
-
-
-def as_path(uri: str) -> Path | str:
-    """A local `Path` for local locations, the URI string otherwise."""
-    return uri if is_remote(uri) else Path(get_fs(uri)[1])
+    version = version_id(version_dir, manifest)
+    shas = [str(e.get("sha256") or e["path"]) for e in split_entries(manifest, "test")]
+    digest = hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()[:12]
+    return version, f"{version}:test-{digest}"
 
 
 # ----------------------------------------------------------------------------- reading shards

@@ -3,6 +3,8 @@
 Accepted: a checkpoint directory, `models:/NAME@ALIAS`, `models:/NAME/VERSION`. Registry
 versions are downloaded once into `<home>/models/NAME/VERSION` and checked against the
 `weights_sha256` tag recorded at registration, so what loads is exactly what was registered.
+It lives in `core` because training (fine-tuning from `models:/...`), evaluation and serving all
+resolve URIs, and none of them may import the registry job.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from pipelines.config import Config, home_dir, mlflow_tracking_uri
-from pipelines.registry.tracking import client
+from pipelines.core.checkpoints import CONFIG, WEIGHTS, is_checkpoint_dir, weights_sha256
+from pipelines.core.mlflow import client
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -50,11 +53,9 @@ def model_version(cfg: Config, uri: str):
 
 
 def _verify(path: Path, expected_sha: str | None, uri: str) -> None:
-    from pipelines.registry.register import sha256_file
-
-    if expected_sha and sha256_file(path / "model.safetensors") != expected_sha:
+    if expected_sha and weights_sha256(path) != expected_sha:
         raise ModelURIError(
-            f"{uri}: downloaded model.safetensors in {path} does not match the registered "
+            f"{uri}: downloaded {WEIGHTS} in {path} does not match the registered "
             f"weights_sha256 {expected_sha[:12]}…; delete {path} and try again"
         )
 
@@ -68,7 +69,7 @@ def _download(source: str, dest: Path) -> None:
         try:
             got.rename(dest)  # atomic: a concurrent reader sees all files or none
         except OSError:
-            if not (dest / "model.safetensors").is_file():
+            if not is_checkpoint_dir(dest):
                 raise
 
 
@@ -77,14 +78,14 @@ def resolve_model(cfg: Config, uri) -> Path:
     text = str(uri)
     if not text.startswith("models:/"):
         path = Path(text).expanduser()
-        if not (path / "model.safetensors").is_file():
+        if not is_checkpoint_dir(path):
             raise ModelURIError(
-                f"{text}: not a checkpoint directory (no model.safetensors) and not a models:/ URI"
+                f"{text}: not a checkpoint directory (no {WEIGHTS} and {CONFIG}) and not a models:/ URI"
             )
         return path.resolve()
     mv = model_version(cfg, text)
     dest = home_dir(cfg) / "models" / mv.name / str(mv.version)
-    if not (dest / "model.safetensors").is_file():
+    if not is_checkpoint_dir(dest):
         if dest.exists():
             shutil.rmtree(dest)
         _download(mv.source, dest)

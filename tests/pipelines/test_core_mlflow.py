@@ -1,10 +1,12 @@
-"""MLflow tracking from the training loop: real MLflow on SQLite; a broken URI never raises."""
+"""pipelines.core.mlflow: the training tracker on real MLflow (SQLite), a broken URI never raises,
+and every experiment gets an explicit artifact location."""
 
 from __future__ import annotations
 
 import time
 
-from pipelines.train.tracking import MlflowTracker
+from pipelines.config import load_config
+from pipelines.core.mlflow import MlflowTracker, artifact_location
 
 
 def test_metrics_reach_mlflow_and_a_resumed_run_keeps_its_id(tmp_path):
@@ -38,3 +40,24 @@ def test_a_broken_tracking_uri_disables_tracking_without_raising():
     assert time.perf_counter() - t0 < 1.0
     tracker.close(timeout=60)
     assert tracker.run_id is None
+
+
+def test_the_tracker_creates_its_experiment_at_the_given_artifact_location(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a Ray worker's working directory: nothing may land in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    location = (tmp_path / "artifacts" / "exp-c").as_uri()
+    tracker = MlflowTracker(uri, "exp-c", "run-c", artifact_location=location)
+    assert tracker.wait_run_id(timeout=120)
+    tracker.close(timeout=120)
+
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("exp-c").artifact_location == location
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_artifact_location_is_under_the_state_dir_unless_a_server_keeps_artifacts(tmp_path):
+    local = load_config("debug", [f"services.home={tmp_path}", "registry.experiment=e1"])
+    assert artifact_location(local) == (tmp_path / "mlartifacts" / "e1").as_uri()
+    server = load_config("debug", [f"services.home={tmp_path}", "services.mlflow_tracking_uri=http://127.0.0.1:5000"])
+    assert artifact_location(server) is None

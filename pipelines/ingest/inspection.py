@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from typing import Any
 
-from pipelines.ingest.layout import SPLITS, get_fs, join, read_manifest, read_report, read_shard
+from mmcore.data import parse_sample
+from pipelines.core.dataset import (
+    SPLITS,
+    all_split_entries,
+    read_manifest,
+    read_report,
+    read_shard,
+    split_entries,
+)
+from pipelines.core.storage import get_fs, join
 
 
 def iter_samples(paths: list[str]):
@@ -20,13 +28,13 @@ def iter_samples(paths: list[str]):
 def inspect_version(version_dir: str, num_samples: int = 3) -> dict[str, Any]:
     manifest, report = read_manifest(version_dir), read_report(version_dir)
     splits = {s: {"samples": sum(e["samples"] for e in v), "shards": len(v), "bytes": sum(e["bytes"] for e in v)}
-              for s, v in manifest["splits"].items()}
+              for s, v in all_split_entries(manifest).items()}
     examples = []
-    paths = [join(version_dir, e["path"]) for e in manifest["splits"].get("train", [])][:1]
-    for sample in iter_samples(paths):
-        doc = json.loads(sample["json"])
-        examples.append({"key": sample["__key__"], "caption": sample["txt"].decode(),
-                         "captions": len(doc["captions"]), "qa": len(doc["qa"]), "size": [doc["width"], doc["height"]]})
+    paths = [join(version_dir, e["path"]) for e in split_entries(manifest, "train")][:1]
+    for sample in map(parse_sample, iter_samples(paths)):
+        doc = sample.meta
+        examples.append({"key": sample.key, "caption": sample.caption, "captions": len(doc["captions"]),
+                         "qa": len(sample.qa), "size": [doc["width"], doc["height"]]})
         if len(examples) >= num_samples:
             break
     return {"version": manifest["version"], "created": manifest["created"], "format": manifest.get("format"),
@@ -57,9 +65,9 @@ def _check_shard(version_dir: str, split: str, entry: dict) -> tuple[list[str], 
                 continue
             img = Image.open(io.BytesIO(sample["jpg"]))
             img.load()
-            doc = json.loads(sample["json"].decode("utf-8"))
-            if img.mode != "RGB" or doc.get("split") != split:
-                problems.append(f"{uri}: {key}: mode {img.mode}, split {doc.get('split')} (expected RGB, {split})")
+            got = parse_sample(sample).split
+            if img.mode != "RGB" or got != split:
+                problems.append(f"{uri}: {key}: mode {img.mode}, split {got} (expected RGB, {split})")
             n += 1
     except Exception as e:  # noqa: BLE001 - report, don't crash: this is a validator
         problems.append(f"{uri}: unreadable after {n} samples: {type(e).__name__}: {e}")
@@ -74,7 +82,7 @@ def validate_version(version_dir: str) -> dict[str, Any]:
     problems: list[str] = []
     total = 0
     for split in SPLITS:
-        for entry in manifest["splits"].get(split, []):
+        for entry in split_entries(manifest, split):
             p, n = _check_shard(version_dir, split, entry)
             problems += p
             total += n

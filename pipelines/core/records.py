@@ -1,6 +1,7 @@
-"""Per-sample results -> report-card metrics. The one place that aggregates them.
+"""Per-sample evaluation records: their file and their metrics. The one place that aggregates them.
 
-A per-sample record (one line of `per_sample.jsonl`, one test image) holds everything any
+Evaluation writes the records (`write_records`), the registry and the gate read them
+(`read_records`). A per-sample record (one line of `per_sample.jsonl`, one test image) holds everything any
 metric needs, so that a metric can be recomputed, and bootstrapped, from the file alone:
 
     {"key": str,
@@ -22,12 +23,16 @@ as in `mmcore.metrics.retrieval_ranks` (a hit at K means rank < K).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from mmcore.metrics.grounding import QUESTION_TYPES
 
+PER_SAMPLE = "per_sample.jsonl"  # the file's name in an evaluation folder and in a run's `eval/`
 KS = (1, 5, 10)
 RETRIEVAL_METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS)
 VQA_TYPE_METRICS = tuple(f"vqa_{t}" for t in QUESTION_TYPES)
@@ -100,3 +105,16 @@ def metric_value(records: Sequence[dict], metric: str) -> float | None:
 def compute_metrics(records: Sequence[dict]) -> dict[str, float | None]:
     """Every report-card metric from the per-sample records (fractions in [0, 1] for ratios)."""
     return {m: metric_value(records, m) for m in ALL_METRICS}
+
+
+def write_records(out_dir: str | os.PathLike, records: Sequence[dict]) -> Path:
+    """`out_dir/per_sample.jsonl`, one record a line (keys sorted); returns its path."""
+    path = Path(out_dir) / PER_SAMPLE
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return path
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a per-sample file written by `write_records`."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,123 @@
+"""Starting and resuming a run: the initial model, the trainer state, what a checkpoint holds
+(an mmcore checkpoint plus the resume files of `pipelines.train.state`) and which one to resume."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipelines.train import state as train_state
+from pipelines.train.job import TrainJob
+from pipelines.train.optim import build_optimizer
+from pipelines.train.worker import Worker, say, unwrap
+
+
+def initial_model(job: TrainJob, resume_dir: str | None) -> nn.Module:
+    """The resumed weights, else the fine-tuning start (`init_from`), else a fresh seeded model."""
+    from mmcore.checkpoint import load_checkpoint
+    from mmcore.model import FusionModelConfig, build_model
+
+    start = resume_dir or job.init_from
+    if start:
+        model, _, _ = load_checkpoint(start)
+        return model.train()
+    torch.manual_seed(job.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    return build_model(FusionModelConfig.from_dict(job.model_config)).train()
+
+
+def fresh_state(job: TrainJob, worker: Worker) -> dict[str, Any]:
+    return {
+        "step": 0,
+        "total_steps": job.total_steps,
+        "run_name": job.run_name,
+        "task": job.task,
+        "tasks": job.tasks,
+        "metrics": {},
+        "val_history": [],
+        "resumes": [],
+        "lineage": job.lineage,
+        "mlflow_run_id": None,
+        "world_size": worker.world_size,
+    }
+
+
+def data_position(job: TrainJob, worker: Worker, step: int) -> dict[str, Any]:
+    """Enough to continue the data order: the stream is a function of these numbers."""
+    batches = step * job.grad_accum
+    return {
+        "batches_per_rank": batches,
+        "samples_seen": batches * job.batch_size * worker.world_size,
+        "batch_size": job.batch_size,
+        "grad_accum": job.grad_accum,
+        "world_size": worker.world_size,
+        "loader_workers": job.loader_workers,
+        "seed": job.seed,
+        "num_train_shards": len(job.train_urls),
+    }
+
+
+def restore(job: TrainJob, worker: Worker, resume_dir: str, optimizer, scheduler) -> dict[str, Any]:
+    """Optimiser, scheduler and trainer state from a checkpoint written by `save_train_checkpoint`."""
+    train_state.optimizer_from_files(optimizer, Path(resume_dir))
+    train_state.scheduler_from_file(scheduler, Path(resume_dir))
+    state = train_state.read_trainer_state(resume_dir)
+    old = state.get("data_position", {})
+    now = data_position(job, worker, state["step"])
+    if any(old.get(k) != now[k] for k in ("batch_size", "world_size", "loader_workers", "seed")):
+        say(worker, f"warning: data layout changed since the checkpoint ({old} -> {now}); the data "
+                    "order continues from the same per-rank position but not the same samples")
+    state["resumes"] = [*state.get("resumes", []), {"from_step": state["step"], "time": time.time()}]
+    state["world_size"] = worker.world_size
+    say(worker, f"resumed from step {state['step']} ({resume_dir})")
+    return state
+
+
+def save_train_checkpoint(directory: Path, model: nn.Module, job: TrainJob, optimizer, scheduler,
+                          state: dict[str, Any]) -> None:
+    """An mmcore checkpoint plus the resume state (see `pipelines.train.state`)."""
+    from mmcore.checkpoint import save_checkpoint
+
+    extra = {"task": job.task, "step": state["step"], "run_name": job.run_name, "lineage": job.lineage}
+    save_checkpoint(directory, unwrap(model), job.tokenizer, extra=extra)
+    train_state.optimizer_to_files(optimizer, directory)
+    train_state.scheduler_to_file(scheduler, directory)
+    train_state.write_trainer_state(directory, state)
+
+
+def resume_candidates(job: TrainJob, ray_dir: str | None) -> list[str]:
+    """Checkpoint dirs to resume from, newest step first: Ray Train's latest (set after a group
+    restart or a same-name re-run) and the newest complete one in a local run folder. The second
+    covers a Ray 2.60 race: a checkpoint reported just before a worker dies can be left
+    unregistered, so the restarted group (or a re-run) would otherwise redo those steps."""
+    found = {d for d in (ray_dir, train_state.latest_checkpoint(job.run_path) if job.run_path else None) if d}
+
+    def step(d) -> int:
+        try:
+            return int(train_state.read_trainer_state(d)["step"])
+        except (train_state.TrainStateError, KeyError, ValueError):
+            return -1
+
+    return [str(d) for d in sorted(found, key=step, reverse=True) if step(d) >= 0]
+
+
+def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
+    """(model on device, optimizer, scheduler, trainer state), from the first resumable directory."""
+    from mmcore.checkpoint import CheckpointError
+
+    for resume_dir in [*resume_dirs, None]:
+        try:
+            model = initial_model(job, resume_dir).to(worker.device)
+            optimizer, scheduler = build_optimizer(
+                model, job.lr, job.weight_decay, job.warmup_steps, job.total_steps, job.min_lr_ratio,
+                fused=worker.device.type == "cuda",
+            )
+            if resume_dir is None:
+                return model, optimizer, scheduler, fresh_state(job, worker)
+            return model, optimizer, scheduler, restore(job, worker, resume_dir, optimizer, scheduler)
+        except (CheckpointError, train_state.TrainStateError) as e:
+            say(worker, f"warning: cannot resume from {resume_dir} ({e}); trying an older state")
+    raise AssertionError("unreachable: a fresh start does not read checkpoints")

@@ -1,0 +1,162 @@
+"""The small parts of a training step: losses, `train_step`, `eval_step`, validation metrics,
+the differentiable all-gather for ITC negatives, and the sample codec and loader of a job."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipelines.train import data
+from pipelines.train.job import TrainJob
+from pipelines.train.worker import Batch, Worker, to_device, unwrap
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """`(B, E)` on each rank -> `(W*B, E)` everywhere, gradients flowing back to each rank's part.
+    Every rank has the same B (fixed-size batches), which all_gather needs."""
+    return _GatherWithGrad.apply(x)
+
+
+def build_losses(job: TrainJob, world_size: int, gather: bool) -> dict[str, nn.Module]:
+    """One loss per task; ITC negatives come from all ranks when `gather` (training only)."""
+    from mmcore.losses import build_loss
+
+    gather_fn = gather_with_grad if gather and world_size > 1 else None
+    return {t: build_loss(t, gather_fn=gather_fn, **job.loss_weights) for t in sorted(set(job.tasks))}
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    micro_batches: list[Batch],
+    task: str,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    grad_clip: float,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, Tensor]:
+    """One optimiser step over `len(micro_batches)` accumulated micro-batches (each `(B, ...)`).
+
+    Gradients are all-reduced once, on the last micro-batch (DDP `no_sync` before it).
+    Returns detached scalars: the loss parts (mean over micro-batches), `grad_norm`, `lr`.
+    """
+    n = len(micro_batches)
+    totals: dict[str, Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast():
+                losses = loss_fn(model(batch, task))
+            (losses["loss"] / n).backward()
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + value.detach().float() / n
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    totals["lr"] = torch.tensor(scheduler.get_last_lr()[0])
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals["grad_norm"] = norm.detach().float()
+    return totals
+
+
+@torch.no_grad()
+def eval_step(model: nn.Module, loss_fns: dict[str, nn.Module], batch: Batch, autocast) -> tuple[dict, Tensor, Tensor]:
+    """Val losses of one batch per task, and its embeddings `image (B, E)`, `text (B, E)` on CPU.
+
+    Runs on the unwrapped model without collectives: ranks may see different batch counts.
+    """
+    raw = unwrap(model)
+    with autocast():
+        losses = {f"{task}_loss": fn(raw(batch, task))["loss"].float() for task, fn in loss_fns.items()}
+        _, image_emb = raw.encode_image(batch["image"])
+        _, text_emb = raw.encode_text(batch["caption_ids"], batch["caption_mask"])
+    return losses, image_emb.float().cpu(), text_emb.float().cpu()
+
+
+def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, collate) -> dict[str, float]:
+    """Val loss per task and retrieval R@1 over up to `job.val_max_samples` val samples, split across
+    ranks and combined; every rank returns the same numbers."""
+    from mmcore.metrics import retrieval_recall
+
+    loss_fns = build_losses(job, worker.world_size, gather=False)
+    sums: dict[str, float] = {}
+    images, texts, count = [], [], 0
+    model.eval()
+    batches = data.val_batches(job.val_urls, worker.rank, worker.world_size, job.eval_batch_size,
+                            job.val_max_samples, decode, collate)
+    for batch in batches:
+        losses, image_emb, text_emb = eval_step(model, loss_fns, to_device(batch, worker.device), worker.autocast)
+        n = len(image_emb)
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+        images.append(image_emb)
+        texts.append(text_emb)
+        count += n
+    model.train()
+    parts = [(sums, count, images, texts)]
+    if worker.world_size > 1:
+        parts = [None] * worker.world_size
+        dist.all_gather_object(parts, (sums, count, images, texts))
+    total = sum(p[1] for p in parts)
+    if total == 0:
+        return {}
+    metrics = {f"val_{k}": sum(p[0].get(k, 0.0) for p in parts) / total for k in sums}
+    image_emb = torch.cat([e for p in parts for e in p[2]])
+    text_emb = torch.cat([e for p in parts for e in p[3]])
+    recall = retrieval_recall(image_emb, text_emb, torch.arange(len(text_emb)), ks=(1, 5))
+    metrics.update({f"val_{k}": float(v) for k, v in recall.items()})
+    metrics["val_samples"] = float(total)
+    metrics["val_chance_r1"] = 1.0 / total
+    return metrics
+
+
+def sample_codec(job: TrainJob, train: bool):
+    """(decode(raw, rng) -> sample dict, collate) for this job's tokenizer and input sizes."""
+    from mmcore.data import SampleConfig, collate, decode_sample
+
+    cfg = SampleConfig(**job.sample_config)
+    pad_id = job.tokenizer.pad_token_id or 0
+
+    def decode(raw: dict, rng=None) -> dict:
+        return decode_sample(raw, job.tokenizer, cfg, train=train, rng=rng)
+
+    return decode, lambda samples: collate(samples, pad_id=pad_id)
+
+
+def build_train_loader(job: TrainJob, worker: Worker, start_step: int):
+    decode, collate = sample_codec(job, train=True)
+    stream = data.StreamConfig(
+        urls=tuple(job.train_urls),
+        rank=worker.rank,
+        world_size=worker.world_size,
+        loader_workers=job.loader_workers,
+        batch_size=job.batch_size,
+        seed=job.seed,
+        shuffle_buffer=job.shuffle_buffer,
+        start_batch=start_step * job.grad_accum,
+    )
+    return data.train_loader(stream, decode, collate, pin_memory=worker.device.type == "cuda")

@@ -1,0 +1,67 @@
+"""The all-gather training passes to the ITC loss (`steps.gather_with_grad`), under real
+torch.distributed (gloo, 2 CPU processes): the forward sees every rank's rows, and the backward
+gives each rank the gradient of its own rows."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mmcore.losses import ContrastiveLoss
+from pipelines.train.steps import build_losses, gather_with_grad
+
+WORLD, B, E = 2, 3, 8
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(WORLD * B, E, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(WORLD * B, E, generator=g), dim=-1)
+    return img, txt
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    img, txt = _data()
+    local_img = img[rank * B: (rank + 1) * B].clone().requires_grad_()
+    local_txt = txt[rank * B: (rank + 1) * B].clone().requires_grad_()
+    gathered = gather_with_grad(local_img)
+    loss = ContrastiveLoss(gather_with_grad)(local_img, local_txt, torch.tensor(10.0))
+    loss.backward()
+    torch.save({"gathered": gathered.detach(), "loss": loss.detach(), "img_grad": local_img.grad,
+                "txt_grad": local_txt.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # both ranks past their last collective before either tears down
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_gather_with_grad_matches_the_full_batch_forward_and_backward(tmp_path):
+    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
+    img, txt = _data()
+    img.requires_grad_()
+    txt.requires_grad_()
+    full = ContrastiveLoss()(img, txt, torch.tensor(10.0))
+    full.backward()
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        rows = slice(rank * B, (rank + 1) * B)
+        assert torch.equal(got["gathered"], img.detach())  # rank order, every rank's rows
+        assert torch.allclose(got["loss"], full.detach(), atol=1e-6)
+        # Every rank computes the same global loss and the backward sums over ranks, so a rank's
+        # gradient is WORLD x the full-batch one; DDP's gradient averaging divides it back.
+        assert torch.allclose(got["img_grad"], WORLD * img.grad[rows], atol=1e-6)
+        assert torch.allclose(got["txt_grad"], WORLD * txt.grad[rows], atol=1e-6)
+
+
+def test_training_losses_gather_only_with_peers():
+    from types import SimpleNamespace
+
+    job = SimpleNamespace(tasks=["pretrain"], loss_weights={})
+    assert build_losses(job, world_size=2, gather=True)["pretrain"].itc.gather_fn is gather_with_grad
+    assert build_losses(job, world_size=1, gather=True)["pretrain"].itc.gather_fn is None
+    assert build_losses(job, world_size=2, gather=False)["pretrain"].itc.gather_fn is None
