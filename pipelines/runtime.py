@@ -73,6 +73,9 @@ def init_ray(cfg: Config | None = None, **kwargs):
         env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         num_cpus = cfg.services.ray_num_cpus if cfg is not None else None
         ray.init(
+            # "local": a new in-process cluster even when `ray start` left one running on this
+            # machine; with no address Ray would join that one (another user's, or a dead one).
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=kwargs.pop("include_dashboard", None),
             runtime_env=runtime_env,
