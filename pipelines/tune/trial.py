@@ -87,9 +87,9 @@ def validation_scores(cfg: Config, checkpoint: Path, data_dir: str) -> dict[str,
     """The report card's metrics on the validation split (`val_` + name), with the same code
     as `pipelines.evaluate` on the test split."""
     from mmcore.checkpoint import load_checkpoint
+    from pipelines.core.records import compute_metrics
     from pipelines.evaluate.inference import infer_shards, merge, settings_for
     from pipelines.evaluate.run import build_records
-    from pipelines.core.records import compute_metrics
     from pipelines.train.driver import split_urls
 
     merged = merge(infer_shards(str(checkpoint), split_urls(data_dir, "val"), settings_for(cfg, checkpoint), False))

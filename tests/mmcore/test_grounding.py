@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from mmcore.metrics.grounding import PhraseVocab, grounding_counts, grounding_f1, object_phrases, question_type
+from mmcore.metrics.grounding import (
+    PhraseVocab,
+    grounding_counts,
+    grounding_f1,
+    object_phrases,
+    question_type,
+)
 
 VOCAB = PhraseVocab(("small", "large"), ("red", "blue", "white", "black"), ("circle", "square", "triangle"))
 SCENE = [("large", "white", "square"), ("small", "black", "circle"), ("large", "red", "triangle")]
