@@ -124,6 +124,8 @@ def search(ray_local, tiny_dataset, tmp_path_factory):
     out = home / "best.yaml"
     args = ["tune", "--config", "debug", *[a for s in SETTINGS for a in ("--set", s)],
             "--set", f"services.home={home}", "--data", str(tiny_dataset), "--name", "t",
+            # Explicit: an earlier test's mlflow.set_tracking_uri leaves MLFLOW_TRACKING_URI behind.
+            "--set", f"services.mlflow_tracking_uri=sqlite:///{home / 'mlflow.db'}",
             "--samples", "1", "--search", "train.lr=grid(0.003, 0)",
             "--search", "model.overrides.fusion.num_layers=grid(2)",
             "--metric", "val_pretrain_loss", "--mode", "min", "--concurrency", "1", "--out", str(out)]
