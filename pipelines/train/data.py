@@ -15,8 +15,13 @@ the data order continues where the checkpoint left it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
+import os
 import random
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -212,6 +217,25 @@ class BatchLoader:
             yield from_wire(batch, self.pin_memory)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: the kernel SIGKILLs this loader worker when its rank dies.
+
+    Without it, a rank killed from outside (or one that `os._exit`s) leaves its forked loader
+    workers behind as orphans. They hold the dead rank's sockets open, so Ray does not see the
+    actor die, and the surviving ranks wait in a collective for minutes. The signal fires when the
+    thread that forked us exits, which in Ray Train is the training thread: the loader is done then.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the rank died before the prctl took effect
+        os._exit(0)
+
+
 def train_loader(cfg: StreamConfig, decode, collate, pin_memory: bool = False) -> BatchLoader:
     """The rank's endless batch loader; iterate it with `next()`, it never stops."""
     workers = cfg.loader_workers
@@ -223,6 +247,7 @@ def train_loader(cfg: StreamConfig, decode, collate, pin_memory: bool = False) -
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         multiprocessing_context="fork" if workers > 0 else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
     )
     return BatchLoader(loader, pin_memory)
 

@@ -77,6 +77,60 @@ def test_worker_death_resumes_from_last_checkpoint_without_replay(pretrain, tiny
         assert curve[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4)
 
 
+def ray_train_workers() -> list:
+    """This machine's live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            found.append(proc)
+    return found
+
+
+def test_worker_sigkilled_from_outside_with_busy_loaders_restarts_promptly(pretrain, tiny_dataset, tmp_path):
+    """A rank SIGKILLed by someone else (OOM killer, a lost node) while its DataLoader workers are
+    busy. Its loader workers must die with it; otherwise they hold its sockets, Ray never sees the
+    actor die, and the other rank blocks in a collective for minutes (it took ~8 minutes before)."""
+    import threading
+    import time
+
+    import psutil
+
+    steps = 60
+    cfg = tiny_config(tmp_path, f"train.steps={steps}", "train.max_failures=1", "train.log_every=10",
+                      f"model.tokenizer={pretrain[1]}")
+    run_dir = tmp_path / "ray_results" / "killed"
+    killed: dict = {}
+
+    def kill_a_rank_after_the_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(run_dir.glob("checkpoint-step*")):
+                busy = [p for p in ray_train_workers() if p.children()]
+                if busy:
+                    killed["children"] = busy[0].children()
+                    killed["at"] = time.monotonic()
+                    busy[0].kill()  # SIGKILL, from outside the process
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_rank_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    ckpt = run_training(cfg, tiny_dataset, "pretrain", run_name="killed")
+    finished = time.monotonic()
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker with busy loader workers was found to kill"
+    state = read_trainer_state(ckpt)
+    assert state["step"] == steps
+    assert len(state["resumes"]) == 1 and state["resumes"][0]["from_step"] % CKPT_EVERY == 0
+    # Restarted promptly: Ray saw the death at once instead of waiting on the orphans' sockets.
+    assert finished - killed["at"] < 150, f"the run took {finished - killed['at']:.0f}s after the kill"
+    gone, alive = psutil.wait_procs(killed["children"], timeout=10)
+    assert not alive, f"loader workers outlived their rank: {[p.pid for p in alive]}"
+
+
 def test_finetune_from_pretrain_checkpoint_and_rerun_resumes(pretrain, tiny_dataset, tmp_path):
     """Caption + VQA fine-tuning from the pretraining checkpoint. The first attempt dies with no
     retries left; re-running the same command with the same run name resumes it."""

@@ -152,8 +152,19 @@ def test_asha_stops_the_trial_that_cannot_learn(search, ray_local):
     assert bad["status"] == "stopped" and bad["reports"] == "1/4"  # stopped at the first rung
     assert float(good["val_pretrain_loss"]) < float(bad["val_pretrain_loss"])
     assert 0.0 <= float(good["val_vqa_acc"]) <= 1.0 and bad["val_vqa_acc"] == "-"
-    # Nothing left holding CPUs: the stopped trial's Ray Train workers are gone too.
-    assert ray_local.available_resources().get("CPU", 0.0) == pytest.approx(2.0)
+    # Nothing left holding CPUs: the stopped trial's Ray Train workers are gone too. Ray frees an
+    # ended actor's or placement group's CPUs asynchronously (seconds), so allow a minute; a leak
+    # (the trial's workers kept until the search ends, or forever) still fails.
+    assert cpus_back(ray_local, 2.0, within_s=60) == pytest.approx(2.0)
+
+
+def cpus_back(ray, total: float, within_s: float) -> float:
+    import time
+
+    deadline = time.monotonic() + within_s
+    while (free := ray.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return free
 
 
 def test_best_config_yaml_loads_and_carries_the_winner(search):
