@@ -309,17 +309,5 @@ def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionM
     return model
 
 
-def fusion_debug(**overrides: Any) -> FusionModel:
-    return build_model(model_config("debug", **overrides))
-
-
-def fusion_small(**overrides: Any) -> FusionModel:
-    return build_model(model_config("small", **overrides))
-
-
-def fusion_base(**overrides: Any) -> FusionModel:
-    return build_model(model_config("base", **overrides))
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
