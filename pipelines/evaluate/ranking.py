@@ -57,11 +57,15 @@ def retrieval_ranks(model, merged: dict, rerank_k: int, batch_size: int) -> dict
 def itm_pairs(merged: dict) -> tuple[Tensor, Tensor, Tensor]:
     """Per image: its first (primary) caption and its hardest negative caption (highest ITC
     similarity among other images' captions). Returns `(images, pos_text, neg_text)`, each
-    `(M,)`, over the M images that have a negative (all but a one-image split)."""
+    `(M,)`, over the M images that have a negative (all but a one-image split).
+
+    A caption word for word the same as one of the image's own is never its negative: another
+    image's "a red circle" describes this red circle too (a fifth of the synthetic test
+    captions are shared so), and training never uses such a pair as a negative either."""
     owner = merged["text_owner"]
     n = len(merged["image_emb"])
     sims = merged["image_emb"].float() @ merged["text_emb"].float().T
-    own = owner[None, :] == torch.arange(n)[:, None]
+    own = (owner[None, :] == torch.arange(n)[:, None]) | same_text_as_own(merged["text_ids"], owner, n)
     neg = sims.masked_fill(own, float("-inf")).argmax(dim=1)
     first = torch.full((n,), -1, dtype=torch.long)
     for t in range(len(owner) - 1, -1, -1):  # the lowest text index of each image
@@ -69,6 +73,15 @@ def itm_pairs(merged: dict) -> tuple[Tensor, Tensor, Tensor]:
     keep = (~own).any(dim=1) & (first >= 0)
     images = torch.arange(n)[keep]
     return images, first[keep], neg[keep]
+
+
+def same_text_as_own(text_ids: list[list[int]], owner: Tensor, n: int) -> Tensor:
+    """`(n, T)` bool: caption t reads exactly like one of image i's own captions."""
+    index: dict[tuple[int, ...], int] = {}
+    key = torch.tensor([index.setdefault(tuple(ids), len(index)) for ids in text_ids], dtype=torch.long)
+    owns = torch.zeros(n, len(index), dtype=torch.bool)
+    owns[owner, key] = True
+    return owns[:, key]
 
 
 def itm_logits(model, merged: dict, batch_size: int) -> dict[int, tuple[float, float, int]]:
