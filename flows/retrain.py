@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import Config, datasets_root, home_dir, load_config, mlflow_tracking_uri
+from pipelines.core.mlflow import redact
 from pipelines.registry.register import code_version
 from pipelines.runtime import init_ray, quiet_environment
 
@@ -107,7 +108,7 @@ def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[s
         "checkpoint": finetuned,
         "report": report,
         "registration": registration,
-        "tracking_uri": mlflow_tracking_uri(cfg),
+        "tracking_uri": redact(mlflow_tracking_uri(cfg)),
         "home": str(home_dir(cfg)),
         "ray_dashboard": _dashboard_url(),
     }
