@@ -7,6 +7,9 @@ orders them, retries the I/O-bound ones and leaves a report in Prefect's UI. No 
 from __future__ import annotations
 
 import base64
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,60 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import Config, datasets_root, home_dir, load_config, mlflow_tracking_uri
+from pipelines.core.mlflow import redact
 from pipelines.registry.register import code_version
 from pipelines.runtime import init_ray, quiet_environment
+
+SLOT_TIMEOUT_S = 6 * 3600.0  # how long a retrain waits for another retrain of its model to end
+
+
+class RetrainBusyError(RuntimeError):
+    """Another retrain of the same registered model held the slot for longer than we waited."""
+
+
+def retrain_limit_name(model_name: str) -> str:
+    """The Prefect global concurrency limit that admits one retrain of `model_name` at a time."""
+    return "mmfusion-retrain-" + re.sub(r"[/%&<>]", "_", model_name)
+
+
+def ensure_retrain_limit(name: str) -> None:
+    """Create the limit (one slot) on first use; a limit that exists is left as it is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # created by a retrain that started at the same moment
+                pass
+
+
+@contextmanager
+def one_retrain_per_model(model_name: str, timeout_s: float | None = SLOT_TIMEOUT_S) -> Iterator[None]:
+    """Hold the model's retrain slot: a second retrain of the same model WAITS (up to `timeout_s`,
+    None = for ever) until the first ends, then runs on the newest data; other models are not
+    blocked. The slot is a lease that Prefect renews while we run, so a crashed holder frees it."""
+    from prefect.concurrency.sync import concurrency
+
+    name = retrain_limit_name(model_name)
+    ensure_retrain_limit(name)
+    acquired = False
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+            acquired = True
+            yield
+    except TimeoutError as e:  # Prefect's documented "slot not acquired in time"
+        if acquired:
+            raise
+        raise RetrainBusyError(
+            f"another retrain of model {model_name!r} still holds the Prefect concurrency limit {name!r} "
+            f"after {timeout_s:.0f} s of waiting; see its flow run in the Prefect UI, or pass a longer "
+            "slot_timeout_s"
+        ) from e
 
 
 @task(name="prepare-data", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -83,10 +138,20 @@ def register(
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Scheduled/triggered retraining on one config; returns a summary of what it produced."""
+def retrain(
+    config: str = "local", overrides: list[str] | None = None, slot_timeout_s: float | None = SLOT_TIMEOUT_S
+) -> dict[str, Any]:
+    """Scheduled/triggered retraining on one config; returns a summary of what it produced.
+
+    One retrain per registered model at a time (`one_retrain_per_model`): a second one waits up
+    to `slot_timeout_s` seconds for the first to end, then fails with `RetrainBusyError`."""
     quiet_environment()
     cfg = load_config(config, overrides or [])
+    with one_retrain_per_model(cfg.registry.model_name, slot_timeout_s):
+        return _run_steps(cfg)
+
+
+def _run_steps(cfg: Config) -> dict[str, Any]:
     init_ray(cfg)
     data_dir = prepare_data(cfg)
     pretrained = train(cfg, data_dir, "pretrain")
@@ -107,7 +172,7 @@ def retrain(config: str = "local", overrides: list[str] | None = None) -> dict[s
         "checkpoint": finetuned,
         "report": report,
         "registration": registration,
-        "tracking_uri": mlflow_tracking_uri(cfg),
+        "tracking_uri": redact(mlflow_tracking_uri(cfg)),
         "home": str(home_dir(cfg)),
         "ray_dashboard": _dashboard_url(),
     }

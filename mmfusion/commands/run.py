@@ -8,6 +8,7 @@ from typing import Any
 
 from mmfusion.commands.common import add_config_args, config_from_args
 from pipelines.config import Config, home_dir, mlflow_tracking_uri
+from pipelines.core.mlflow import redact
 
 
 def register(subparsers) -> None:
@@ -76,7 +77,7 @@ def format_report(cfg: Config, summary: dict[str, Any]) -> str:
 
 def dashboard_hints(cfg: Config, summary: dict[str, Any]) -> list[str]:
     home = home_dir(cfg)
-    tracking = mlflow_tracking_uri(cfg)
+    tracking = redact(mlflow_tracking_uri(cfg))  # a server URI may carry credentials
     prefect_api = os.environ.get("PREFECT_API_URL")
     prefect = (
         f"  Prefect  open {prefect_api.removesuffix('/api')} (flow run 'retrain')"

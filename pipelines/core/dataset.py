@@ -14,6 +14,7 @@ Paths may be local or any fsspec URI (`s3://...`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,13 +82,17 @@ def version_id(version_dir: str | os.PathLike, manifest: dict[str, Any] | None =
     return str(manifest.get("version") or manifest.get("version_id") or Path(str(version_dir)).name)
 
 
-def benchmark_id(version_dir: str | os.PathLike) -> tuple[str, str]:
+def benchmark_id(version_dir: str | os.PathLike, protocol: dict[str, Any] | None = None) -> tuple[str, str]:
     """`(dataset version, benchmark id)`: the id is the version plus a hash of the test shards'
-    sha256s from the manifest, so it names exactly the bytes every model is scored on."""
+    sha256s from the manifest and of the evaluation `protocol` (the settings and metric code
+    that turn outputs into numbers, `pipelines.evaluate.eval_protocol`), so it names exactly the
+    bytes every model is scored on and how: two reports with the same id are comparable."""
     manifest = read_manifest(version_dir)
     version = version_id(version_dir, manifest)
-    shas = [str(e.get("sha256") or e["path"]) for e in split_entries(manifest, "test")]
-    digest = hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()[:12]
+    shas = sorted(str(e.get("sha256") or e["path"]) for e in split_entries(manifest, "test"))
+    if protocol is not None:
+        shas.append("protocol " + json.dumps(protocol, sort_keys=True))
+    digest = hashlib.sha256("\n".join(shas).encode()).hexdigest()[:12]
     return version, f"{version}:test-{digest}"
 
 

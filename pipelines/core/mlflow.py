@@ -2,9 +2,16 @@
 alias, the registry lock, and the training loop's background tracker.
 
 Local default: SQLite under the state dir with artifacts under `mlflow_artifact_root(cfg)`.
-Every experiment is created with an explicit artifact location (`artifact_location`), so nothing
-ever lands in a `./mlruns` of whatever directory a process (or a Ray worker) runs in. A server
-(`MLFLOW_TRACKING_URI=http://...`) is used as is and keeps artifacts where it is configured to.
+The experiment is created once, on the driver, before any Ray work (`create_experiment`), with
+an explicit artifact location (`artifact_location`), so nothing ever lands in a `./mlruns` of
+whatever directory a process (or a Ray worker, whose working directory is a Ray session folder
+that Ray deletes) runs in. A server (`MLFLOW_TRACKING_URI=http://...`) is used as is and keeps
+artifacts where it is configured to.
+
+Every client gets its URI explicitly: nothing here calls `mlflow.set_tracking_uri`, which writes
+`MLFLOW_TRACKING_URI` into the process environment, where the next config would inherit it.
+Registry reads fail closed: an MLflow error is a `RegistryError`, never "no champion yet".
+URIs are redacted (`redact`) wherever they are logged, printed or stored as run params.
 """
 
 from __future__ import annotations
@@ -36,16 +43,40 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class RegistryError(RuntimeError):
+    """MLflow failed to answer a registry question; nothing was promoted (the registry fails closed)."""
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URI in it masked: `https://u:p@host` -> `https://***@host`."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", str(text))
+
+
 def client(cfg: Config):
-    """An `MlflowClient` on the configured tracking URI (also the registry URI)."""
+    """An `MlflowClient` on the configured tracking URI (also the registry URI), passed explicitly:
+    the process-wide `mlflow.set_tracking_uri` is never called (see the module doc)."""
     _quiet_mlflow()
-    import mlflow
     from mlflow import MlflowClient
 
     uri = mlflow_tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def registry_error(mlclient, doing: str, error: Exception) -> RegistryError:
+    """A `RegistryError` naming the (redacted) tracking URI, what failed and what to do."""
+    return RegistryError(
+        f"MLflow at {redact(mlclient.tracking_uri)} failed while {doing}: {redact(str(error))[:800]}. "
+        "Nothing was promoted. Check that the tracking server or database is reachable and not "
+        "locked (services.mlflow_tracking_uri / MLFLOW_TRACKING_URI), then run the step again."
+    )
+
+
+def is_not_found(error: Exception) -> bool:
+    """MLflow's own "no such object" answer (as opposed to any failure to answer)."""
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
 def is_server(uri: str) -> bool:
@@ -82,6 +113,32 @@ def experiment_id(cfg: Config, mlclient) -> str:
     return ensure_experiment(mlclient, cfg.registry.experiment, artifact_location(cfg))
 
 
+def create_experiment(cfg: Config, required: bool = True) -> str | None:
+    """Create (or find) the configured experiment from the driver, before any Ray work, with
+    its artifacts under the configured store; returns its id. Training workers only look it up.
+
+    Warns when an existing experiment keeps its artifacts somewhere else (one created by an
+    older version from inside a Ray worker points into a Ray session folder that Ray deletes).
+    `required=False` (training, which must not stop for tracking): a failure is a warning and None.
+    """
+    mlclient = client(cfg)
+    try:
+        exp_id = experiment_id(cfg, mlclient)
+    except Exception as e:
+        if required:
+            raise registry_error(mlclient, f"creating experiment {cfg.registry.experiment!r}", e) from e
+        log.warning("mlflow: no experiment, training runs untracked: %s", redact(str(e))[:500])
+        return None
+    wanted = artifact_location(cfg)
+    got = mlclient.get_experiment(exp_id).artifact_location
+    if wanted is not None and got != wanted:
+        logging.getLogger("pipelines").warning(
+            "mlflow: experiment %r keeps its artifacts at %s, not under the configured store %s; "
+            "artifacts there may be lost. Use another registry.experiment name (or delete this "
+            "experiment) to start one under the store.", cfg.registry.experiment, redact(got), wanted)
+    return exp_id
+
+
 @contextlib.contextmanager
 def registry_lock(cfg: Config, model_name: str) -> Iterator[None]:
     """Serialise champion changes for one registered model.
@@ -104,13 +161,27 @@ def registry_lock(cfg: Config, model_name: str) -> Iterator[None]:
 
 
 def champion_version(mlclient, name: str):
-    """The `ModelVersion` holding the champion alias, or None when there is none yet."""
+    """The `ModelVersion` holding the champion alias, or None when there is none yet.
+
+    None only when MLflow answers that model `name` does not exist or that it has no champion
+    alias. Any other failure (a locked database, an unreachable server) raises `RegistryError`:
+    a registry that cannot be read must never let a challenger through as "the first model".
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlclient.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+        model = mlclient.get_registered_model(name)
+    except MlflowException as e:
+        if is_not_found(e):
+            return None
+        raise registry_error(mlclient, f"reading registered model {name!r}", e) from e
+    version = (model.aliases or {}).get(CHAMPION)
+    if version is None:
         return None
+    try:
+        return mlclient.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise registry_error(mlclient, f"reading {name} v{version} (the {CHAMPION})", e) from e
 
 
 # ----------------------------------------------------------------------------- training metrics
@@ -146,10 +217,10 @@ class MlflowTracker:
         self._put(("metrics", clean, step))
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._put(("params", {k: str(v)[:500] for k, v in params.items()}, None))
+        self._put(("params", {k: redact(str(v))[:500] for k, v in params.items()}, None))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._put(("tags", {k: str(v) for k, v in tags.items()}, None))
+        self._put(("tags", {k: redact(str(v)) for k, v in tags.items()}, None))
 
     def wait_run_id(self, timeout: float = 30.0) -> str | None:
         self._ready.wait(timeout)
@@ -193,9 +264,23 @@ class MlflowTracker:
         if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")
             return client, self.run_id
-        run = client.create_run(ensure_experiment(client, experiment, self._location), run_name=run_name)
+        run = client.create_run(self._experiment_id(client, experiment), run_name=run_name)
         self.run_id = run.info.run_id
         return client, self.run_id
+
+    def _experiment_id(self, client, experiment: str) -> str:
+        """The experiment the driver created (`create_experiment`); never created here, where a
+        missing location would put artifacts in this worker's Ray session folder."""
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise RuntimeError(
+                f"experiment {experiment!r} does not exist; the driver creates it before training "
+                "(pipelines.core.mlflow.create_experiment)"
+            )
+        if self._location is not None and exp.artifact_location != self._location:
+            log.warning("mlflow: experiment %r keeps artifacts at %s, expected %s", experiment,
+                        redact(exp.artifact_location), self._location)
+        return exp.experiment_id
 
     @staticmethod
     def _send(client, run_id: str, kind: str, payload: dict, step: int | None) -> None:
@@ -211,4 +296,4 @@ class MlflowTracker:
 
     def _disable(self, message: str) -> None:
         self._alive = False
-        log.warning("mlflow: %s", message)
+        log.warning("mlflow: %s", redact(message))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipelines.config import Config, home_dir, mlflow_tracking_uri
 from pipelines.core.checkpoints import CONFIG, WEIGHTS, is_checkpoint_dir, weights_sha256
-from pipelines.core.mlflow import client
+from pipelines.core.mlflow import client, redact
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -47,7 +47,7 @@ def model_version(cfg: Config, uri: str):
         return mlclient.get_model_version(name, version)
     except MlflowException as e:
         raise ModelURIError(
-            f"{uri}: not found in the registry at {mlflow_tracking_uri(cfg)} ({e.message}). "
+            f"{uri}: not found in the registry at {redact(mlflow_tracking_uri(cfg))} ({redact(e.message)}). "
             "List what exists with `mmfusion registry list`."
         ) from e
 
@@ -60,12 +60,12 @@ def _verify(path: Path, expected_sha: str | None, uri: str) -> None:
         )
 
 
-def _download(source: str, dest: Path) -> None:
+def _download(source: str, dest: Path, tracking_uri: str) -> None:
     import mlflow
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri))
         try:
             got.rename(dest)  # atomic: a concurrent reader sees all files or none
         except OSError:
@@ -88,6 +88,6 @@ def resolve_model(cfg: Config, uri) -> Path:
     if not is_checkpoint_dir(dest):
         if dest.exists():
             shutil.rmtree(dest)
-        _download(mv.source, dest)
+        _download(mv.source, dest, mlflow_tracking_uri(cfg))
     _verify(dest, mv.tags.get("weights_sha256"), text)
     return dest

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,31 @@ def build_records(model, merged: dict, cfg: Config) -> list[dict]:
     return records
 
 
+@cache
+def metric_code_version() -> str:
+    """A hash of the code that turns model outputs into metrics (mmcore.metrics, the per-sample
+    records, the retrieval ranking): when it changes, earlier reports are not comparable."""
+    import mmcore.metrics
+    import pipelines.core.records
+    import pipelines.evaluate.ranking
+
+    files = sorted(Path(mmcore.metrics.__file__).parent.glob("*.py"))
+    files += [Path(pipelines.core.records.__file__), Path(pipelines.evaluate.ranking.__file__)]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def eval_protocol(cfg: Config) -> dict[str, Any]:
+    """The settings that decide a report's numbers besides the model and the test shards; part of
+    the benchmark id, so the gate never compares reports made under different settings."""
+    e = cfg.eval
+    return {"itm_rerank_k": e.itm_rerank_k, "num_beams": e.num_beams, "max_len": e.max_len,
+            "max_text_len": cfg.model.max_text_len, "max_answer_len": cfg.model.max_answer_len,
+            "metric_code": metric_code_version()}
+
+
 def _use_ray(cfg: Config, num_shards: int) -> bool:
     mode = cfg.eval.parallel
     return mode == "ray" or (mode == "auto" and num_shards >= max(1, cfg.eval.ray_min_shards))
@@ -93,7 +120,8 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
 
     start = time.time()
     ckpt = resolve_model(cfg, model_uri)
-    version, benchmark = benchmark_id(data_dir)
+    protocol = eval_protocol(cfg)
+    version, benchmark = benchmark_id(data_dir, protocol)
     urls = shard_paths(data_dir, "test")
     if not urls:
         raise ValueError(f"{data_dir}: the test split has no shards; ingest more data or change data.split_fractions")
@@ -109,7 +137,7 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
     weights = weights_sha256(ckpt)
     card = {
         "model_uri": str(model_uri), "checkpoint": str(ckpt), "weights_sha256": weights,
-        "dataset_version": version, "benchmark": benchmark,
+        "dataset_version": version, "benchmark": benchmark, "protocol": protocol,
         "num_images": len(records), "num_captions": sum(len(r["t2i_ranks"]) for r in records),
         "num_questions": sum(len(r["vqa"]) for r in records),
         "metrics": compute_metrics(records),

@@ -16,6 +16,9 @@ from pipelines.core.mlflow import (
     champion_version,
     client,
     experiment_id,
+    is_not_found,
+    redact,
+    registry_error,
     registry_lock,
 )
 from pipelines.core.records import PER_SAMPLE, read_records
@@ -57,6 +60,8 @@ def _lineage_tags(cfg: Config, report: dict, lineage: dict, weights_sha: str) ->
         "benchmark": report["benchmark"],
         "weights_sha256": weights_sha,
     }
+    if report.get("protocol"):
+        tags["eval_protocol"] = json.dumps(report["protocol"], sort_keys=True)
     for k, v in lineage.items():
         tags.setdefault(f"lineage.{k}", str(v))
     for k, v in report["metrics"].items():
@@ -65,30 +70,43 @@ def _lineage_tags(cfg: Config, report: dict, lineage: dict, weights_sha: str) ->
     return {k: str(v)[:5000] for k, v in tags.items()}
 
 
+def _log_values(mlclient, run_id: str, cfg: Config, report: dict, tags: dict[str, str]) -> None:
+    """Params (redacted: a config may hold a URI with credentials), metrics and tags of the run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    params = _flat({k: cfg.to_dict()[k] for k in ("model", "train", "eval", "registry")})
+    params = [Param(k, redact(v)[:6000]) for k, v in params.items()]
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in report["metrics"].items() if v is not None]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        mlclient.log_batch(run_id, params=params[i:i + 100])
+    mlclient.log_batch(run_id, metrics=metrics, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
+
+
 def _log_run(cfg: Config, ckpt: Path, report: dict, tags: dict[str, str], mlclient) -> tuple[str, str]:
     """One MLflow run: params, metrics, report card + per-sample results, the model files."""
-    import mlflow
-
     exp = experiment_id(cfg, mlclient)
     name = f"{cfg.registry.model_name}-{tags['dataset_version'][:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(experiment_id=exp, run_name=name) as run:
-        params = _flat({k: cfg.to_dict()[k] for k in ("model", "train", "eval", "registry")})
-        params = {k: v[:6000] for k, v in params.items()}
-        mlflow.log_params(params)
-        mlflow.log_metrics({k: float(v) for k, v in report["metrics"].items() if v is not None})
-        mlflow.set_tags(tags)
-        mlflow.log_artifact(report["report_card_path"], "eval")
-        mlflow.log_artifact(report["per_sample_path"], "eval")
+    run = mlclient.create_run(exp, run_name=name)
+    run_id = run.info.run_id
+    try:
+        _log_values(mlclient, run_id, cfg, report, tags)
+        mlclient.log_artifact(run_id, report["report_card_path"], "eval")
+        mlclient.log_artifact(run_id, report["per_sample_path"], "eval")
         for picture in report.get("explanations", []):  # where the decoder looked, per word
-            mlflow.log_artifact(picture, "eval/attention")
+            mlclient.log_artifact(run_id, picture, "eval/attention")
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / "checkpoint"
             for rel in model_files(ckpt):
                 dst = staged / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes((ckpt / rel).read_bytes())
-            mlflow.log_artifacts(str(staged), "checkpoint")
-        return run.info.run_id, f"{run.info.artifact_uri}/checkpoint"
+            mlclient.log_artifacts(run_id, str(staged), "checkpoint")
+    except BaseException:
+        mlclient.set_terminated(run_id, status="FAILED")
+        raise
+    mlclient.set_terminated(run_id)
+    return run_id, f"{run.info.artifact_uri}/checkpoint"
 
 
 def _ensure_registered_model(mlclient, name: str) -> None:
@@ -96,7 +114,9 @@ def _ensure_registered_model(mlclient, name: str) -> None:
 
     try:
         mlclient.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if not is_not_found(e):
+            raise registry_error(mlclient, f"reading registered model {name!r}", e) from e
         try:
             mlclient.create_registered_model(
                 name, description="mmfusion fusion model; alias `champion` marks the one in service"
@@ -107,24 +127,41 @@ def _ensure_registered_model(mlclient, name: str) -> None:
 
 def champion_per_sample(mlclient, mv) -> list[dict]:
     """Download the champion's per-sample results from its run."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path=f"eval/{PER_SAMPLE}", dst_path=tmp
-        )
-        return read_records(local)
+        return read_records(mlclient.download_artifacts(mv.run_id, f"eval/{PER_SAMPLE}", tmp))
+
+
+def find_version(mlclient, name: str, weights_sha: str):
+    """The version of `name` registered with these weights (`weights_sha256` tag), or None."""
+    from mlflow.exceptions import MlflowException
+
+    query = f"name='{name}' and tags.weights_sha256='{weights_sha}'"
+    try:
+        found = mlclient.search_model_versions(query)
+    except MlflowException as e:
+        raise registry_error(mlclient, f"looking up {name} versions with weights {weights_sha[:12]}", e) from e
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def register_version(cfg: Config, checkpoint_dir, report: dict, lineage: dict | None = None):
-    """Log the run and create the model version (no gating). Returns the `ModelVersion`."""
+    """Log the run and create the model version (no gating). Returns the `ModelVersion`.
+
+    Idempotent, keyed on the checkpoint's weights sha256 (a version tag): registering the same
+    weights again (a retried `register` task) returns the existing version, never a duplicate.
+    """
     ckpt = Path(checkpoint_dir)
     mlclient = client(cfg)
-    tags = _lineage_tags(cfg, report, lineage or {}, weights_sha256(ckpt))
-    run_id, source = _log_run(cfg, ckpt, report, tags, mlclient)
+    sha = weights_sha256(ckpt)
     name = cfg.registry.model_name
     _ensure_registered_model(mlclient, name)
-    return mlclient.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    with registry_lock(cfg, name):  # one look-up-then-create at a time for this model
+        existing = find_version(mlclient, name, sha)
+        if existing is not None:
+            print(f"[registry] {name} v{existing.version} already holds weights {sha[:12]}: reusing it", flush=True)
+            return existing
+        tags = _lineage_tags(cfg, report, lineage or {}, sha)
+        run_id, source = _log_run(cfg, ckpt, report, tags, mlclient)
+        return mlclient.create_model_version(name, source=source, run_id=run_id, tags=tags)
 
 
 def _record(mlclient, mv, decision: dict[str, Any]) -> None:
@@ -145,7 +182,8 @@ def set_champion(mlclient, name: str, version: str, previous: str | None) -> Non
 
 
 def champion_benchmark(cfg: Config) -> tuple[str, str] | None:
-    """(version, benchmark id) of the current champion, or None when there is none."""
+    """(version, benchmark id) of the current champion, or None when there is none; raises
+    `RegistryError` when MLflow cannot say (fail closed)."""
     champ = champion_version(client(cfg), cfg.registry.model_name)
     return (str(champ.version), champ.tags.get("benchmark", "")) if champ else None
 
@@ -164,19 +202,34 @@ def _champion_records(mlclient, champ, mine: str, champion_report: dict | None) 
     return None
 
 
+def _protocol_note(mine: dict | None, champ) -> str:
+    """Which evaluation settings differ from the champion's (empty when none are known to)."""
+    try:
+        theirs = json.loads(champ.tags.get("eval_protocol") or "null")
+    except ValueError:
+        theirs = None
+    if not mine or not theirs:
+        return ""
+    diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    shown = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff)
+    return f" The evaluation protocol differs ({shown})." if diff else ""
+
+
 def gate_decision(
-    cfg: Config, mlclient, mv, records: list[dict], champ, champion_report: dict | None = None
+    cfg: Config, mlclient, mv, records: list[dict], champ, champion_report: dict | None = None,
+    report: dict | None = None,
 ) -> dict[str, Any]:
     """Decide whether `mv` (with per-sample `records`) should replace `champ` (or None).
 
     `champion_report`: the champion's evaluation on the challenger's benchmark (with its
-    `version`), for when the champion was registered on an older dataset version.
+    `version`), for when the champion was registered on an older dataset version. `report`: the
+    challenger's report card (its `benchmark` and `protocol`); else `mv`'s tags say.
     """
     reg = cfg.registry
     if champ is None:
         return {"promote": True, "reason": "no champion yet: the first evaluated version becomes champion",
                 "metric": reg.primary_metric}
-    mine, theirs = mv.tags.get("benchmark"), champ.tags.get("benchmark")
+    mine, theirs = (report or {}).get("benchmark") or mv.tags.get("benchmark"), champ.tags.get("benchmark")
     champ_records = _champion_records(mlclient, champ, mine, champion_report)
     if champ_records is None:
         return {
@@ -184,8 +237,9 @@ def gate_decision(
             "metric": reg.primary_metric,
             "reason": (
                 f"not compared: challenger v{mv.version} was evaluated on benchmark {mine}, champion "
-                f"v{champ.version} on {theirs}. Metrics on different test splits are not comparable; "
-                f"evaluate both on one dataset version (mmfusion eval --model models:/{mv.name}@champion "
+                f"v{champ.version} on {theirs}.{_protocol_note((report or {}).get('protocol'), champ)} "
+                "Metrics on different test splits or evaluation settings are not comparable; "
+                f"evaluate both the same way (mmfusion eval --model models:/{mv.name}@champion "
                 "--data DIR) and register again, or promote by hand (mmfusion registry promote)."
             ),
         }
@@ -204,6 +258,23 @@ def gate_decision(
     return out
 
 
+def _gate_under_lock(cfg: Config, mlclient, mv, report: dict, champion_report: dict | None) -> dict:
+    """Read the champion, decide, move the alias and record the decision, all under the lock:
+    whoever held it before may have moved the champion."""
+    name = cfg.registry.model_name
+    with registry_lock(cfg, name):
+        champ = champion_version(mlclient, name)  # raises RegistryError: never "no champion" on error
+        if champ is not None and str(champ.version) == str(mv.version):  # a retry after success
+            return {"promote": True, "metric": cfg.registry.primary_metric,
+                    "reason": f"v{mv.version} (same weights sha256) is already the champion"}
+        records = read_records(report["per_sample_path"])
+        decision = gate_decision(cfg, mlclient, mv, records, champ, champion_report, report)
+        if decision["promote"]:
+            set_champion(mlclient, name, mv.version, champ.version if champ else None)
+        _record(mlclient, mv, decision)
+    return decision
+
+
 def register_and_gate(
     cfg: Config,
     checkpoint_dir,
@@ -215,6 +286,8 @@ def register_and_gate(
 
     `champion_report`: optional evaluation of the champion (with `"version"`) on the same
     benchmark as `report`, so that a champion from an older dataset version is still compared.
+    Safe to retry: the same weights give the same version (`register_version`). Any MLflow failure
+    raises (`RegistryError` when reading the champion) and promotes nothing.
 
     Returns `{"name", "version", "promoted", "reason", "run_id", "model_uri", "champion_version",
     "decision"}`; `champion_version` is the champion after this call.
@@ -222,15 +295,8 @@ def register_and_gate(
     mlclient = client(cfg)
     created = register_version(cfg, checkpoint_dir, report, lineage)
     mv = mlclient.get_model_version(created.name, created.version)
-    records = read_records(report["per_sample_path"])
     name = cfg.registry.model_name
-    with registry_lock(cfg, name):
-        # Read the champion only now, under the lock: whoever held it before may have moved it.
-        champ = champion_version(mlclient, name)
-        decision = gate_decision(cfg, mlclient, mv, records, champ, champion_report)
-        if decision["promote"]:
-            set_champion(mlclient, name, mv.version, champ.version if champ else None)
-        _record(mlclient, mv, decision)
+    decision = _gate_under_lock(cfg, mlclient, mv, report, champion_report)
     now = champion_version(mlclient, name)
     verdict = "PROMOTED to champion" if decision["promote"] else "not promoted"
     print(f"[registry] {name} v{mv.version} {verdict}: {decision['reason']}", flush=True)

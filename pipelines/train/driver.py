@@ -21,7 +21,7 @@ from typing import Any
 from pipelines.config import Config, home_dir, mlflow_tracking_uri, train_storage
 from pipelines.core.checkpoints import CONFIG, CONFIG_FILES, TRAINER_STATE, WEIGHTS, is_checkpoint_dir
 from pipelines.core.dataset import version_id
-from pipelines.core.mlflow import artifact_location
+from pipelines.core.mlflow import artifact_location, create_experiment
 from pipelines.train.job import TrainJob
 
 log = logging.getLogger("pipelines.train")
@@ -287,6 +287,7 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
 
     quiet_environment()
     job = build_job(cfg, str(data_dir), task, init_from, run_name)
+    create_experiment(cfg, required=False)  # here, before Ray: workers only look it up
     init_ray(cfg)
     check_resources(cfg)
     trainer = build_trainer(cfg, job, callbacks)

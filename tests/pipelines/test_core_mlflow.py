@@ -1,16 +1,19 @@
 """pipelines.core.mlflow: the training tracker on real MLflow (SQLite), a broken URI never raises,
-and every experiment gets an explicit artifact location."""
+and every experiment gets an explicit artifact location, created by the driver, never by the tracker."""
 
 from __future__ import annotations
 
 import time
 
 from pipelines.config import load_config
-from pipelines.core.mlflow import MlflowTracker, artifact_location
+from pipelines.core.mlflow import MlflowTracker, artifact_location, ensure_experiment
 
 
 def test_metrics_reach_mlflow_and_a_resumed_run_keeps_its_id(tmp_path):
+    from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_experiment(MlflowClient(tracking_uri=uri), "exp", (tmp_path / "artifacts").as_uri())
     tracker = MlflowTracker(uri, "exp", "run-a")
     tracker.log_params({"lr": 0.001})
     tracker.log_metrics({"loss": 2.0, "note": "not a number"}, step=1)
@@ -21,8 +24,6 @@ def test_metrics_reach_mlflow_and_a_resumed_run_keeps_its_id(tmp_path):
     resumed = MlflowTracker(uri, "exp", "run-a", run_id=run_id)
     resumed.log_metrics({"loss": 1.0}, step=3)
     resumed.close(timeout=120)
-
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     history = client.get_metric_history(run_id, "loss")
@@ -42,17 +43,19 @@ def test_a_broken_tracking_uri_disables_tracking_without_raising():
     assert tracker.run_id is None
 
 
-def test_the_tracker_creates_its_experiment_at_the_given_artifact_location(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a Ray worker's working directory: nothing may land in ./mlruns
+def test_the_tracker_never_creates_the_experiment(tmp_path, monkeypatch, caplog):
+    """In a Ray worker the working directory is a Ray session folder: an experiment created there
+    without a location would keep its artifacts in it. Only the driver creates experiments."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     location = (tmp_path / "artifacts" / "exp-c").as_uri()
     tracker = MlflowTracker(uri, "exp-c", "run-c", artifact_location=location)
-    assert tracker.wait_run_id(timeout=120)
+    assert tracker.wait_run_id(timeout=120) is None
     tracker.close(timeout=120)
-
-    from mlflow.tracking import MlflowClient
-
-    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("exp-c").artifact_location == location
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("exp-c") is None
+    assert "driver creates it" in caplog.text
     assert not (tmp_path / "mlruns").exists()
 
 
