@@ -273,3 +273,37 @@ def test_merging_exact_duplicates_keeps_the_duplicate_s_qa_pairs(images, tmp_pat
 ])
 def test_html_is_stripped_after_unescaping_and_comparisons_are_text(raw, clean):
     assert normalize(raw) == clean
+
+
+def test_an_ingest_of_odd_records_counts_every_one(ray_local, images, tmp_path):
+    """The whole job on Ray: odd records are rejects in report.json and rejects.jsonl, the rest
+    are in the shards (a duplicate's QA pair merged in), and seen = kept + rejected + duplicates."""
+    import webdataset as wds
+
+    from pipelines.core.dataset import SPLITS, read_report, shard_paths
+    from pipelines.ingest import ingest
+
+    (images / "img" / "copy.jpg").write_bytes((images / "img" / "0.jpg").read_bytes())
+    qa = [{"question": "how many?", "answers": 2}]
+    jsonl(images / "raw.jsonl", [
+        {"id": "a", "image": "img/0.jpg", "captions": [CAPTION]},
+        {"id": "a-copy", "image": "img/copy.jpg", "captions": [CAPTION], "qa": qa},
+        {"id": "num", "image": "img/1.jpg", "qa": [{"question": "is it red?", "answers": True}]},
+        b'{"id": "sur\\ud800", "image": "img/2.jpg", "captions": ["' + CAPTION.encode() + b'"]}',
+        {"id": "nul", "image": "img/3.jpg\u0000", "captions": [CAPTION]},
+        {"id": "url", "image": "http://[::1/x.jpg", "captions": [CAPTION]},
+        {"id": "html", "image": "img/4.jpg", "captions": ["&lt;script&gt;x&lt;/script&gt; and x < 5"]},
+    ])
+    vdir = ingest(images / "raw.jsonl", tmp_path / "out", CFG)
+    report = read_report(vdir)
+    assert (report["seen"], report["kept"], report["duplicates"]) == (7, 3, 1)
+    assert report["rejected"].keys() >= {"invalid_encoding", "invalid_path"} and sum(report["rejected"].values()) == 3
+    rejects = [json.loads(x) for x in (vdir / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rejects) == sorted(["a-copy", "sur\\ud800", "nul", "url"])
+    docs = {}
+    for paths in filter(None, (shard_paths(vdir, split) for split in SPLITS)):
+        for s in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
+            docs[s["__key__"]] = json.loads(s["json"])
+    assert docs["a"]["qa"] == [{"question": "how many?", "answers": ["2"]}]
+    assert docs["num"]["qa"] == [{"question": "is it red?", "answers": ["yes"]}]
+    assert docs["html"]["captions"] == ["x and x < 5"]
