@@ -21,8 +21,18 @@ class TextReject(ValueError):
         self.reason, self.detail = reason, detail
 
 
+def strip_tags(text: str) -> str:
+    """Tags replaced by a space, until none is left (`<scr<b>ipt>` is a tag once `<b>` is gone)."""
+    while True:
+        out = _TAG.sub(" ", text)
+        if out == text:
+            return out
+        text = out
+
+
 def normalize(text: str | bytes) -> str:
-    """Decode (UTF-8, strict), NFC, strip tags and control characters, collapse whitespace."""
+    """Decode (UTF-8, strict), unescape HTML entities, NFC, drop control characters, strip tags,
+    collapse whitespace. No tag is left in the result (a `<` followed by a space or digit is text)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -34,12 +44,12 @@ def normalize(text: str | bytes) -> str:
         text.encode("utf-8")  # lone surrogates (e.g. from "\\ud800" in JSON) are not text
     except UnicodeEncodeError as e:
         raise TextReject("invalid_encoding", f"unencodable character at {e.start}") from e
-    # Entities first, tags after: `&lt;script&gt;` is a tag once unescaped, and must not survive
-    # as one (stripping first, then unescaping, made it a live `<script>`).
-    text = unicodedata.normalize("NFC", _TAG.sub(" ", html.unescape(text)))
+    # Tags go last, after everything that could make one: unescaping (`&lt;script&gt;` stripped
+    # first, then unescaped, was a live `<script>`) and dropping invisible characters (`<s\u200bcript>`).
+    text = unicodedata.normalize("NFC", html.unescape(text))
     if not text.isprintable():  # printable text has no Cc/Cf/Cs/Co character: skip the scan
         text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") else c for c in text)
-    return _SPACE.sub(" ", text).strip()
+    return _SPACE.sub(" ", strip_tags(text)).strip()
 
 
 def clean_caption(text: str | bytes, min_chars: int, max_chars: int) -> str:
