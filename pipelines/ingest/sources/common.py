@@ -44,7 +44,9 @@ def make_ref(
     if not reject:
         problem = _unusable(ref)
         if problem:
-            ref.update(image=None, captions=[], qa=[], meta={}, reject=problem[0], detail=problem[1])
+            ref.update(image=None, captions=[], qa=[], reject=problem[0], detail=problem[1])
+            if not is_utf8(json.dumps(ref["meta"], ensure_ascii=False)):
+                ref["meta"] = {}
     if ref["id"] is not None and not is_utf8(ref["id"]):
         ref["id"] = safe_text(ref["id"], 10_000)  # written as text (the surrogate escaped), keyed by it
     return ref

@@ -95,7 +95,11 @@ def read_split_files(questions_uri: str, data: dict) -> Iterator[dict]:
     """Refs of one VQA v2 split: one per image with all its answered questions; images with no
     answered question and answers with no question are rejects."""
     folder = parent_of(questions_uri)
-    split = _split_name(questions_uri, data)
+    try:
+        split = _split_name(questions_uri, data)
+    except ValueError as e:  # the whole file: one reject that says how to name it
+        yield reject_ref(questions_uri, "unknown_split", str(e), questions_uri)
+        return
     answers_uri, answers = _answers_by_question(folder, split)
     base = _image_folder(folder, split)
     image_split = split.replace("test-dev", "test")  # test-dev questions are about test images
