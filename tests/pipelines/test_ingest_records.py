@@ -135,6 +135,12 @@ def test_a_vqa_image_that_is_a_list_is_a_reject(images, tmp_path):
     assert "'image' must be a path or URL string, not list" in rows[0]["detail"]
 
 
+def test_a_vqa_questions_file_with_no_split_name_is_one_reject(tmp_path):
+    (tmp_path / "v.json").write_text(json.dumps({"questions": [{"question": "what?", "image_id": 1}]}))
+    (row,) = process(tmp_path / "v.json", "vqa", tmp_path)
+    assert row["reason"] == "unknown_split" and "v2_OpenEnded_mscoco_<split>_questions.json" in row["detail"]
+
+
 @pytest.mark.parametrize("url", ["http://exa mple.com/x.jpg", "http://[::1/x.jpg", "foo://host/x.jpg",
                                  "HTTP://127.0.0.1:9/x.jpg"])
 def test_an_unreadable_url_is_a_reject_and_the_batch_goes_on(images, tmp_path, url):
@@ -270,6 +276,8 @@ def test_merging_exact_duplicates_keeps_the_duplicate_s_qa_pairs(images, tmp_pat
     ("&lt;script&gt;alert(1)&lt;/script&gt; hi", "alert(1) hi"),
     ("<3 you &amp; me", "<3 you & me"),
     ("a &amp;lt;b&amp;gt; c", "a &lt;b&gt; c"),  # escaped twice: stays escaped text, never a tag
+    ("<scr<b>ipt>alert(1)</scr<i>ipt>", "alert(1)"),  # a tag that stripping another one makes
+    ("<s\u200bcript>x", "x"),  # a tag once the invisible character is gone
 ])
 def test_html_is_stripped_after_unescaping_and_comparisons_are_text(raw, clean):
     assert normalize(raw) == clean
@@ -307,3 +315,13 @@ def test_an_ingest_of_odd_records_counts_every_one(ray_local, images, tmp_path):
     assert docs["a"]["qa"] == [{"question": "how many?", "answers": ["2"]}]
     assert docs["num"]["qa"] == [{"question": "is it red?", "answers": ["yes"]}]
     assert docs["html"]["captions"] == ["x and x < 5"]
+
+
+def test_format_detection_reads_past_entries_that_are_not_objects(tmp_path):
+    from pipelines.ingest.sources import detect_format
+
+    (tmp_path / "c.json").write_text(json.dumps({"images": [], "annotations": [5, {"image_id": 1, "caption": "x"}]}))
+    assert detect_format(str(tmp_path / "c.json")) == "coco"
+    (tmp_path / "o.json").write_text(json.dumps({"annotations": 5}))
+    with pytest.raises(ValueError, match="must be COCO captions or VQA-style; pass --format"):
+        detect_format(str(tmp_path / "o.json"))
