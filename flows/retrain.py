@@ -7,6 +7,7 @@ orders them, retries the I/O-bound ones and leaves a report in Prefect's UI. No 
 from __future__ import annotations
 
 import base64
+import html
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -199,7 +200,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     reg = summary["registration"]
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float))
     examples = "\n".join(
-        f"| {e['key']} | {e['generated']} | {e['references'][0] if e['references'] else ''} |"
+        f"| {md_text(e['key'])} | {md_text(e['generated'])} | {md_text(e['references'][0] if e['references'] else '')} |"
         for e in summary["report"].get("examples", [])
     )
     return (
@@ -210,6 +211,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"| sample | generated | reference |\n|---|---|---|\n{examples}\n"
         f"{_attention_section(summary['report'].get('explanations', []))}"
     )
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # what could open a link, code, emphasis or a cell
+
+
+def md_text(value: Any) -> str:
+    """Data (captions, generated text, keys) as literal text in a Markdown table cell: HTML
+    escaped (`<script>` is shown, never run), Markdown's own marks backslash-escaped, one line."""
+    text = html.escape(str(value), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(text.split()))
 
 
 def _attention_section(pictures: list[str]) -> str:

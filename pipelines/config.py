@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ("debug", "local", "cluster")
+SPLIT_NAMES = ("train", "val", "test")  # the splits a dataset version has (`core.dataset.SPLITS`)
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,22 @@ class DataConfig(_Section):
     http_timeout_s: float = 10.0
     http_retries: int = 2
     columns: dict[str, str] = Field(default_factory=dict)  # csv/parquet column names
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _known_splits(cls, fractions: dict[str, float]) -> dict[str, float]:
+        """Only train/val/test are ever written: a sample sent to any other name would be counted
+        as kept and be in no shard."""
+        valid = ", ".join(SPLIT_NAMES)
+        for name, frac in fractions.items():
+            if name not in SPLIT_NAMES:
+                raise ValueError(f"unknown split {name!r}; the splits are {valid} "
+                                 f"(e.g. data.split_fractions={{train: 0.8, val: 0.1, test: 0.1}})")
+            if not (frac >= 0 and frac != float("inf")):
+                raise ValueError(f"split {name!r} has fraction {frac}; each fraction is a finite number >= 0")
+        if not fractions or sum(fractions.values()) <= 0:
+            raise ValueError(f"no split has a fraction above 0; give at least one of {valid} a positive fraction")
+        return fractions
 
 
 class ModelConfig(_Section):

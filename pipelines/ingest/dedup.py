@@ -1,7 +1,8 @@
 """The global deduplication step, run on the driver over the small accounting rows.
 
-Exact duplicates share the cleaned pixels: with the same captions the later copy is dropped,
-with different captions they are merged into the first (captions united). Near duplicates are
+Exact duplicates share the cleaned pixels: with the same captions and QA pairs the later copy is
+dropped, with different ones they are merged into the first (captions and QA pairs united; the
+keeper's row carries the QA pairs merged into it as `merged_qa`, which the shard writer adds). Near duplicates are
 images whose perceptual hashes differ in at most `distance` bits: the later copy is dropped.
 "First" means smallest key, so the choice is deterministic, and since this runs over the whole
 version before shards are written, no near-copy of a test image survives in another split.
@@ -41,9 +42,22 @@ def _exact(rows: list[dict], result: DedupResult) -> list[dict]:
         new = [c for c in json.loads(row["captions"]) if c not in have]
         if new:
             result.extra_captions.setdefault(keeper["key"], []).extend(new)
-        reason = "duplicate_merged" if new else "duplicate_exact"
+        new_qa = _new_qa(keeper, row)
+        if new_qa:
+            keeper["merged_qa"] = keeper.get("merged_qa", []) + new_qa
+        reason = "duplicate_merged" if new or new_qa else "duplicate_exact"
         result.dropped.append({"key": row["key"], "reason": reason, "of": keeper["key"]})
     return keepers
+
+
+def _new_qa(keeper: dict, row: dict) -> list[dict]:
+    """The QA pairs of `row` that its keeper (with what was merged into it) does not have."""
+    have = json.loads(keeper.get("qa") or "[]") + keeper.get("merged_qa", [])
+    new: list[dict] = []
+    for pair in json.loads(row.get("qa") or "[]"):
+        if pair not in have and pair not in new:
+            new.append(pair)
+    return new
 
 
 def _bands(h: int, n: int) -> list[tuple[int, int]]:

@@ -112,11 +112,12 @@ def parse_members(blob: bytes, key: str) -> dict[str, Any]:
     return sample
 
 
-def with_extra_captions(blob: bytes, key: str, extra: list[str]) -> bytes:
-    """A staged sample re-serialised with captions merged in from its exact duplicates."""
+def with_extra_captions(blob: bytes, key: str, extra: list[str], qa: list[dict] = ()) -> bytes:
+    """A staged sample re-serialised with captions (and QA pairs) merged in from its exact duplicates."""
     sample = parse_members(blob, key)
     doc = json.loads(sample["json"])
     doc["captions"] = doc["captions"] + extra
+    doc["qa"] = doc.get("qa", []) + list(qa)
     sample["json"] = json.dumps(doc, ensure_ascii=False).encode("utf-8")
     return serialize(sample)
 
@@ -128,14 +129,14 @@ def plan_shards(rows: list[dict], extra: dict[str, list[str]], max_samples: int,
         members: list[dict] = []
         size = 0
         for row in (r for r in rows if r["split"] == split):
-            merged = extra.get(row["key"], [])
-            # merged captions grow the json member by at most their JSON text, padded
-            nbytes = row["nbytes"] + (padded(len(json.dumps(merged, ensure_ascii=False).encode())) if merged else 0)
+            merged, qa = extra.get(row["key"], []), row.get("merged_qa") or []  # see dedup.py
+            # merged captions and QA pairs grow the json member by at most their JSON text, padded
+            nbytes = row["nbytes"] + sum(padded(len(json.dumps(x, ensure_ascii=False).encode())) for x in (merged, qa) if x)
             if members and (len(members) >= max_samples or archive_bytes(size + nbytes) > max_bytes):
                 plans.append(_plan(split, len([p for p in plans if p["split"] == split]), members))
                 members, size = [], 0
             members.append({"key": row["key"], "file": row["stage_file"], "offset": row["stage_offset"],
-                            "length": row["nbytes"], "extra": merged})
+                            "length": row["nbytes"], "extra": merged, "qa": qa})
             size += nbytes
         if members:
             plans.append(_plan(split, len([p for p in plans if p["split"] == split]), members))
@@ -165,13 +166,13 @@ def _pieces(members: list[dict]):
     split's samples in input order) make one piece, so a shard is a few large copies."""
     run = None
     for m in members:
-        if not m["extra"] and run and run[0] == m["file"] and run[2] == m["offset"]:
+        if not _is_merged(m) and run and run[0] == m["file"] and run[2] == m["offset"]:
             run = (run[0], run[1], m["offset"] + m["length"])
             continue
         if run:
             yield run
             run = None
-        if m["extra"]:
+        if _is_merged(m):
             yield m
         else:
             run = (m["file"], m["offset"], m["offset"] + m["length"])
@@ -179,8 +180,13 @@ def _pieces(members: list[dict]):
         yield run
 
 
+def _is_merged(m: dict) -> bool:
+    return bool(m["extra"] or m.get("qa"))
+
+
 def _merged(m: dict, staged: memoryview) -> bytes:
-    return with_extra_captions(bytes(staged[m["offset"] : m["offset"] + m["length"]]), m["key"], m["extra"])
+    blob = bytes(staged[m["offset"] : m["offset"] + m["length"]])
+    return with_extra_captions(blob, m["key"], m["extra"], m.get("qa", []))
 
 
 def _run(data: memoryview, file: str, start: int, end: int) -> memoryview:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +26,13 @@ from pipelines.ingest.fetch import FetchError, fetch
 from pipelines.ingest.imageclean import CleanImage, ImageReject, ImageSpec, clean_image
 from pipelines.ingest.phash import phash_many
 from pipelines.ingest.shards import MemberWriter
+from pipelines.ingest.sources.common import safe_text
 from pipelines.ingest.textclean import clean_captions, clean_qa
 from pipelines.runtime import quiet_loggers
 
 META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
                "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_offset", "captions", "dropped",
-               "file_sha")
+               "file_sha", "qa")
 
 
 def split_of(key: str, fractions: dict[str, float]) -> str:
@@ -48,14 +51,51 @@ def image_spec(cfg: DataConfig) -> ImageSpec:
     return ImageSpec(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.min_side, cfg.max_aspect, cfg.max_pixels)
 
 
+log = logging.getLogger(__name__)
+
+
+def _text(value: Any, limit: int = 10_000) -> str:
+    """A row's text field: always writable as UTF-8 (a lone surrogate would fail the whole batch)."""
+    return safe_text(value if isinstance(value, str) else str(value or ""), limit)
+
+
 def _row(ref: dict, reason: str = "", detail: str = "", **kw: Any) -> dict:
-    loc = ref.get("image") or {}
-    row = {"order": ref["order"], "key": ref["key"], "id": ref.get("id") or "", "reason": reason,
-           "detail": detail[:500], "source": ref.get("source", ""), "image": loc.get("uri", ""),
+    loc = ref.get("image") if isinstance(ref.get("image"), dict) else {}
+    row = {"order": ref["order"], "key": ref["key"], "id": _text(ref.get("id")), "reason": reason,
+           "detail": _text(detail, 500), "source": _text(ref.get("source")), "image": _text(loc.get("uri")),
            "split": "", "phash": "", "pixel_sha": "", "caption_sha": "", "nbytes": 0,
-           "stage_file": "", "stage_offset": -1, "captions": "[]", "dropped": "[]", "file_sha": ""}
+           "stage_file": "", "stage_offset": -1, "captions": "[]", "dropped": "[]", "file_sha": "",
+           "qa": "[]"}
     row.update(kw)
     return row
+
+
+_BYTES_LITERAL = re.compile(r"""b(['"]).*?(?<!\\)\1""")
+_LONG_QUOTE = re.compile(r"""(['"])[^'"]{40,}\1""")
+
+
+def error_summary(e: BaseException) -> str:
+    """`Type: message` for a reject's detail, short and without the data that caused it: bytes
+    literals and quoted texts over 40 characters (file or record contents) are left out."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    msg = _LONG_QUOTE.sub("'<text>'", _BYTES_LITERAL.sub("<bytes>", msg))
+    return safe_text(f"{type(e).__name__}: {msg}" if msg else type(e).__name__, 160)
+
+
+def _failed(ref: dict, step: str, e: BaseException) -> dict:
+    """The reject row of a Ref whose `step` raised; the traceback goes to the log."""
+    log.warning("ingest: %s failed on record %s (key %s); it is rejected as processing_error",
+                step, _text(ref.get("id"), 200), ref.get("key"), exc_info=e)
+    return _row(ref, "processing_error", f"{step}: {error_summary(e)}")
+
+
+def _guarded(step: str, fn, item, *args):
+    """`fn(item, *args)`, or the reject row of the item's Ref when it raises: one record that the
+    code does not expect costs one reject, never the batch (and with it the whole ingest)."""
+    try:
+        return fn(item, *args)
+    except Exception as e:  # noqa: BLE001 - any error here is about this one record
+        return _failed(item.ref if isinstance(item, _Cleaned) else item, step, e)
 
 
 GROUP = 32  # Refs taken through each step together (see `process_batch`)
@@ -129,13 +169,45 @@ def _sample(c: _Cleaned, phash: int, cfg: DataConfig) -> tuple[dict, dict]:
     row = _row(ref, split=split, phash=f"{phash:016x}", pixel_sha=img.pixel_sha,
                caption_sha=hashlib.sha256("\n".join(sorted(c.captions)).encode()).hexdigest(),
                captions=json.dumps(c.captions, ensure_ascii=False), dropped=json.dumps(c.dropped),
-               file_sha=c.file_sha)
+               file_sha=c.file_sha, qa=json.dumps(c.qa, ensure_ascii=False))
     return row, staged
+
+
+def _phashes(results: list) -> list:
+    """The perceptual hash of each cleaned image in `results`, or its reject row where hashing it
+    failed (the group is hashed at once, and only when that fails one image at a time)."""
+    cleaned = [r for r in results if isinstance(r, _Cleaned)]
+    try:
+        return [int(h) for h in phash_many([c.img.thumb for c in cleaned])]
+    except Exception:  # noqa: BLE001 - find the image that fails; the others are hashed alone
+        return [_guarded("phash", lambda c: int(phash_many([c.img.thumb])[0]), c) for c in cleaned]
+
+
+def _process_group(refs: list[dict], cfg: DataConfig, spec: ImageSpec, hash_files: bool) -> list:
+    """Each Ref of a group through every step: its reject row, or its (row, tar sample)."""
+    results = [_guarded("clean_text", _clean_text, ref, cfg) for ref in refs]
+    held = 0
+    for i, r in enumerate(results):  # read ahead, while the bytes held stay under the cap
+        if isinstance(r, _Cleaned) and held < READ_AHEAD_BYTES:
+            results[i] = r = _guarded("read_image", _read, r, cfg, hash_files)
+            held += len(r.data) if isinstance(r, _Cleaned) else 0
+    results = [_guarded("clean_image", _clean_image, r, cfg, spec, hash_files) if isinstance(r, _Cleaned) else r
+               for r in results]
+    hashes = iter(_phashes(results))
+    out = []
+    for r in results:
+        if isinstance(r, _Cleaned):
+            h = next(hashes)
+            r = _guarded("serialise", _sample, r, h, cfg) if isinstance(h, int) else h  # h: a reject row
+        out.append(r)
+    return out
 
 
 def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files: bool = False) -> pa.Table:
     """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows; never
-    raises for bad data.
+    raises for bad data: a record that fails any step is a reject row (`processing_error` when
+    the error was not one the steps expect, with its traceback in the log). Only the staging
+    files' own I/O errors raise (the task is then retried).
 
     The kept samples are staged as tar members in one file per split, so that writing a split's
     shards later reads only that split's bytes. `nbytes` is the sample's exact size in a tar.
@@ -157,19 +229,11 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files:
     writers: dict[str, MemberWriter] = {}  # stage file -> its writer, streaming into the file
     with contextlib.ExitStack() as files:  # each renamed into place when the batch is done
         for start in range(0, len(refs), GROUP):
-            results = [_clean_text(ref, cfg) for ref in refs[start : start + GROUP]]
-            held = 0
-            for i, r in enumerate(results):  # read ahead, while the bytes held stay under the cap
-                if isinstance(r, _Cleaned) and held < READ_AHEAD_BYTES:
-                    results[i] = r = _read(r, cfg, hash_files)
-                    held += len(r.data) if isinstance(r, _Cleaned) else 0
-            results = [_clean_image(r, cfg, spec, hash_files) if isinstance(r, _Cleaned) else r for r in results]
-            hashes = iter(phash_many([r.img.thumb for r in results if isinstance(r, _Cleaned)]))
-            for result in results:
+            for result in _process_group(refs[start : start + GROUP], cfg, spec, hash_files):
                 if isinstance(result, dict):
                     rows.append(result)
                     continue
-                row, sample = _sample(result, next(hashes), cfg)
+                row, sample = result
                 stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
                 if stage_file not in writers:
                     writers[stage_file] = MemberWriter(files.enter_context(open_atomic(stage_file)))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 import unicodedata
 
-_TAG = re.compile(r"<[^<>]{0,500}>")
+# A tag: `<` then a name (or `/name`, `!--`, `!DOCTYPE`), to the next `>`. `x < 5 and y > 3` is
+# no tag: a `<` with a space or digit after it is text.
+_TAG = re.compile(r"<(?:/?[A-Za-z][A-Za-z0-9:-]*(?:[\s/][^<>]{0,500})?|!--[^<>]{0,500}?--|![A-Za-z][^<>]{0,500})>")
 _SPACE = re.compile(r"\s+")
 
 
@@ -18,8 +21,18 @@ class TextReject(ValueError):
         self.reason, self.detail = reason, detail
 
 
+def strip_tags(text: str) -> str:
+    """Tags replaced by a space, until none is left (`<scr<b>ipt>` is a tag once `<b>` is gone)."""
+    while True:
+        out = _TAG.sub(" ", text)
+        if out == text:
+            return out
+        text = out
+
+
 def normalize(text: str | bytes) -> str:
-    """Decode (UTF-8, strict), NFC, strip tags and control characters, collapse whitespace."""
+    """Decode (UTF-8, strict), unescape HTML entities, NFC, drop control characters, strip tags,
+    collapse whitespace. No tag is left in the result (a `<` followed by a space or digit is text)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -31,10 +44,12 @@ def normalize(text: str | bytes) -> str:
         text.encode("utf-8")  # lone surrogates (e.g. from "\\ud800" in JSON) are not text
     except UnicodeEncodeError as e:
         raise TextReject("invalid_encoding", f"unencodable character at {e.start}") from e
-    text = unicodedata.normalize("NFC", html.unescape(_TAG.sub(" ", text)))
+    # Tags go last, after everything that could make one: unescaping (`&lt;script&gt;` stripped
+    # first, then unescaped, was a live `<script>`) and dropping invisible characters (`<s\u200bcript>`).
+    text = unicodedata.normalize("NFC", html.unescape(text))
     if not text.isprintable():  # printable text has no Cc/Cf/Cs/Co character: skip the scan
         text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") else c for c in text)
-    return _SPACE.sub(" ", text).strip()
+    return _SPACE.sub(" ", strip_tags(text)).strip()
 
 
 def clean_caption(text: str | bytes, min_chars: int, max_chars: int) -> str:
@@ -53,7 +68,7 @@ def clean_captions(raw: list, min_chars: int, max_chars: int) -> tuple[list[str]
     """(kept captions, reasons of the dropped ones), de-duplicated in first-seen order."""
     kept: list[str] = []
     reasons: list[str] = []
-    for item in raw:
+    for item in raw if isinstance(raw, list) else [raw]:
         try:
             text = clean_caption(item, min_chars, max_chars)
         except TextReject as e:
@@ -64,18 +79,36 @@ def clean_captions(raw: list, min_chars: int, max_chars: int) -> tuple[list[str]
     return kept, reasons
 
 
+def answer_text(value) -> str:
+    """One answer as text. Numbers and booleans are answers too (`2` -> "2", `2.0` -> "2",
+    `True` -> "yes", as VQA writes them); `null`, NaN and infinities are no answer (""); an
+    object's `answer` field is the answer (VQA v2); anything else is a `bad_field_type`."""
+    if isinstance(value, dict):
+        value = value.get("answer", "")
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else str(int(value)) if value.is_integer() else repr(value)
+    return normalize(value)
+
+
 def clean_qa(raw: list, max_chars: int) -> tuple[list[dict], list[str]]:
-    """Question-answer pairs with non-empty question and at least one non-empty answer."""
+    """Question-answer pairs with non-empty question and at least one non-empty answer
+    (`answers` or `answer`: one answer or a list of them, each read by `answer_text`)."""
     kept: list[dict] = []
     reasons: list[str] = []
-    for item in raw:
+    for item in raw if isinstance(raw, list) else [raw]:
         try:
             if not isinstance(item, dict) or "question" not in item:
                 raise TextReject("bad_qa", "a QA pair needs a 'question' and 'answers'")
             answers = item.get("answers", item.get("answer", []))
-            answers = [answers] if isinstance(answers, (str, bytes)) else list(answers or [])
+            answers = answers if isinstance(answers, list) else [answers]
             question = clean_caption(item["question"], 1, max_chars)
-            answers = [a for a in (normalize(x if not isinstance(x, dict) else x.get("answer", "")) for x in answers) if a]
+            answers = [a for a in map(answer_text, answers) if a]
             if not answers:
                 raise TextReject("bad_qa", f"no answer for {question!r}")
             kept.append({"question": question, "answers": answers})

@@ -24,7 +24,8 @@ def _json_kind(uri: str) -> str:
     data = read_json(uri)
     if isinstance(data, dict) and "questions" in data:
         return "vqa"
-    if isinstance(data, dict) and any("caption" in a for a in data.get("annotations", [])[:5]):
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if isinstance(annotations, list) and any(isinstance(a, dict) and "caption" in a for a in annotations[:5]):
         return "coco"
     if isinstance(data, list) and data and isinstance(data[0], dict) and "question" in data[0]:
         return "vqa"

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 
 from pipelines.core.storage import get_fs, join
-from pipelines.ingest.sources.common import as_list, image_loc, make_ref, reject_ref
+from pipelines.ingest.sources.common import as_list, image_loc, make_ref, parent_of, reject_ref
 
 
 def jsonl_files(source: str) -> list[str]:
@@ -36,6 +36,9 @@ def parse_line(raw: bytes, where: str, base: str, source: str) -> dict:
         missing.append("captions")
     if missing:
         return reject_ref(obj.get("id") or where, "missing_field", f"{where}: missing {', '.join(missing)}", source)
+    if not isinstance(obj["image"], str):
+        return reject_ref(obj["id"], "bad_field_type",
+                          f"{where}: 'image' must be a path or URL string, not {type(obj['image']).__name__}", source)
     captions = as_list(obj.get("captions", obj.get("caption")))
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     return make_ref(obj["id"], image_loc(obj["image"], base), captions, as_list(obj.get("qa")), meta, source)
@@ -44,8 +47,10 @@ def parse_line(raw: bytes, where: str, base: str, source: str) -> dict:
 def list_jsonl(source: str) -> Iterator[dict]:
     for uri in jsonl_files(source):
         fs, path = get_fs(uri)
-        base = uri.rsplit("/", 1)[0]
+        base = parent_of(uri)
         with fs.open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, not data
                 if raw.strip():
                     yield parse_line(raw.strip(), f"{uri}:{lineno}", base, uri)

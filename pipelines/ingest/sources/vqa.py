@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 from pipelines.core.storage import get_fs, join, read_json
-from pipelines.ingest.sources.common import image_loc, make_ref, reject_ref
+from pipelines.ingest.sources.common import as_list, image_loc, make_ref, parent_of, reject_ref
 
 QUESTIONS_GLOB = "*_questions.json"
 _SPLIT_IN_NAME = re.compile(r"_([^_]+)_questions\.json$")  # ..._train2014_questions.json
@@ -41,7 +41,9 @@ def question_files(source: str) -> list[str]:
 
 def is_split_questions(data) -> bool:
     """A VQA v2 questions file: questions naming images by id, answers in another file."""
-    if not isinstance(data, dict) or not data.get("questions") or {"images", "annotations"} & data.keys():
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list) or not data["questions"]:
+        return False
+    if {"images", "annotations"} & data.keys():
         return False
     return not any("image" in q for q in data["questions"][:5] if isinstance(q, dict))
 
@@ -65,10 +67,22 @@ def _answers_by_question(folder: str, split: str) -> tuple[str | None, dict]:
         return None, {}
     uri = join(folder, found[0].rsplit("/", 1)[-1])
     answers = {}
-    for a in read_json(uri).get("annotations", []):
-        # all ten human answers, repeats included: VQA accuracy counts how many gave each
-        answers[a.get("question_id")] = [x.get("answer", "") if isinstance(x, dict) else x for x in a.get("answers") or []]
+    data = read_json(uri)
+    for a in _objects(data.get("annotations") if isinstance(data, dict) else None):
+        if _hashable(a.get("question_id")):
+            # all ten human answers, repeats included: VQA accuracy counts how many gave each
+            answers[a["question_id"]] = [x.get("answer", "") if isinstance(x, dict) else x
+                                         for x in as_list(a.get("answers"))]
     return uri, answers
+
+
+def _objects(value) -> list[dict]:
+    """The objects of a JSON list (anything else in it, or a non-list, is skipped: not a record)."""
+    return [x for x in value if isinstance(x, dict)] if isinstance(value, list) else []
+
+
+def _hashable(value) -> bool:
+    return isinstance(value, (int, str, float)) and not isinstance(value, bool)
 
 
 def _image_folder(folder: str, split: str) -> str:
@@ -80,8 +94,12 @@ def _image_folder(folder: str, split: str) -> str:
 def read_split_files(questions_uri: str, data: dict) -> Iterator[dict]:
     """Refs of one VQA v2 split: one per image with all its answered questions; images with no
     answered question and answers with no question are rejects."""
-    folder = questions_uri.rsplit("/", 1)[0]
-    split = _split_name(questions_uri, data)
+    folder = parent_of(questions_uri)
+    try:
+        split = _split_name(questions_uri, data)
+    except ValueError as e:  # the whole file: one reject that says how to name it
+        yield reject_ref(questions_uri, "unknown_split", str(e), questions_uri)
+        return
     answers_uri, answers = _answers_by_question(folder, split)
     base = _image_folder(folder, split)
     image_split = split.replace("test-dev", "test")  # test-dev questions are about test images
@@ -89,8 +107,9 @@ def read_split_files(questions_uri: str, data: dict) -> Iterator[dict]:
     for i, q in enumerate(data["questions"]):
         try:
             image_id = int(q["image_id"])
-            qa[image_id].append({"question": q["question"], "answers": answers.get(q.get("question_id"), [])})
-        except (KeyError, TypeError, ValueError):
+            qid = q.get("question_id")
+            qa[image_id].append({"question": q["question"], "answers": answers.get(qid, []) if _hashable(qid) else []})
+        except (KeyError, TypeError, ValueError, AttributeError):
             yield reject_ref(f"{questions_uri}#{i}", "missing_field",
                              f"{questions_uri}: question {i} needs 'question' and an integer 'image_id'", questions_uri)
     for image_id, pairs in qa.items():
@@ -103,7 +122,7 @@ def read_split_files(questions_uri: str, data: dict) -> Iterator[dict]:
             continue
         meta = {"image_id": image_id, "coco_file": name, "vqa_split": split}
         yield make_ref(stem, image_loc(name, base), [], pairs, meta, questions_uri)
-    asked = {q.get("question_id") for q in data["questions"] if isinstance(q, dict)}
+    asked = {q.get("question_id") for q in _objects(data["questions"]) if _hashable(q.get("question_id"))}
     for qid in sorted(set(answers) - asked, key=str):
         yield reject_ref(f"orphan-q{qid}", "unknown_question_id",
                          f"{answers_uri}: answers for question_id {qid} with no question in {questions_uri}", answers_uri)
@@ -114,27 +133,40 @@ def _entries(data) -> Iterator[dict]:
     if isinstance(data, list):
         yield from data
         return
-    files = {img.get("id"): img.get("file_name") for img in data.get("images", [])}
-    answers = {a.get("question_id"): a.get("answers", []) for a in data.get("annotations", [])}
-    for q in data.get("questions", []):
-        image = q.get("image") or files.get(q.get("image_id"))
-        yield {**q, "image": image, "answers": q.get("answers") or answers.get(q.get("question_id"), [])}
+    if not isinstance(data, dict):
+        return
+    files = {img.get("id"): img.get("file_name") for img in _objects(data.get("images")) if _hashable(img.get("id"))}
+    answers = {a.get("question_id"): a.get("answers", []) for a in _objects(data.get("annotations"))
+               if _hashable(a.get("question_id"))}
+    questions = data.get("questions")
+    for q in questions if isinstance(questions, list) else []:
+        if not isinstance(q, dict):
+            yield q  # a reject, below
+            continue
+        image_id, qid = q.get("image_id"), q.get("question_id")
+        image = q.get("image") or (files.get(image_id) if _hashable(image_id) else None)
+        yield {**q, "image": image, "answers": q.get("answers") or (answers.get(qid, []) if _hashable(qid) else [])}
 
 
 def read_one_file(source: str, data) -> Iterator[dict]:
     """Refs of a one-file VQA source, one per image in first-seen order."""
-    base = source.rsplit("/", 1)[0]
+    base = parent_of(source)
     groups: dict[str, dict] = {}
     order: list[str] = []
     qa = defaultdict(list)
     for i, e in enumerate(_entries(data)):
         image = e.get("image") if isinstance(e, dict) else None
         if not image or "question" not in e:
-            yield reject_ref(f"{source}#{i}", "missing_field", "a VQA entry needs 'image' and 'question'", source)
+            yield reject_ref(f"{source}#{i}", "missing_field", f"{source}: entry {i}: a VQA entry is an object "
+                             "with 'image' and 'question'", source)
+            continue
+        if not isinstance(image, str):
+            yield reject_ref(f"{source}#{i}", "bad_field_type", f"{source}: entry {i}: 'image' must be a path "
+                             f"or URL string, not {type(image).__name__}", source)
             continue
         if image not in groups:
             order.append(image)
-            groups[image] = {"captions": list(e.get("captions", []))}
+            groups[image] = {"captions": as_list(e.get("captions"))}
         answers = e.get("answers", e.get("answer", []))
         qa[image].append({"question": e["question"], "answers": answers})
     for image in order:
@@ -145,5 +177,9 @@ def read_one_file(source: str, data) -> Iterator[dict]:
 def list_vqa(source: str) -> Iterator[dict]:
     fs, path = get_fs(source)
     for uri in question_files(source) if fs.isdir(path) else [source]:
-        data = read_json(uri)
+        try:
+            data = read_json(uri)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            yield reject_ref(uri, "malformed_json", f"{uri}: not JSON ({type(e).__name__})", uri)
+            continue
         yield from (read_split_files(uri, data) if is_split_questions(data) else read_one_file(uri, data))

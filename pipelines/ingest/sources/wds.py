@@ -33,21 +33,71 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _scan(uri: str) -> dict[str, dict]:
-    """key -> {ext: (offset, size) for images, decoded text for small text members}."""
+TEXT_MAX_BYTES = 16 << 20  # a text member larger than this is not a caption file: the sample is rejected
+
+
+class _Scan:
+    """What one pass over a tar's headers found: samples (key -> members), repeated members (a
+    second sample under `key#n`), and where the tar stopped being readable."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.samples: dict[str, dict] = {}
+        self.repeats: dict[str, str] = {}  # `key#n` -> key: members whose names were seen before
+        self.last_key: str | None = None  # the sample of the last member read
+        self.problem = ""  # why the tar is unreadable after some point ("" when it ended cleanly)
+        self.reason = "truncated_tar"  # or corrupt_tar: a bad header before the file's end
+
+    def add(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        key, ext = _split_name(m.name)
+        slot, n = key, 1
+        while ext in self.samples.get(slot, {}):  # a repeated name: never overwrite the first
+            n += 1
+            slot = f"{key}#{n}"
+            self.repeats[slot] = key
+        self.last_key = slot
+        entry = self.samples.setdefault(slot, {})
+        if ext not in _TEXT_MEMBERS:
+            entry[ext] = (m.offset_data, m.size)
+        elif m.size > TEXT_MAX_BYTES:
+            entry["_too_large"] = f"{m.name} has {m.size} bytes (text members over {TEXT_MAX_BYTES} are refused)"
+        else:
+            entry[ext] = tar.extractfile(m).read()
+
+
+def _ends_cleanly(f, offset: int) -> bool:
+    """A tar ends with a zero block where the reader stopped; a cut file or a corrupt header does not."""
+    f.seek(offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
+
+
+def _scan(uri: str) -> _Scan:
+    """Every member header of a tar, and the small text members. A tar cut short or corrupt in
+    the middle keeps what was read before the damage (`problem` says where it stopped)."""
     fs, path = get_fs(uri)
-    samples: dict[str, dict] = {}
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, ext = _split_name(m.name)
-            entry = samples.setdefault(key, {})
-            if ext in _TEXT_MEMBERS:
-                entry[ext] = tar.extractfile(m).read()
-            else:
-                entry[ext] = (m.offset_data, m.size)
-    return samples
+    scan = _Scan(uri)
+    with fs.open(path, "rb") as f:
+        size = fs.size(path)
+        tar = tarfile.open(fileobj=f, mode="r:")
+        while True:
+            try:
+                m = tar.next()
+                if m is None:
+                    if not _ends_cleanly(f, tar.offset):
+                        scan.problem = f"no readable tar header at byte {tar.offset} of {size}"
+                        scan.reason = "truncated_tar" if tar.offset + tarfile.BLOCKSIZE > size else "corrupt_tar"
+                    break
+                if m.offset_data + m.size > size:
+                    scan.last_key = _split_name(m.name)[0]
+                    scan.problem = f"member {m.name!r} needs bytes up to {m.offset_data + m.size}; the file has {size}"
+                    break
+                if m.isfile():
+                    scan.add(tar, m)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                scan.problem = f"unreadable after byte {tar.offset} of {size}: {e}"
+                break
+    return scan
 
 
 def _ref(key: str, entry: dict, uri: str) -> dict:
@@ -67,12 +117,35 @@ def _ref(key: str, entry: dict, uri: str) -> dict:
     return make_ref(obj.get("id") or key, loc, captions, as_list(obj.get("qa")), {**meta, "tar_key": key}, uri)
 
 
+def _refs_of(scan: _Scan) -> Iterator[dict]:
+    """Refs of a scanned tar: its samples; repeated members, the sample the damage cut into and
+    the unreadable rest of a damaged tar are rejects."""
+    uri = scan.uri
+    cut = scan.last_key if scan.problem else None
+    for key in sorted(scan.samples):
+        entry = scan.samples[key]
+        if key in scan.repeats:
+            names = ", ".join(f"{scan.repeats[key]}.{e}" for e in sorted(entry))
+            yield reject_ref(f"{uri}#{key}", "duplicate_member",
+                             f"{uri}: member(s) {names} repeat names seen earlier in the tar; the first are kept", uri)
+        elif key == cut:
+            yield reject_ref(key, scan.reason, f"{uri}: sample {key} may be incomplete: {scan.problem}", uri)
+        elif "_too_large" in entry:
+            yield reject_ref(key, "too_large", f"{uri}: {entry['_too_large']}", uri)
+        else:
+            yield _ref(key, entry, uri)
+    if cut is not None and cut not in scan.samples:
+        yield reject_ref(cut, scan.reason, f"{uri}: sample {cut} is cut off: {scan.problem}", uri)
+    if scan.problem:
+        yield reject_ref(f"{uri}#rest", scan.reason,
+                         f"{uri}: {scan.problem}; any samples after that point are lost (count unknown)", uri)
+
+
 def list_webdataset(source: str) -> Iterator[dict]:
     for uri in tar_files(source):
         try:
-            samples = _scan(uri)
+            scan = _scan(uri)
         except (tarfile.TarError, OSError) as e:
             yield reject_ref(uri, "corrupt_tar", f"{uri}: {e}", uri)
             continue
-        for key in sorted(samples):
-            yield _ref(key, samples[key], uri)
+        yield from _refs_of(scan)
