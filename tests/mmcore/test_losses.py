@@ -70,3 +70,21 @@ def test_hard_negatives_skip_identical_captions():
         neg_t, neg_i = _hard_negatives(emb, emb, torch.tensor(10.0), ids)
         for i in range(4):
             assert not torch.equal(ids[neg_t[i]], ids[i]) and not torch.equal(ids[neg_i[i]], ids[i])
+
+
+def test_itm_loss_is_class_balanced_so_logit_zero_is_the_boundary():
+    from mmcore.losses.itm import MatchingLoss
+
+    labels = torch.tensor([1.0, 0.0, 0.0])  # one positive, two negatives, as the model samples them
+    loss = MatchingLoss()
+    # Hand-checked: the mean of the positives' mean and the negatives' mean of -log p(label).
+    logits = torch.tensor([0.5, -1.0, 2.0])
+    pos = -math.log(torch.sigmoid(torch.tensor(0.5)).item())
+    neg = (-math.log(1 - torch.sigmoid(torch.tensor(-1.0)).item()) - math.log(1 - torch.sigmoid(torch.tensor(2.0)).item())) / 2
+    assert loss(logits, labels).item() == pytest.approx((pos + neg) / 2, rel=1e-5)
+    # The best constant logit is 0 (p = 1/2), not the 1:2 prior's log(1/2): a model that cannot
+    # tell pairs apart sits at the balanced boundary, and any ranking signal moves both sides.
+    best = min((torch.tensor([c] * 3) for c in torch.linspace(-2, 2, 401)), key=lambda c: loss(c, labels).item())
+    assert best[0].item() == pytest.approx(0.0, abs=0.011)
+    # Only positives (a one-pair batch): their mean alone.
+    assert loss(torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(math.log(2))
