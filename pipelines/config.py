@@ -51,8 +51,13 @@ class DataConfig(_Section):
     dedup_distance: int = 4  # perceptual-hash Hamming distance for near duplicates; <0 disables
     shard_samples: int = 1000
     shard_max_bytes: int = 256 * 1024 * 1024
-    http_timeout_s: float = 10.0
+    http_timeout_s: float = 10.0  # connecting, and each read of a response
     http_retries: int = 2
+    fetch_timeout_s: float = Field(60.0, gt=0)  # one image's whole download (all tries and redirects)
+    max_image_bytes: int = Field(64 * 1024 * 1024, gt=0)  # a larger image file, URL or tar member is a reject
+    # Image URLs that resolve to loopback, private, link-local or multicast addresses are
+    # refused (a manifest is untrusted input); true for a private mirror or tests on 127.0.0.1.
+    allow_private_urls: bool = False
     columns: dict[str, str] = Field(default_factory=dict)  # csv/parquet column names
 
     @field_validator("split_fractions")

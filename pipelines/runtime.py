@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 from pipelines.config import Config, ray_address
 
@@ -31,6 +32,8 @@ QUIET_ENV = {
 }
 
 
+LOCAL_DASHBOARD_HOST = "127.0.0.1"  # the in-process Ray's dashboard (when on): this machine only
+
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
@@ -45,6 +48,30 @@ def quiet_loggers() -> None:
     """Chatty libraries at WARNING (also called in Ray workers, whose root logger is at INFO)."""
     for name in ("urllib3", "filelock", "httpx", "alembic", "mlflow.store.db.utils", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def local_token_auth() -> None:
+    """Token authentication for an in-process Ray, with a token of its own.
+
+    Even with no dashboard, an in-process Ray's GCS, raylet and agents listen on every interface
+    (`ss -ltnp`: `*:<port>`; `_node_ip_address="127.0.0.1"` does not change that), and whoever
+    reaches those ports without auth can run code. Ray 2.60 turns token auth on by default for a
+    new cluster, with a token in ~/.ray/auth_token made on first use; instead each in-process
+    cluster gets a fresh token in RAY_AUTH_TOKEN, which its processes (and ours) inherit: no file
+    that two first runs could write at once. A RAY_AUTH_MODE, RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH the user set is kept.
+    """
+    if os.environ.setdefault("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray reads these variables into its cached config at import; re-read them (what Ray does
+    # itself when it turns token auth on, `_enable_token_auth`).
+    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import Config as RayConfig
+
+    RayConfig.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def init_ray(cfg: Config | None = None, **kwargs):
@@ -66,8 +93,7 @@ def init_ray(cfg: Config | None = None, **kwargs):
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
     else:
-        # A throwaway in-process cluster: no token to hand out (and no warning about it).
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        local_token_auth()
         # One local node is never preempted: Ray Train's preemption watcher would be one more
         # actor (a few CPU-seconds of imports, then polling) taking CPU from training.
         env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -78,6 +104,7 @@ def init_ray(cfg: Config | None = None, **kwargs):
             address="local",
             num_cpus=num_cpus,
             include_dashboard=kwargs.pop("include_dashboard", None),
+            dashboard_host=kwargs.pop("dashboard_host", LOCAL_DASHBOARD_HOST),
             runtime_env=runtime_env,
             _temp_dir=kwargs.pop("_temp_dir", None),
             **kwargs,

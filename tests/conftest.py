@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster needs no token
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the shared test machine is slow
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,7 +9,11 @@ export RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED
        MLFLOW_DISABLE_TELEMETRY=true
 
 start() {
-  ray start --head --port 6379 --dashboard-host 127.0.0.1 --disable-usage-stats >"$state/ray.log" 2>&1
+  # Every service on 127.0.0.1 (see infra/README.md, "Network exposure"). Ray's gRPC ports
+  # listen on all interfaces whatever the flags, so Ray keeps token auth on (its token:
+  # ~/.ray/auth_token, made on first start; `mmfusion` and `ray` read it from there).
+  RAY_AUTH_MODE=token ray start --head --port 6379 --node-ip-address 127.0.0.1 \
+      --dashboard-host 127.0.0.1 --disable-usage-stats >"$state/ray.log" 2>&1
   PREFECT_HOME="$home/prefect" nohup prefect server start --host 127.0.0.1 --port 4200 \
       >"$state/prefect.log" 2>&1 & echo $! >"$state/prefect.pid"
   nohup mlflow server --host 127.0.0.1 --port 5000 \

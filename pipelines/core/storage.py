@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +91,57 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def local_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock between processes on this file system (`flock` on `path`), for short
+    critical sections. The file is removed on release; a waiter that then holds a lock on the
+    removed file sees its inode gone and locks the path anew. A dead holder's lock is released
+    by the kernel."""
+    path = str(path)
+    while True:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed between the two calls: again
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def rename_dir_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Rename the local directory `src` to `dst` in one step; False (and `src` left) when `dst`
+    exists and is not empty. Never replaces anything that has files in it."""
+    try:
+        os.rename(src, dst)
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+
+
+def remove_older_than(uri: str | os.PathLike, seconds: float) -> list[str]:
+    """Remove the entries of a local directory last modified more than `seconds` ago (leftovers
+    of killed runs); returns their paths. Nothing for remote or missing directories."""
+    if is_remote(uri) or not os.path.isdir(get_fs(uri)[1]):
+        return []
+    root, gone = get_fs(uri)[1], []
+    for entry in os.scandir(root):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime > seconds:
+                remove(entry.path)
+                gone.append(entry.path)
+    return gone

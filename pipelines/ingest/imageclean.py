@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +17,14 @@ from pipelines.ingest.phash import phash_many, thumbnail
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a reject, never a padded image
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# A bytes or str literal inside a decoder's message: the file's own bytes (a PPM header token,
+# a marker), which a report must not echo (the "image" may be any file a manifest names).
+_LITERAL = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+
+
+def describe(e: BaseException) -> str:
+    """An exception as a reject detail: its type and message, with quoted file content elided."""
+    return f"{type(e).__name__}: {_LITERAL.sub('<bytes>', str(e))[:200]}"
 
 
 class ImageReject(ValueError):
@@ -34,6 +43,7 @@ class ImageSpec:
     min_side: int
     max_aspect: float
     max_pixels: int
+    max_bytes: int = 64 * 1024 * 1024  # data.max_image_bytes
 
 
 @dataclass(frozen=True)
@@ -59,17 +69,19 @@ def _open(data: bytes, spec: ImageSpec) -> Image.Image:
     """Open lazily and check the header: format and pixel count, before any decoding."""
     if not data:
         raise ImageReject("empty_file", "0 bytes")
+    if len(data) > spec.max_bytes:
+        raise ImageReject("too_large", f"{len(data)} bytes > data.max_image_bytes = {spec.max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageReject("decompression_bomb", str(e)) from e
+        raise ImageReject("decompression_bomb", describe(e)) from e
     except Image.UnidentifiedImageError as e:  # its message names a BytesIO object: no use in a report
-        raise ImageReject("not_an_image", f"no image format recognises these {len(data)} bytes "
-                                          f"(they start {data[:12]!r})") from e
+        # Never the bytes themselves: a manifest may name any file (`../../etc/passwd`).
+        raise ImageReject("not_an_image", f"no image format recognises these {len(data)} bytes") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for non-images
-        raise ImageReject("not_an_image", f"{type(e).__name__}: {e}") from e
+        raise ImageReject("not_an_image", describe(e)) from e
     if img.format not in ALLOWED_FORMATS:
         raise ImageReject("unsupported_format", f"{img.format}; allowed: {sorted(ALLOWED_FORMATS)}")
     w, h = img.size
@@ -79,7 +91,7 @@ def _open(data: bytes, spec: ImageSpec) -> Image.Image:
         try:
             Image.open(io.BytesIO(data)).verify()
         except Exception as e:  # noqa: BLE001
-            raise ImageReject("corrupt_image", f"{type(e).__name__}: {e}") from e
+            raise ImageReject("corrupt_image", describe(e)) from e
     return img
 
 
@@ -103,9 +115,9 @@ def _decode(img: Image.Image, spec: ImageSpec) -> Image.Image:
         return img
     except OSError as e:
         reason = "truncated_image" if "truncat" in str(e).lower() else "corrupt_image"
-        raise ImageReject(reason, str(e)) from e
+        raise ImageReject(reason, describe(e)) from e
     except Exception as e:  # noqa: BLE001 - decoders raise SyntaxError, ValueError, ...
-        raise ImageReject("corrupt_image", f"{type(e).__name__}: {e}") from e
+        raise ImageReject("corrupt_image", describe(e)) from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -8,6 +8,11 @@
 5. write the shards in parallel (one Ray task each: a copy of staged tar members), each atomically;
 6. write rejects.jsonl, report.json, and last manifest.json (the completion marker).
 
+Each run stages (and, on a local disk, builds its version) in a folder of its own under
+`<out_root>/_staging/`, so runs on the same inputs at the same time never share or delete each
+other's files; the finished version is published by one rename (`publish`), never over a
+complete one.
+
 A re-run must start nothing, so the version is checked first (content fingerprint on the driver)
 when the listing looks like one ingested before: `<out_root>/_index/<quick key>.json` records
 every listing (names, sizes, mtimes) that made a version. Remote sources are fingerprinted by
@@ -24,6 +29,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ PIPELINE_VERSION = 3  # bump when cleaning code changes what a config produces
 _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format")
 # A cleaning task carries its Refs; Ray Data warns about read tasks over 1 MiB serialised.
 CHUNK_BYTES = 768 * 1024
+STALE_STAGING_S = 24 * 3600  # a staging folder untouched this long is a killed run's: removed
 
 
 def task_sizes(n: int, cpus: int, most: int = 512, least: int = 16) -> list[int]:
@@ -218,6 +225,8 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
 
     Returns the existing version untouched when the same inputs and cleaning config were
     ingested before. A partial version (no manifest: an earlier run was killed) is redone.
+    Runs at the same time on the same inputs are safe: each stages and builds in its own
+    folder, and the first to finish publishes (`publish`); the others return its version.
     """
     source, out_root = str(source), str(out_root)
     fmt = fmt or cfg.format or detect_format(source)
@@ -231,15 +240,15 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
         inputs: list[dict] | None = None
         if listing.remote or storage.exists(hint):
             inputs = [fingerprint(listing, refs)]
-            version = version_id(cfg, fmt, inputs)
-            vdir = storage.join(out_root, version)
+            vdir = storage.join(out_root, version_id(cfg, fmt, inputs))
             if dataset.is_complete(vdir):
-                log(f"version {version} already exists: {vdir} (nothing rewritten)")
+                log(f"version {version_id(cfg, fmt, inputs)} already exists: {vdir} (nothing rewritten)")
                 return storage.as_path(vdir)
     log(f"{len(refs)} inputs from {source} (format {fmt})")
     _ensure_ray()
-    staging = storage.join(out_root, dataset.STAGING_DIR, key)
-    storage.remove(staging)  # leftovers of a killed run on the same inputs
+    staging_root = storage.join(out_root, dataset.STAGING_DIR)
+    storage.remove_older_than(staging_root, STALE_STAGING_S)  # leftovers of killed runs
+    staging = storage.join(staging_root, f"{key}-{uuid.uuid4().hex[:12]}")  # this run's alone
     try:
         rows = _clean_all(refs, cfg, staging, hash_files=inputs is None)
         log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
@@ -247,33 +256,68 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
             if inputs is None:  # the workers hashed the image files; the driver hashes the rest
                 digests = {local_path(r["image"]): r["file_sha"] for r in rows if r["file_sha"]}
                 inputs = [fingerprint(listing, refs, digests)]
-                version = version_id(cfg, fmt, inputs)
-                vdir = storage.join(out_root, version)
-                if dataset.is_complete(vdir):  # same content under new names or mtimes
-                    storage.write_json_atomic(hint, {"version": version, "source": source})
-                    log(f"version {version} already exists: {vdir} (same content; nothing rewritten)")
-                    return storage.as_path(vdir)
-            log(f"version {version}: {vdir}")
-            storage.remove(vdir)  # leftovers of a killed run: never trusted, redone
-            t1 = time.time()
-            result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
-            plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
-            log(f"deduplicated and planned {len(plans)} shards in {time.time() - t1:.1f}s: "
-                f"{sum(result.counts().values())} duplicates dropped or merged")
-            t1 = time.time()
-            entries = _write_shards(plans, vdir)
-            log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
-            finish(vdir, version, cfg, fmt, inputs, rows, result, entries)
-            storage.write_json_atomic(hint, {"version": version, "source": source})
+            vdir = _build_version(out_root, staging, cfg, fmt, inputs, rows)
+            storage.write_json_atomic(hint, {"version": version_id(cfg, fmt, inputs), "source": source})
     finally:
         storage.remove(staging)
-        if not storage.is_remote(staging):
-            try:
-                os.rmdir(storage.get_fs(staging)[1].rsplit("/", 1)[0])  # `_staging/` once empty
-            except OSError:
-                pass
-    log(f"done in {time.time() - t0:.1f}s: {len(result.kept)} kept of {len(rows)}")
+        if not storage.is_remote(staging_root):
+            with contextlib.suppress(OSError):
+                os.rmdir(storage.get_fs(staging_root)[1])  # `_staging/` once empty
+    log(f"done in {time.time() - t0:.1f}s")
     return storage.as_path(vdir)
+
+
+def _build_version(out_root: str, staging: str, cfg: DataConfig, fmt: str, inputs: list[dict],
+                   rows: list[dict]) -> str:
+    """Deduplicate, shard and publish the version of `rows`; returns its directory. A complete
+    version (another run's, or the same content under new names or mtimes) is left untouched.
+
+    Locally the version is built inside this run's staging folder and renamed into place when
+    complete (`publish`). Object stores have no rename: there the files go straight to the
+    version folder, each written atomically, manifest last; a run at the same time writes the
+    same bytes, and a complete version's files are never removed.
+    """
+    version = version_id(cfg, fmt, inputs)
+    vdir = storage.join(out_root, version)
+    if dataset.is_complete(vdir):
+        log(f"version {version} already exists: {vdir} (same content; nothing rewritten)")
+        return vdir
+    build = vdir if storage.is_remote(vdir) else storage.join(staging, version)
+    log(f"version {version}: {vdir}")
+    t1 = time.time()
+    result = deduplicate([r for r in rows if not r["reason"]], cfg.dedup_distance)
+    plans = plan_shards(result.kept, result.extra_captions, cfg.shard_samples, cfg.shard_max_bytes)
+    log(f"deduplicated and planned {len(plans)} shards in {time.time() - t1:.1f}s: "
+        f"{sum(result.counts().values())} duplicates dropped or merged")
+    t1 = time.time()
+    entries = _write_shards(plans, build)
+    log(f"wrote {len(entries)} shards in {time.time() - t1:.1f}s")
+    finish(build, version, cfg, fmt, inputs, rows, result, entries)
+    if build != vdir and not publish(build, vdir, storage.join(out_root, dataset.STAGING_DIR, f"{version}.lock")):
+        log(f"version {version} was completed by another run first: {vdir} (this run's copy dropped)")
+    log(f"{len(result.kept)} kept of {len(rows)}")
+    return vdir
+
+
+def publish(build: str, vdir: str, lock: str) -> bool:
+    """Move the finished local version `build` to `vdir` in one rename: True; False when a
+    complete version is there already (`build` then stays, for the caller to remove).
+
+    An incomplete `vdir` (a killed run of an older release wrote in place) is moved aside and
+    removed. All of it under a lock, so no run moves a version another has just completed.
+    """
+    build, vdir = storage.get_fs(build)[1], storage.get_fs(vdir)[1]
+    with storage.local_lock(storage.get_fs(lock)[1]):
+        if dataset.is_complete(vdir):
+            return False
+        if os.path.exists(vdir):
+            leftover = f"{build}.leftover"
+            os.rename(vdir, leftover)
+            storage.remove(leftover)
+        if not storage.rename_dir_noreplace(build, vdir):
+            raise FileExistsError(f"{vdir} appeared while {build} was being published: another "
+                                  "ingest not using the lock writes there; re-run this ingest")
+        return True
 
 
 def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pipelines.config import DataConfig
 from pipelines.core.storage import is_remote, join, open_atomic
-from pipelines.ingest.fetch import FetchError, fetch
+from pipelines.ingest.fetch import FetchError, FetchLimits, fetch
 from pipelines.ingest.imageclean import CleanImage, ImageReject, ImageSpec, clean_image
 from pipelines.ingest.phash import phash_many
 from pipelines.ingest.shards import MemberWriter
@@ -48,7 +48,8 @@ def split_of(key: str, fractions: dict[str, float]) -> str:
 
 
 def image_spec(cfg: DataConfig) -> ImageSpec:
-    return ImageSpec(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.min_side, cfg.max_aspect, cfg.max_pixels)
+    return ImageSpec(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.min_side, cfg.max_aspect, cfg.max_pixels,
+                     cfg.max_image_bytes)
 
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _read(c: _Cleaned, cfg: DataConfig, hash_files: bool) -> dict | _Cleaned:
     """
     loc = c.ref["image"]
     try:
-        c.data = fetch(loc, cfg.http_timeout_s, cfg.http_retries)
+        c.data = fetch(loc, limits=FetchLimits.of(cfg))
     except FetchError as e:
         return _row(c.ref, e.reason, e.detail)
     if hash_files and loc["kind"] == "path" and not is_remote(loc["uri"]):

@@ -15,7 +15,7 @@ from pipelines.config import load_config
 from pipelines.core.storage import sha256_file
 from pipelines.ingest import stage
 from pipelines.ingest.dedup import deduplicate
-from pipelines.ingest.fetch import FetchError, fetch
+from pipelines.ingest.fetch import FetchError, FetchLimits, fetch
 from pipelines.ingest.fingerprint import fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image, resize, to_rgb
 from pipelines.ingest.phash import hamming, phash, phash_many, thumbnail
@@ -151,7 +151,7 @@ def test_a_cleaning_batch_gives_each_ref_the_row_and_tar_members_it_gets_alone(t
 
     assert [r["order"] for r in grouped] == list(range(n))
     assert {r["order"]: r["reason"] for r in grouped if r["reason"]} == bad
-    assert grouped[3]["detail"] == "no image format recognises these 19 bytes (they start b'not an image')"
+    assert grouped[3]["detail"] == "no image format recognises these 19 bytes"  # never the bytes themselves
     spec = stage.image_spec(cfg)
     for g, c, s in zip(grouped, capped, single, strict=True):
         assert {**g, "stage_file": ""} == {**c, "stage_file": ""} == {**s, "stage_file": ""}
@@ -211,13 +211,14 @@ def test_shard_plan_respects_count_and_byte_caps():
 
 def test_http_fetch_handles_errors_retries_timeouts_and_content_types():
     image = encode(scene(9))
+    local = FetchLimits(allow_private=True)  # the server is on 127.0.0.1
     with ImageServer(image) as srv:
-        assert fetch({"kind": "url", "uri": srv.url("/ok.jpg")}, timeout=2, retries=0) == image
-        assert fetch({"kind": "url", "uri": srv.url("/flaky.jpg")}, timeout=2, retries=2) == image
+        assert fetch({"kind": "url", "uri": srv.url("/ok.jpg")}, timeout=2, retries=0, limits=local) == image
+        assert fetch({"kind": "url", "uri": srv.url("/flaky.jpg")}, timeout=2, retries=2, limits=local) == image
         for path, reason in [("/html", "bad_content_type"), ("/missing.jpg", "http_error"),
                              ("/error.jpg", "http_error"), ("/slow.jpg", "http_timeout")]:
             with pytest.raises(FetchError) as e:
-                fetch({"kind": "url", "uri": srv.url(path)}, timeout=0.5, retries=1)
+                fetch({"kind": "url", "uri": srv.url(path)}, timeout=0.5, retries=1, limits=local)
             assert e.value.reason == reason, path
         assert srv.hits["/missing.jpg"] == 1  # client errors are not retried
         assert srv.hits["/error.jpg"] == 2  # server errors are, a bounded number of times

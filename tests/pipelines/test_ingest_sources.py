@@ -142,7 +142,7 @@ def test_http_images_and_webdataset_resharding(ray_local, tiny_dataset, tmp_path
                  for p in ("/ok.jpg", "/flaky.jpg", "/html", "/missing.jpg", "/error.jpg")]
         (tmp_path / "web").mkdir()
         (tmp_path / "web" / "s.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-        vdir = ingest(tmp_path / "web", tmp_path / "out", CFG.model_copy(update={"http_retries": 1}))
+        vdir = ingest(tmp_path / "web", tmp_path / "out", CFG.model_copy(update={"http_retries": 1, "allow_private_urls": True}))
     report = _check_accounting(vdir)
     assert report["rejected"] == {"bad_content_type": 1, "http_error": 2}
     # /ok and /flaky (fetched on retry) serve the same image with the same caption: one is a copy
