@@ -41,7 +41,7 @@ from pipelines.ingest.shards import plan_shards, write_shard
 from pipelines.ingest.sources import detect_format, list_refs
 from pipelines.ingest.sources.common import key_for
 
-PIPELINE_VERSION = 3  # bump when cleaning code changes what a config produces
+PIPELINE_VERSION = 4  # bump when cleaning code changes what a config produces
 _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format")
 # A cleaning task carries its Refs; Ray Data warns about read tasks over 1 MiB serialised.
 CHUNK_BYTES = 768 * 1024
