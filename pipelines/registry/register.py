@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config
-from pipelines.core.checkpoints import model_files, weights_sha256
+from pipelines.core.checkpoints import check_finite, model_files, weights_sha256
 from pipelines.core.mlflow import (
     CHAMPION,
     champion_version,
@@ -119,6 +119,7 @@ def champion_per_sample(mlclient, mv) -> list[dict]:
 def register_version(cfg: Config, checkpoint_dir, report: dict, lineage: dict | None = None):
     """Log the run and create the model version (no gating). Returns the `ModelVersion`."""
     ckpt = Path(checkpoint_dir)
+    check_finite(ckpt)  # a diverged (NaN/Inf) model is never registered, so never promoted
     mlclient = client(cfg)
     tags = _lineage_tags(cfg, report, lineage or {}, weights_sha256(ckpt))
     run_id, source = _log_run(cfg, ckpt, report, tags, mlclient)
