@@ -120,6 +120,8 @@ class TrainConfig(_Section):
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of the peak lr
     val_max_samples: int = 512  # validation reads at most this many val samples
     fail_at_step: int | None = None  # test device: one rank exits once at this step (marker file)
+    max_nonfinite_steps: int = 20  # NaN/Inf steps in a row (each skipped) that fail the run; 0: never
+    nonfinite_at_steps: list[int] = Field(default_factory=list)  # test device: NaN loss at these steps
 
 
 class ScalingConfig(_Section):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config
-from pipelines.core.checkpoints import model_files, weights_sha256
+from pipelines.core.checkpoints import check_finite, model_files, weights_sha256
 from pipelines.core.mlflow import (
     CHAMPION,
     champion_version,
@@ -150,6 +150,7 @@ def register_version(cfg: Config, checkpoint_dir, report: dict, lineage: dict | 
     weights again (a retried `register` task) returns the existing version, never a duplicate.
     """
     ckpt = Path(checkpoint_dir)
+    check_finite(ckpt)  # a diverged (NaN/Inf) model is never registered, so never promoted
     mlclient = client(cfg)
     sha = weights_sha256(ckpt)
     name = cfg.registry.model_name

@@ -4,7 +4,9 @@
 resources per worker), `RunConfig` (storage under the state dir or object storage, run name),
 `FailureConfig` (worker-group restarts) and `CheckpointConfig` (how many to keep), runs it, and
 returns the final checkpoint directory. Re-running with the same run name resumes (Ray Train V2
-restores the run's checkpoint list from its storage folder).
+restores the run's checkpoint list from its storage folder); while a driver runs, it holds its run
+folder's lock (`runlock`), so a second live driver with the same run name fails instead of writing
+into the same folder.
 """
 
 from __future__ import annotations
@@ -77,6 +79,23 @@ def split_urls(data_dir: str, split: str) -> list[str]:
             f"data.split_fractions so that the {split} split is not empty"
         )
     return [u if "://" in u else str(Path(u).resolve()) for u in urls]
+
+
+def check_split_size(cfg: Config, data_dir: str) -> None:
+    """Every reader (`scaling.num_workers` x `train.loader_workers` of them) needs at least one
+    train sample: with fewer samples than readers some reader's stream would be empty."""
+    from pipelines.core.dataset import read_manifest, split_entries
+
+    workers, loaders = cfg.scaling.num_workers, max(cfg.train.loader_workers, 1)
+    readers = workers * loaders
+    samples = sum(int(e.get("samples", 0)) for e in split_entries(read_manifest(data_dir), "train"))
+    if samples < readers:
+        raise TrainingError(
+            f"the train split of {data_dir} has {samples} sample(s), fewer than the {readers} data readers "
+            f"(scaling.num_workers={workers} x train.loader_workers={cfg.train.loader_workers}), so some "
+            "reader would get no data. Lower train.loader_workers (0 reads in the training process) or "
+            "scaling.num_workers, or ingest more data."
+        )
 
 
 def default_run_name(cfg: Config, task: str, version: str, init_dir: str | None) -> str:
@@ -169,6 +188,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     tasks = resolve_tasks(cfg, task)
     init_dir = resolve_init(cfg, init_from)
     train_urls, val_urls = split_urls(data_dir, "train"), split_urls(data_dir, "val")
+    check_split_size(cfg, data_dir)
     version = version_id(data_dir)
     name = run_name or default_run_name(cfg, task, version, init_dir)
     path = run_dir(cfg, name)
@@ -194,6 +214,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
         loader_workers=t.loader_workers, shuffle_buffer=t.shuffle_buffer, val_max_samples=t.val_max_samples,
         eval_batch_size=cfg.eval.batch_size, init_from=init_dir, run_path=None if "://" in path else path,
         use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+        run_uri=path, max_nonfinite_steps=t.max_nonfinite_steps, nonfinite_at_steps=list(t.nonfinite_at_steps),
         fail_at_step=t.fail_at_step, fail_marker=f"{path}/.fail-at-step-{t.fail_at_step}" if t.fail_at_step is not None else None,
         mlflow_uri=mlflow_tracking_uri(cfg), mlflow_experiment=cfg.registry.experiment,
         mlflow_artifact_location=artifact_location(cfg),
@@ -282,21 +303,43 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
 
     `task`: pretrain | caption | vqa | retrieval | finetune (= `train.finetune_tasks`, alternated).
     `init_from`: a checkpoint directory or `models:/NAME@alias` to start from (fine-tuning).
+    One live driver per run name (`pipelines.train.runlock`): a second one fails with TrainingError.
     """
-    from pipelines.runtime import init_ray, quiet_environment
+    from pipelines.runtime import quiet_environment
+    from pipelines.train.runlock import RunInUseError, run_lock
 
     quiet_environment()
     job = build_job(cfg, str(data_dir), task, init_from, run_name)
     create_experiment(cfg, required=False)  # here, before Ray: workers only look it up
+    try:
+        with run_lock(job.run_uri):
+            return fit(cfg, job, callbacks)
+    except RunInUseError as e:
+        raise TrainingError(f"run {job.run_name}: {e}") from e
+
+
+def fit(cfg: Config, job: TrainJob, callbacks: Sequence = ()) -> Path:
+    """Run the job's TorchTrainer (the caller holds the run's lock); the final checkpoint dir.
+    A run the NaN/Inf guard stopped left a note in its folder: raise it as a TrainingError."""
+    from pipelines.core.storage import exists, join, read_json, remove
+    from pipelines.runtime import init_ray
+    from pipelines.train.guard import ABORT_FILE
+
+    abort_note = join(job.run_uri, ABORT_FILE)
+    if exists(abort_note):  # from an earlier attempt of this run: this one decides afresh
+        remove(abort_note)
     init_ray(cfg)
     check_resources(cfg)
     trainer = build_trainer(cfg, job, callbacks)
     print(f"[train] {job.run_name}: {job.task} for {job.total_steps} steps on {cfg.scaling.num_workers} "
-          f"worker(s), storage {run_dir(cfg, job.run_name)}", flush=True)
+          f"worker(s), storage {job.run_uri}", flush=True)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause and name the run
         raise TrainingError(f"training run {job.run_name} failed: {e}") from e
+    if exists(abort_note):
+        note = read_json(abort_note)
+        raise TrainingError(f"training run {job.run_name} stopped at step {note['step']}: {note['reason']}")
     path = final_checkpoint_dir(cfg, result, job)
     state = summary(path) if (path / TRAINER_STATE).is_file() else {}
     print(f"[train] {job.run_name} done at step {state.get('step')}: {path} "

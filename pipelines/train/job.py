@@ -39,8 +39,11 @@ class TrainJob:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     run_path: str | None = None  # the run's storage folder when local (shared) storage, else None
+    run_uri: str | None = None  # the run's storage folder, local path or URI (the abort note goes there)
     fail_at_step: int | None = None
     fail_marker: str | None = None
+    max_nonfinite_steps: int = 20  # non-finite steps in a row (all skipped) that stop the run; 0: never
+    nonfinite_at_steps: list[int] = field(default_factory=list)  # test device: NaN loss at these steps
     mlflow_uri: str | None = None
     mlflow_experiment: str = "mmfusion"
     mlflow_artifact_location: str | None = None  # the experiment's, when this run creates it

@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from pipelines.core.mlflow import MlflowTracker
+from pipelines.core.storage import join, write_json_atomic
 from pipelines.train.data import stable_seed
-from pipelines.train.faults import maybe_fail
+from pipelines.train.faults import maybe_fail, maybe_poison
+from pipelines.train.guard import ABORT_FILE, NonFiniteTrainingError, check_parameters, track_nonfinite
 from pipelines.train.job import TrainJob
 from pipelines.train.resume import build_state, data_position, resume_candidates, save_train_checkpoint
 from pipelines.train.steps import (
@@ -35,7 +37,7 @@ from pipelines.train.steps import (
 )
 from pipelines.train.telemetry import Window, make_tracker, measure_flops, rank_facts, speed
 from pipelines.train.throughput import Throughput
-from pipelines.train.worker import Worker, say, setup_worker, to_device, wrap
+from pipelines.train.worker import Worker, say, setup_worker, to_device, unwrap, wrap
 
 
 @dataclass
@@ -53,14 +55,29 @@ class Run:
 
 
 def run_steps(run: Run) -> dict[str, Any]:
-    """Train from `state["step"]` to `job.total_steps`: log, validate, checkpoint, report."""
+    """Train from `state["step"]` to `job.total_steps`: log, validate, checkpoint, report.
+
+    A run the NaN/Inf guard stops (`pipelines.train.guard`) returns early on every rank at the
+    same step, leaving its reason in the run folder for the driver."""
     job, worker, state = run.job, run.worker, run.state
     if state["step"] >= job.total_steps:
         say(worker, f"run {job.run_name} already at step {state['step']}/{job.total_steps}; nothing to do")
         return state
+    run.tracker = make_tracker(job, worker, state)
+    try:
+        train_steps(run)
+    except NonFiniteTrainingError as e:
+        abort(run, str(e))
+    finally:
+        if run.tracker is not None:
+            run.tracker.close()
+    return state
+
+
+def train_steps(run: Run) -> None:
+    job, worker, state = run.job, run.worker, run.state
     loader = iter(build_train_loader(job, worker, state["step"]))
     loss_fns = build_losses(job, worker.world_size, gather=True)
-    run.tracker = make_tracker(job, worker, state)
     window, meter = Window(), Throughput()
     global_batch = job.batch_size * job.grad_accum * worker.world_size
     window_start, batches_read = state["step"], 0
@@ -74,10 +91,12 @@ def run_steps(run: Run) -> dict[str, Any]:
         if run.flops_per_sample is None and worker.is_main:
             run.flops_per_sample = measure_flops(run.model, worker, micro[0], task, job.batch_size)
         seed_step(job, worker, step)  # after measure_flops, which draws random numbers too
-        out = train_step(run.model, loss_fns[task], micro, task, run.optimizer, run.scheduler, job.grad_clip,
-                         worker.autocast)
-        window.add(task, out)
+        out = train_step(run.model, maybe_poison(job, worker, step, loss_fns[task]), micro, task, run.optimizer,
+                         run.scheduler, job.grad_clip, worker.autocast)
         state["step"] = done = step + 1
+        track_nonfinite(state, out, done, job.max_nonfinite_steps)
+        if not float(out.pop("skipped")):  # a skipped step's NaN would poison the window's means
+            window.add(task, out)
         final = done == job.total_steps
         at_eval = (job.eval_every > 0 and done % job.eval_every == 0) or final
         at_ckpt = (job.checkpoint_every > 0 and done % job.checkpoint_every == 0) or final
@@ -86,17 +105,27 @@ def run_steps(run: Run) -> dict[str, Any]:
         if worker.device.type == "cuda":
             torch.cuda.synchronize(worker.device)
         meter.stop(global_batch * (done - window_start))
-        metrics = {"step": done, **window.reduce(worker), **speed(meter, worker, run.flops_per_sample)}
+        metrics = {"step": done, **window.reduce(worker), **speed(meter, worker, run.flops_per_sample),
+                   "nonfinite_steps": float(state.get("nonfinite_steps", 0))}
         if at_eval:
             metrics.update(validate(run))
         if final:
             state["ranks"] = rank_facts(job, worker, done, batches_read)
+        if at_ckpt:
+            check_parameters(unwrap(run.model), done)
         log_point(run, metrics, at_ckpt, meter)
         window_start = done
         meter.start()
+
+
+def abort(run: Run, reason: str) -> None:
+    """Stop the run for `reason`: rank 0 logs it and leaves `guard.ABORT_FILE` in the run folder."""
+    job, worker, state = run.job, run.worker, run.state
+    say(worker, f"{job.run_name} stopped at step {state['step']}: {reason}")
     if run.tracker is not None:
-        run.tracker.close()
-    return state
+        run.tracker.log_metrics({"nonfinite_steps": float(state.get("nonfinite_steps", 0))}, step=state["step"])
+    if worker.is_main and job.run_uri:
+        write_json_atomic(join(job.run_uri, ABORT_FILE), {"step": state["step"], "reason": reason})
 
 
 def validate(run: Run) -> dict[str, float]:

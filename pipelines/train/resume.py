@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipelines.core.checkpoints import NonFiniteError, nonfinite_tensors
 from pipelines.train import state as train_state
 from pipelines.train.job import TrainJob
 from pipelines.train.optim import build_optimizer
@@ -78,9 +79,13 @@ def restore(job: TrainJob, worker: Worker, resume_dir: str, optimizer, scheduler
 
 def save_train_checkpoint(directory: Path, model: nn.Module, job: TrainJob, optimizer, scheduler,
                           state: dict[str, Any]) -> None:
-    """An mmcore checkpoint plus the resume state (see `pipelines.train.state`)."""
+    """An mmcore checkpoint plus the resume state (see `pipelines.train.state`). Refuses, before
+    writing anything, a model with NaN/Inf weights (`NonFiniteError`)."""
     from mmcore.checkpoint import save_checkpoint
 
+    bad = nonfinite_tensors(unwrap(model).state_dict().items())
+    if bad:
+        raise NonFiniteError(f"step {state['step']}: NaN/Inf in {', '.join(bad[:5])}; not writing {directory}")
     extra = {"task": job.task, "step": state["step"], "run_name": job.run_name, "lineage": job.lineage}
     save_checkpoint(directory, unwrap(model), job.tokenizer, extra=extra)
     train_state.optimizer_to_files(optimizer, directory)
@@ -90,18 +95,20 @@ def save_train_checkpoint(directory: Path, model: nn.Module, job: TrainJob, opti
 
 def resume_candidates(job: TrainJob, ray_dir: str | None) -> list[str]:
     """Checkpoint dirs to resume from, newest step first: Ray Train's latest (set after a group
-    restart or a same-name re-run) and the newest complete one in a local run folder. The second
+    restart or a same-name re-run) and every complete one in a local run folder. The run folder
     covers a Ray 2.60 race: a checkpoint reported just before a worker dies can be left
-    unregistered, so the restarted group (or a re-run) would otherwise redo those steps."""
-    found = {d for d in (ray_dir, train_state.latest_checkpoint(job.run_path) if job.run_path else None) if d}
+    unregistered, so the restarted group (or a re-run) would otherwise redo those steps. The older
+    ones are the fallbacks when the newest cannot be loaded (`build_state`)."""
+    found = {str(d) for d in (ray_dir, *(train_state.complete_checkpoints(job.run_path) if job.run_path else ()))
+             if d}
 
     def step(d) -> int:
         try:
             return int(train_state.read_trainer_state(d)["step"])
-        except (train_state.TrainStateError, KeyError, ValueError):
+        except (train_state.TrainStateError, KeyError, ValueError, TypeError):
             return -1
 
-    return [str(d) for d in sorted(found, key=step, reverse=True) if step(d) >= 0]
+    return [d for d in sorted(found, key=step, reverse=True) if step(d) >= 0]
 
 
 def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
@@ -119,5 +126,7 @@ def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
                 return model, optimizer, scheduler, fresh_state(job, worker)
             return model, optimizer, scheduler, restore(job, worker, resume_dir, optimizer, scheduler)
         except (CheckpointError, train_state.TrainStateError) as e:
-            say(worker, f"warning: cannot resume from {resume_dir} ({e}); trying an older state")
+            older = "the previous complete checkpoint" if resume_dirs.index(resume_dir) + 1 < len(resume_dirs) \
+                else "a fresh start"
+            say(worker, f"warning: cannot resume from {resume_dir}: {e}; falling back to {older}")
     raise AssertionError("unreachable: a fresh start does not read checkpoints")

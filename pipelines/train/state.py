@@ -20,9 +20,9 @@ import torch
 from pipelines.core.checkpoints import (
     OPTIMIZER_META,
     OPTIMIZER_TENSORS,
-    RESUME_FILES,
     SCHEDULER_STATE,
     TRAINER_STATE,
+    checkpoint_problems,
 )
 from pipelines.core.storage import get_fs, is_remote
 
@@ -51,13 +51,21 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path) -> Non
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Load what `optimizer_to_files` wrote into an optimiser built over the same parameters."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+    except (SafetensorError, OSError, ValueError) as e:  # SafetensorError: a truncated file
+        raise TrainStateError(f"{directory / OPTIMIZER_TENSORS}: truncated or unreadable ({e})") from e
+    try:
         meta = json.loads((directory / OPTIMIZER_META).read_text())
-    except (OSError, ValueError) as e:
-        raise TrainStateError(f"{directory}: cannot read optimiser state ({e})") from e
+        _load_optimizer(optimizer, tensors, meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainStateError(f"{directory / OPTIMIZER_META}: cannot restore the optimiser ({e!r})") from e
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         pid, _, name = key.partition(".")
@@ -81,7 +89,10 @@ def scheduler_from_file(scheduler, directory: Path) -> None:
     except (OSError, ValueError) as e:
         raise TrainStateError(f"{directory / SCHEDULER_STATE}: cannot read scheduler state ({e})") from e
     sd["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
-    scheduler.load_state_dict(sd)
+    try:
+        scheduler.load_state_dict(sd)
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainStateError(f"{directory / SCHEDULER_STATE}: cannot restore the scheduler ({e!r})") from e
 
 
 def write_trainer_state(directory: Path, state: dict[str, Any]) -> None:
@@ -104,22 +115,32 @@ def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | str | None:
     """The complete checkpoint with the highest step under a run directory, or None: a `Path`
-    for a local run, a URI for one on object storage. A checkpoint whose resume files are not
-    all there (a write or upload cut short) is skipped."""
+    for a local run, a URI for one on object storage."""
+    found = complete_checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path | str]:
+    """The run's complete checkpoints, highest step first (`Path`s, or URIs on object storage).
+
+    A checkpoint with any file it needs to resume missing, cut short or unparsable (a write or an
+    upload interrupted; `pipelines.core.checkpoints.checkpoint_problems`) is skipped, with a log
+    line naming the bad file."""
     fs, root = get_fs(run_dir)
     if not fs.isdir(root):
-        return None
-    best: tuple[int, str] | None = None
+        return []
+    found: list[tuple[int, str]] = []
     for state_path in fs.glob(f"{root.rstrip('/')}/*/{TRAINER_STATE}"):
         ckpt = state_path.rsplit("/", 1)[0]
-        if not RESUME_FILES <= {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(ckpt, detail=False)}:
-            continue
         try:
             step = int(json.loads(fs.cat_file(state_path))["step"])
-        except (ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
+            step = None
+        problems = checkpoint_problems(fs.unstrip_protocol(ckpt) if is_remote(run_dir) else ckpt)
+        if step is None or problems:
+            detail = "; ".join(problems) or f"{state_path}: no step"
+            print(f"[train] skipping incomplete checkpoint {ckpt}: {detail}", flush=True)
             continue
-        if best is None or step > best[0]:
-            best = (step, ckpt)
-    if best is None:
-        return None
-    return fs.unstrip_protocol(best[1]) if is_remote(run_dir) else Path(best[1])
+        found.append((step, ckpt))
+    found.sort(key=lambda sc: sc[0], reverse=True)
+    return [fs.unstrip_protocol(c) if is_remote(run_dir) else Path(c) for _, c in found]

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipelines.train import data
+from pipelines.train.guard import finite_everywhere, rank_mean
 from pipelines.train.job import TrainJob
 from pipelines.train.worker import Batch, Worker, to_device, unwrap
 
@@ -59,8 +60,11 @@ def train_step(
 ) -> dict[str, Tensor]:
     """One optimiser step over `len(micro_batches)` accumulated micro-batches (each `(B, ...)`).
 
-    Gradients are all-reduced once, on the last micro-batch (DDP `no_sync` before it).
-    Returns detached scalars: the loss parts (mean over micro-batches), `grad_norm`, `lr`.
+    Gradients are all-reduced once, on the last micro-batch (DDP `no_sync` before it). When the
+    loss or the gradient norm is NaN/Inf on any rank, every rank skips the optimiser update
+    (`pipelines.train.guard`); the scheduler still steps, so the LR stays a function of the step.
+    Returns detached scalars: the loss parts (mean over micro-batches), `grad_norm`, `lr`, and
+    `skipped` (1.0 for a skipped step, else 0.0).
     """
     n = len(micro_batches)
     totals: dict[str, Tensor] = {}
@@ -76,10 +80,15 @@ def train_step(
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     totals["lr"] = torch.tensor(scheduler.get_last_lr()[0])
-    optimizer.step()
+    finite = finite_everywhere(totals["loss"], norm)
+    if finite:
+        optimizer.step()
+    else:  # every rank skips; the reported loss is the ranks' mean, so it is non-finite everywhere
+        totals["loss"] = rank_mean(totals["loss"])
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     totals["grad_norm"] = norm.detach().float()
+    totals["skipped"] = torch.tensor(0.0 if finite else 1.0)
     return totals
 
 

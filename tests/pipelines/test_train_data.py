@@ -139,13 +139,19 @@ def test_warmup_cosine_schedule_shape():
 
 
 def test_latest_checkpoint_picks_highest_complete_step(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipelines.core.checkpoints import TRAINING_FILES
+
     for step, complete in [(4, True), (8, True), (12, False)]:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
+        for name in TRAINING_FILES if complete else ():  # whole files of each kind
+            if name.endswith(".safetensors"):
+                save_file({"w": torch.zeros(2)}, str(d / name))
+            else:
+                (d / name).write_text("{}")
         S.write_trainer_state(d, {"step": step})
-        if complete:
-            for name in (S.OPTIMIZER_TENSORS, S.OPTIMIZER_META, S.SCHEDULER_STATE):
-                (d / name).write_text("x")
     assert S.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
     assert S.latest_checkpoint(tmp_path / "missing") is None
 
