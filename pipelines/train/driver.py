@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmcore.model import TASKS as MODEL_TASKS
 from pipelines.config import Config, home_dir, mlflow_tracking_uri, train_storage
 from pipelines.core.checkpoints import CONFIG, CONFIG_FILES, TRAINER_STATE, WEIGHTS, is_checkpoint_dir
 from pipelines.core.dataset import version_id
@@ -28,7 +29,7 @@ from pipelines.train.job import TrainJob
 
 log = logging.getLogger("pipelines.train")
 
-TASKS = ("pretrain", "caption", "vqa", "retrieval", "finetune")
+TASKS = (*MODEL_TASKS, "finetune")  # the model's tasks, and `finetune` = train.finetune_tasks in turn
 
 
 class TrainingError(RuntimeError):
@@ -40,11 +41,11 @@ def resolve_tasks(cfg: Config, task: str) -> list[str]:
     if task not in TASKS:
         raise TrainingError(f"unknown training task {task!r}; use one of {', '.join(TASKS)}")
     tasks = list(cfg.train.finetune_tasks) if task == "finetune" else [task]
-    bad = [t for t in tasks if t not in TASKS[:4]]
+    bad = [t for t in tasks if t not in MODEL_TASKS]
     if not tasks or bad:
         raise TrainingError(
             f"train.finetune_tasks={cfg.train.finetune_tasks!r} is not a non-empty list of "
-            "caption/vqa/retrieval/pretrain; fix it in the config or with --set"
+            f"{'/'.join(MODEL_TASKS)}; fix it in the config or with --set"
         )
     return tasks
 
