@@ -15,7 +15,7 @@ from pipelines.config import load_config, mlflow_tracking_uri
 from pipelines.registry import register_and_gate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
+from registry_support import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
 
 SECRET = "s3cr3t-token"
 

@@ -20,7 +20,7 @@ from pipelines.registry import champion_benchmark, list_models, register_and_gat
 from pipelines.registry.register import register_version
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
+from registry_support import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from pipelines.evaluate.run import eval_protocol, metric_code_version
 from pipelines.registry import register_and_gate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
+from registry_support import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
 
 CHANGES = ["eval.itm_rerank_k=8", "eval.num_beams=3", "eval.max_len=12", "model.max_text_len=16"]
 

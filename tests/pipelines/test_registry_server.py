@@ -17,7 +17,7 @@ from pipelines.config import load_config
 from pipelines.registry import register_and_gate, resolve_model, show
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_registry import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
+from registry_support import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
 
 
 def free_port() -> int:

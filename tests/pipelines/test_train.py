@@ -8,28 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from train_support import CKPT_EVERY, STEPS, losses, tiny_config
 
-from pipelines.config import load_config
 from pipelines.core.dataset import shard_paths
 from pipelines.train import TrainingError, read_trainer_state, run_training
 
 pytestmark = pytest.mark.timeout(900)
-
-STEPS, CKPT_EVERY = 10, 4
-
-
-def tiny_config(home, *extra: str):
-    return load_config("debug", [
-        f"services.home={home}", f"train.steps={STEPS}", f"train.checkpoint_every={CKPT_EVERY}",
-        "train.batch_size=8", "train.log_every=2", "train.eval_every=0", "train.warmup_steps=2",
-        "train.loader_workers=2", "train.val_max_samples=16", "eval.batch_size=16",
-        "scaling.num_workers=2", "scaling.cpus_per_worker=1", *extra,
-    ])
-
-
-def losses(state: dict, key: str = "pretrain_loss") -> dict[int, float]:
-    return {int(h["step"]): h[key] for h in state["history"] if key in h}
-
 
 @pytest.fixture(scope="module")
 def pretrain(ray_local, tiny_dataset, tmp_path_factory):

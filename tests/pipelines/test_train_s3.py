@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fsspec
 import pytest
-from test_train import losses, tiny_config
+from train_support import losses, tiny_config
 
 from mmcore.checkpoint import read_config
 from pipelines.config import load_config
