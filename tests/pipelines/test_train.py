@@ -15,6 +15,7 @@ from pipelines.train import TrainingError, read_trainer_state, run_training
 
 pytestmark = pytest.mark.timeout(900)
 
+
 @pytest.fixture(scope="module")
 def pretrain(ray_local, tiny_dataset, tmp_path_factory):
     """One uninterrupted two-worker pretraining run: (config, final checkpoint dir)."""
