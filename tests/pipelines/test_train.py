@@ -111,7 +111,7 @@ def test_worker_sigkilled_from_outside_with_busy_loaders_restarts_promptly(pretr
     assert state["step"] == steps
     assert len(state["resumes"]) == 1 and state["resumes"][0]["from_step"] % CKPT_EVERY == 0
     # Restarted promptly: Ray saw the death at once instead of waiting on the orphans' sockets.
-    assert finished - killed["at"] < 150, f"the run took {finished - killed['at']:.0f}s after the kill"
+    assert finished - killed["at"] < 240, f"the run took {finished - killed['at']:.0f}s after the kill"
     gone, alive = psutil.wait_procs(killed["children"], timeout=10)
     assert not alive, f"loader workers outlived their rank: {[p.pid for p in alive]}"
 
