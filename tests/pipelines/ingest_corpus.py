@@ -151,18 +151,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, "text/plain", b"?")
 
 
-class ImageServer:
-    """A threaded HTTP server on 127.0.0.1 (random port); `url(path)` for links."""
+class LocalHTTPServer:
+    """A threaded HTTP server with `handler` on `host` (random port); `url(path)` for links."""
 
-    def __init__(self, image: bytes):
-        handler = type("Handler", (_Handler,), {"image": image, "hits": {}})
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler: type, host: str = "127.0.0.1"):
+        self.server = http.server.ThreadingHTTPServer((host, 0), handler)
         self.server.daemon_threads = True
-        self.hits = handler.hits
+        self.host = host
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        return f"http://{self.host}:{self.server.server_address[1]}{path}"
 
     def __enter__(self):
         self.thread.start()
@@ -171,3 +170,12 @@ class ImageServer:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+class ImageServer(LocalHTTPServer):
+    """The corpus's image server on 127.0.0.1: `hits` counts requests per path."""
+
+    def __init__(self, image: bytes):
+        handler = type("Handler", (_Handler,), {"image": image, "hits": {}})
+        super().__init__(handler)
+        self.hits = handler.hits

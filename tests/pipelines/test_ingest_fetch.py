@@ -9,12 +9,11 @@ import http.server
 import json
 import socket
 import tarfile
-import threading
 import time
 
 import pyarrow as pa
 import pytest
-from ingest_corpus import encode, scene
+from ingest_corpus import LocalHTTPServer, encode, scene
 
 from pipelines.config import load_config
 from pipelines.ingest import fetch as fetch_mod
@@ -52,26 +51,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class Server:
+class Server(LocalHTTPServer):
     """A threaded HTTP server on `host` (random port) with `routes`: path prefix -> fn(handler)."""
 
     def __init__(self, routes: dict, host: str = "127.0.0.1"):
-        handler = type("Handler", (_Handler,), {"routes": routes})
-        self.server = http.server.ThreadingHTTPServer((host, 0), handler)
-        self.server.daemon_threads = True
-        self.host = host
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.server.server_address[1]}{path}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(type("Handler", (_Handler,), {"routes": routes}), host)
 
 
 def _ok(h):
