@@ -10,14 +10,30 @@ from torch import Tensor, nn
 
 class FusionHeads(nn.Module):
     """Projections of the pooled image/text states into the joint embedding space `E`, the learnable
-    ITC temperature (as log of its inverse, CLIP style), and the ITM head on the fused [CLS] state."""
+    ITC temperature (as log of its inverse, CLIP style), and the ITM head on the fused [CLS] state.
+    With `token_embed`, also per-token projections of image patches and caption tokens and their own
+    temperature, for the word-region (FILIP) contrastive loss."""
 
-    def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07):
+    def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07, token_embed: bool = False):
         super().__init__()
         self.image_proj = nn.Linear(dim, embed_dim)
         self.text_proj = nn.Linear(dim, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.itm = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        self.token_embed = token_embed
+        if token_embed:
+            self.patch_proj = nn.Linear(dim, embed_dim)
+            self.word_proj = nn.Linear(dim, embed_dim)
+            self.token_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    def embed_tokens(self, patches: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
+        """Image patches `(B, N, D)` and text tokens `(B, L, D)` -> `(B, N, E)`, `(B, L, E)`, L2-normalised."""
+        return (nn.functional.normalize(self.patch_proj(patches), dim=-1),
+                nn.functional.normalize(self.word_proj(words), dim=-1))
+
+    def token_scale(self) -> Tensor:
+        """Logit scale of the word-region loss, clamped at 100 like `scale`."""
+        return self.token_logit_scale.exp().clamp(max=100.0)
 
     def embed_image(self, pooled: Tensor) -> Tensor:
         """`(B, D) -> (B, E)`, L2-normalised."""

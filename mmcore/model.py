@@ -39,6 +39,9 @@ class FusionModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     embed_dim: int = 128  # joint ITC embedding size E
     init_temperature: float = 0.07
+    # Word-region alignment (FILIP, Yao et al. 2021): project every image patch and caption token
+    # into the joint space too, for the token-level contrastive loss (`train.token_itc_weight`).
+    token_embed: bool = False
     # Special token ids (the tokenizer's [PAD], [CLS] = BOS, [SEP] = EOS).
     pad_id: int = 0
     bos_id: int = 2
@@ -91,7 +94,7 @@ def _preset(name: str) -> FusionModelConfig:
             text=TextEncoderConfig(1000, 128, 2, 4, 256, max_positions=64),
             fusion=FusionConfig("cross_attention", num_layers=1, num_heads=4, mlp_ratio=2),
             decoder=DecoderConfig(num_layers=2, num_heads=4, mlp_ratio=2, max_len=64),
-            embed_dim=128, preset="debug",
+            embed_dim=128, token_embed=True, preset="debug",
         )
     if name == "small":
         return FusionModelConfig(
@@ -146,6 +149,9 @@ class FusionOutput:
     image_emb, text_emb `(B, E)` L2-normalised; logit_scale scalar (1/T);
     itm_logits, itm_labels `(3B,)` (positives, image->hard-negative text, text->hard-negative image);
     lm_logits `(B, T-1, V)` and lm_labels `(B, T-1)` (-100 = ignore) for the caption / answer.
+    patch_emb `(B, N, E)`, word_emb `(B, L, E)` L2-normalised and word_mask `(B, L)` (1 = a word:
+    not padding, BOS or EOS) and token_scale (its loss's 1/T), for models with `token_embed`, in
+    pretrain and retrieval.
     """
 
     task: str
@@ -156,6 +162,10 @@ class FusionOutput:
     itm_labels: Tensor | None = None
     lm_logits: Tensor | None = None
     lm_labels: Tensor | None = None
+    patch_emb: Tensor | None = None
+    word_emb: Tensor | None = None
+    word_mask: Tensor | None = None
+    token_scale: Tensor | None = None
 
 
 class FusionModel(nn.Module):
@@ -206,6 +216,11 @@ class FusionModel(nn.Module):
         return beam_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id,
                            max_len, num_beams, use_cache=use_cache)
 
+    @property
+    def _patch_start(self) -> int:
+        """Index of the first patch among the image tokens: a ViT's class token comes first."""
+        return 1 if self.cfg.image.arch == "vit" else 0
+
     # ---- training forward ----------------------------------------------------------------
     def forward(self, batch: dict[str, Any], task: str) -> FusionOutput:
         """batch: the collated dict from `mmcore.data.collate` (tensors on the model's device)."""
@@ -224,6 +239,10 @@ class FusionModel(nn.Module):
         out = FusionOutput(task, self.heads.embed_image(image_pooled), self.heads.embed_text(text_pooled),
                            self.heads.scale())
         out.itm_logits, out.itm_labels = self._itm(image_tokens, text_tokens, ids, mask, out)
+        if self.heads.token_embed:
+            out.patch_emb, out.word_emb = self.heads.embed_tokens(image_tokens[:, self._patch_start:], text_tokens)
+            out.word_mask = mask.bool() & (ids != self.cfg.bos_id) & (ids != self.cfg.eos_id)
+            out.token_scale = self.heads.token_scale()
         if task == "pretrain":
             out.lm_logits, out.lm_labels = self._lm(ids, mask, image_tokens, None)
         return out
@@ -299,7 +318,7 @@ def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionM
         TextEncoder(cfg.text),
         build_fusion(cfg.fusion, cfg.dim),
         TextDecoder(cfg.decoder, cfg.dim, cfg.vocab_size),
-        FusionHeads(cfg.dim, cfg.embed_dim, cfg.init_temperature),
+        FusionHeads(cfg.dim, cfg.embed_dim, cfg.init_temperature, cfg.token_embed),
         cfg,
     )
     if load_pretrained and cfg.image.pretrained:

@@ -107,6 +107,7 @@ class TrainConfig(_Section):
     itc_weight: float = 1.0
     itm_weight: float = 1.0
     lm_weight: float = 1.0
+    token_itc_weight: float = 1.0  # word-region (FILIP) loss, for models with model token_embed
     label_smoothing: float = 0.1
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -35,6 +35,9 @@ class ImageEncoderConfig:
     # stride-2 3x3 convolutions down to the patch grid (torchvision's conv stem, after Xiao et al.
     # 2021, "Early convolutions help transformers see better"): far faster to learn colour and shape
     # from little data, at the same token count.
+    # "resnet" = ResNet-18's stem and residual stages down to the patch grid, then a 1x1 projection
+    # (the "hybrid" ViT of Dosovitskiy et al. 2021): residual 3x3 blocks at every scale, for shapes
+    # that span several patches.
     stem: str = "patch"
     dropout: float = 0.0
     pretrained: str | None = None  # torchvision state-dict file (.pth), loaded by build
@@ -108,16 +111,30 @@ def _vit(cfg: ImageEncoderConfig) -> VisionTransformer:
         conv_stem_configs=_conv_stem(cfg),
     )
     vit.heads = nn.Identity()
+    if cfg.stem == "resnet":
+        vit.conv_proj = _resnet_stem(cfg.patch_size, cfg.hidden_dim)
     return vit
+
+
+def _resnet_stem(patch_size: int, width: int) -> nn.Sequential:
+    """torchvision ResNet-18 cut where its stride reaches `patch_size` (4, 8, 16 or 32), then a 1x1
+    convolution to the ViT width: `(B, 3, S, S)` -> `(B, width, S/p, S/p)`."""
+    stages = {4: 1, 8: 2, 16: 3, 32: 4}
+    if patch_size not in stages:
+        raise ValueError(f"a resnet stem needs patch_size 4, 8, 16 or 32 (ResNet-18's strides), got {patch_size}")
+    net = resnet18(weights=None)
+    layers = [net.layer1, net.layer2, net.layer3, net.layer4][: stages[patch_size]]
+    out = 64 * 2 ** (stages[patch_size] - 1)
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *layers, nn.Conv2d(out, width, 1))
 
 
 def _conv_stem(cfg: ImageEncoderConfig) -> list[ConvStemConfig] | None:
     """Stride-2 3x3 convolutions (BatchNorm, ReLU) whose strides multiply to the patch size, widths
     doubling from 32 up to the ViT width; torchvision adds the final 1x1 projection."""
-    if cfg.stem == "patch":
+    if cfg.stem in ("patch", "resnet"):
         return None
     if cfg.stem != "conv":
-        raise ValueError(f"unknown ViT stem {cfg.stem!r}; use patch or conv")
+        raise ValueError(f"unknown ViT stem {cfg.stem!r}; use patch, conv or resnet")
     n = cfg.patch_size.bit_length() - 1
     if cfg.patch_size < 2 or 2**n != cfg.patch_size:
         raise ValueError(f"a conv stem needs a power-of-two patch_size (stride 2 per layer), got {cfg.patch_size}")

@@ -6,7 +6,7 @@ import inspect
 
 from torch import Tensor, nn
 
-from mmcore.losses.itc import ContrastiveLoss, GatherFn
+from mmcore.losses.itc import ContrastiveLoss, GatherFn, WordRegionLoss
 from mmcore.losses.itm import MatchingLoss
 from mmcore.losses.lm import LanguageModelLoss
 
@@ -17,41 +17,50 @@ def _require(output, *names: str) -> None:
         raise ValueError(f"model output of task {output.task!r} lacks {missing}; run forward with the matching task")
 
 
-class PretrainLoss(nn.Module):
-    """ITC + ITM + LM, weighted. Keys: loss, itc, itm, lm."""
-
-    def __init__(self, itc_weight: float = 1.0, itm_weight: float = 1.0, lm_weight: float = 1.0,
-                 label_smoothing: float = 0.1, gather_fn: GatherFn | None = None):
-        super().__init__()
-        self.weights = {"itc": itc_weight, "itm": itm_weight, "lm": lm_weight}
-        self.itc, self.itm = ContrastiveLoss(gather_fn), MatchingLoss()
-        self.lm = LanguageModelLoss(label_smoothing)
-
-    def forward(self, output) -> dict[str, Tensor]:
-        _require(output, "image_emb", "text_emb", "itm_logits", "lm_logits")
-        parts = {
-            "itc": self.itc(output.image_emb, output.text_emb, output.logit_scale),
-            "itm": self.itm(output.itm_logits, output.itm_labels),
-            "lm": self.lm(output.lm_logits, output.lm_labels),
-        }
-        return {"loss": sum(self.weights[k] * v for k, v in parts.items()), **parts}
+def _word_region(loss: WordRegionLoss, output) -> Tensor:
+    return loss(output.patch_emb, output.word_emb, output.word_mask, output.token_scale)
 
 
 class RetrievalLoss(nn.Module):
-    """ITC + ITM, weighted. Keys: loss, itc, itm."""
+    """ITC + ITM (+ the word-region loss, for models with `token_embed`), weighted. Keys: loss,
+    itc, itm (, token_itc). The word-region part is computed even at weight 0, so that DDP sees its
+    parameters used."""
 
-    def __init__(self, itc_weight: float = 1.0, itm_weight: float = 1.0, gather_fn: GatherFn | None = None):
+    def __init__(self, itc_weight: float = 1.0, itm_weight: float = 1.0, token_itc_weight: float = 1.0,
+                 gather_fn: GatherFn | None = None):
         super().__init__()
-        self.weights = {"itc": itc_weight, "itm": itm_weight}
+        self.weights = {"itc": itc_weight, "itm": itm_weight, "token_itc": token_itc_weight}
         self.itc, self.itm = ContrastiveLoss(gather_fn), MatchingLoss()
+        self.token_itc = WordRegionLoss(gather_fn)
 
-    def forward(self, output) -> dict[str, Tensor]:
+    def parts(self, output) -> dict[str, Tensor]:
         _require(output, "image_emb", "text_emb", "itm_logits")
         parts = {
             "itc": self.itc(output.image_emb, output.text_emb, output.logit_scale),
             "itm": self.itm(output.itm_logits, output.itm_labels),
         }
+        if output.patch_emb is not None:
+            parts["token_itc"] = _word_region(self.token_itc, output)
+        return parts
+
+    def forward(self, output) -> dict[str, Tensor]:
+        parts = self.parts(output)
         return {"loss": sum(self.weights[k] * v for k, v in parts.items()), **parts}
+
+
+class PretrainLoss(RetrievalLoss):
+    """ITC + ITM + LM (+ the word-region loss, for models with `token_embed`), weighted. Keys:
+    loss, itc, itm, lm (, token_itc)."""
+
+    def __init__(self, itc_weight: float = 1.0, itm_weight: float = 1.0, lm_weight: float = 1.0,
+                 label_smoothing: float = 0.1, token_itc_weight: float = 1.0, gather_fn: GatherFn | None = None):
+        super().__init__(itc_weight, itm_weight, token_itc_weight, gather_fn)
+        self.weights["lm"] = lm_weight
+        self.lm = LanguageModelLoss(label_smoothing)
+
+    def parts(self, output) -> dict[str, Tensor]:
+        _require(output, "lm_logits")
+        return {**super().parts(output), "lm": self.lm(output.lm_logits, output.lm_labels)}
 
 
 class CaptionLoss(nn.Module):

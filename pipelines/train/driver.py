@@ -210,6 +210,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
         min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, grad_accum=max(t.grad_accum, 1),
         batch_size=t.batch_size,
         loss_weights={"itc_weight": t.itc_weight, "itm_weight": t.itm_weight, "lm_weight": t.lm_weight,
+                      "token_itc_weight": t.token_itc_weight,
                       "label_smoothing": t.label_smoothing},
         checkpoint_every=t.checkpoint_every, eval_every=t.eval_every, log_every=t.log_every, seed=t.seed,
         loader_workers=t.loader_workers, shuffle_buffer=t.shuffle_buffer, val_max_samples=t.val_max_samples,

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from mmcore.losses import CaptionLoss, ContrastiveLoss, LanguageModelLoss, VQALoss, build_loss
+from mmcore.losses import (
+    CaptionLoss, ContrastiveLoss, LanguageModelLoss, VQALoss, WordRegionLoss, build_loss, word_region_similarity,
+)
 from mmcore.model import FusionOutput, _hard_negatives
 
 
@@ -56,7 +58,7 @@ def test_task_losses_and_build_loss():
     with pytest.raises(ValueError, match="lacks"):
         build_loss("pretrain")(out)
     loss = build_loss("pretrain", itc_weight=0.5, itm_weight=2.0, lm_weight=0.0, label_smoothing=0.2, gather_fn=None)
-    assert loss.weights == {"itc": 0.5, "itm": 2.0, "lm": 0.0} and loss.lm.label_smoothing == 0.2
+    assert loss.weights == {"itc": 0.5, "itm": 2.0, "token_itc": 1.0, "lm": 0.0} and loss.lm.label_smoothing == 0.2
     assert build_loss("vqa", itc_weight=1.0).lm.label_smoothing == 0.0
     with pytest.raises(ValueError, match="unknown task"):
         build_loss("finetune")
@@ -88,3 +90,31 @@ def test_itm_loss_is_class_balanced_so_logit_zero_is_the_boundary():
     assert best[0].item() == pytest.approx(0.0, abs=0.011)
     # Only positives (a one-pair batch): their mean alone.
     assert loss(torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(math.log(2))
+
+
+def test_word_region_similarity_hand_checked():
+    e = torch.eye(3)
+    words = torch.stack([e[[0, 1, 2]], e[[2, 2, 2]]])  # caption 0: words 0,1,2; caption 1: word 2 (x3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # caption 0's third word and caption 1's last two are padding
+    patches = torch.stack([e[[0, 1]], e[[2, 2]]])  # image 0 shows 0 and 1; image 1 only 2
+    sim = word_region_similarity(words, patches, mask)
+    # caption 0 (words 0, 1): both found in image 0 -> 1; none in image 1 -> 0. caption 1 (word 2): 0, 1.
+    assert torch.equal(sim, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_word_region_loss_rewards_each_word_finding_its_own_patch():
+    torch.manual_seed(0)
+    vocab = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)  # one direction per "object"
+    objects = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 3]])  # what each of 4 images shows
+    patches = torch.cat([vocab[objects], torch.zeros(4, 3, 16)], dim=1)  # + 3 empty background patches
+    words = vocab[objects]  # each caption names its image's two objects
+    mask = torch.ones(4, 2)
+    loss, scale = WordRegionLoss(), torch.tensor(20.0)
+    right = loss(patches, words, mask, scale)
+    wrong = loss(patches, words[[1, 2, 3, 0]], mask, scale)  # captions given to other images
+    assert right < 0.2 < math.log(4) < wrong
+    # the gather hook sees every rank's patches and words, as ContrastiveLoss's does
+    gathered = WordRegionLoss(lambda t: torch.cat([t, t.flip(0)]))(patches[:2], words[:2], mask[:2], scale)
+    direct = loss(torch.cat([patches[:2], patches[:2].flip(0)]), torch.cat([words[:2], words[:2].flip(0)]),
+                  torch.cat([mask[:2], mask[:2]]), scale)
+    assert torch.isclose(gathered, direct)

@@ -29,6 +29,27 @@ def test_forward_shapes(tiny_model, batch):
         tiny_model(batch, task="nope")
 
 
+def test_word_region_embeddings_are_per_patch_and_per_word(tokenizer, batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer))  # debug-based: token_embed on, a ViT (class token first)
+    out = model(batch, task="pretrain")
+    b, t = batch["caption_ids"].shape
+    patches = (32 // 8) ** 2
+    assert out.patch_emb.shape == (b, patches, model.cfg.embed_dim) and out.word_emb.shape == (b, t, model.cfg.embed_dim)
+    assert torch.allclose(out.patch_emb.norm(dim=-1), torch.ones(b, patches))
+    ids, mask = batch["caption_ids"], batch["caption_mask"].bool()
+    words = mask & (ids != model.cfg.bos_id) & (ids != model.cfg.eos_id)
+    assert torch.equal(out.word_mask, words) and (words.sum(1) == mask.sum(1) - 2).all()
+    parts = PretrainLoss()(out)
+    assert set(parts) == {"loss", "itc", "itm", "lm", "token_itc"} and parts["token_itc"] > 0
+    parts["loss"].backward()
+    assert model.heads.patch_proj.weight.grad.abs().sum() > 0 and model.heads.token_logit_scale.grad is not None
+    plain = build_model(tiny_config(tokenizer, token_embed=False))
+    out = plain(batch, task="retrieval")
+    assert out.patch_emb is None and not hasattr(plain.heads, "patch_proj")
+    assert set(PretrainLoss()(plain(batch, task="pretrain"))) == {"loss", "itc", "itm", "lm"}
+
+
 def _repad(ids: torch.Tensor, mask: torch.Tensor, extra: int):
     rows = [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
     longer, longer_mask = pad_ids(rows + [torch.zeros(ids.shape[1] + extra, dtype=torch.long)])
