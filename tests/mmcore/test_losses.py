@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from mmcore.losses import (
-    CaptionLoss, ContrastiveLoss, LanguageModelLoss, VQALoss, WordRegionLoss, build_loss, word_region_similarity,
+    CaptionLoss,
+    ContrastiveLoss,
+    LanguageModelLoss,
+    VQALoss,
+    WordRegionLoss,
+    build_loss,
+    word_region_similarity,
 )
 from mmcore.model import FusionOutput, _hard_negatives
 
