@@ -7,8 +7,7 @@ import json
 import sys
 
 from mmfusion.commands.common import add_config_args, config_from_args
-
-FORMATS = ("coco", "vqa", "jsonl", "csv", "parquet", "folder", "webdataset")
+from pipelines.ingest.sources import FORMATS  # the ingest sources own the list
 
 
 def _synth(args: argparse.Namespace) -> int:
