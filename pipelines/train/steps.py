@@ -35,8 +35,17 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
-    """`(B, E)` on each rank -> `(W*B, E)` everywhere, gradients flowing back to each rank's part.
-    Every rank has the same B (fixed-size batches), which all_gather needs."""
+    """`(B, ...)` on each rank -> `(W*B, ...)` everywhere, gradients flowing back to each rank's part.
+    Every rank has the same B (fixed-size batches), which all_gather needs. Trailing dimensions may
+    differ between ranks (a batch's padded caption length): each is zero-padded at its end to the
+    largest on any rank, so per-token tensors and their 0/1 masks gather too."""
+    if x.dim() > 1:
+        sizes = torch.tensor(x.shape[1:], dtype=torch.long)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        pad = [p for have, want in zip(reversed(x.shape[1:]), reversed(sizes.tolist()), strict=True)
+               for p in (0, want - have)]
+        if any(pad):
+            x = torch.nn.functional.pad(x, pad)
     return _GatherWithGrad.apply(x)
 
 

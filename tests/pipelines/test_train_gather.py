@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mmcore.losses import ContrastiveLoss
+from mmcore.losses import ContrastiveLoss, WordRegionLoss
 from pipelines.train.steps import build_losses, gather_with_grad
 
 WORLD, B, E = 2, 3, 8
@@ -37,6 +37,48 @@ def _worker(rank: int, out_dir: str) -> None:
                 "txt_grad": local_txt.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # both ranks past their last collective before either tears down
     dist.destroy_process_group()
+
+
+def _words(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's captions: B x (3 + r) tokens (ranks pad their batches to different lengths)."""
+    g = torch.Generator().manual_seed(10 + rank)
+    words = torch.nn.functional.normalize(torch.randn(B, 3 + rank, E, generator=g), dim=-1)
+    mask = torch.ones(B, 3 + rank)
+    mask[0, -1] = 0  # a padded token
+    return words, mask
+
+
+def _word_region_worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    img, _ = _data()
+    patches = img.view(WORLD * B, 1, E).expand(-1, 4, -1)[rank * B: (rank + 1) * B].clone().requires_grad_()
+    words, mask = _words(rank)
+    words.requires_grad_()
+    loss = WordRegionLoss(gather_with_grad)(patches, words, mask, torch.tensor(10.0))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "words_grad": words.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_word_region_loss_gathers_captions_of_different_lengths(tmp_path):
+    mp.start_processes(_word_region_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
+    img, _ = _data()
+    patches = img.view(WORLD * B, 1, E).expand(-1, 4, -1)
+    parts = [_words(r) for r in range(WORLD)]
+    longest = max(w.shape[1] for w, _ in parts)
+    words = torch.cat([torch.nn.functional.pad(w, (0, 0, 0, longest - w.shape[1])) for w, _ in parts]).requires_grad_()
+    mask = torch.cat([torch.nn.functional.pad(m, (0, longest - m.shape[1])) for _, m in parts])
+    full = WordRegionLoss()(patches, words, mask, torch.tensor(10.0))
+    full.backward()
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(got["loss"], full.detach(), atol=1e-6)
+        rows, length = slice(rank * B, (rank + 1) * B), 3 + rank
+        assert got["words_grad"].shape == (B, length, E)
+        assert torch.allclose(got["words_grad"], WORLD * words.grad[rows, :length], atol=1e-6)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
