@@ -65,3 +65,22 @@ def test_the_debug_preset_sees_through_a_conv_stem():
         ImageEncoder(ImageEncoderConfig(image_size=48, patch_size=12, stem="conv"), 128)
     with pytest.raises(ValueError, match="unknown ViT stem"):
         ImageEncoder(ImageEncoderConfig(stem="pixels"), 128)
+
+
+def test_a_resnet_stem_feeds_the_vit_a_residual_feature_map():
+    """stem=resnet: ResNet-18 cut at the patch size's stride (8 -> after layer2), then a 1x1 to the ViT width."""
+    import torch
+    from torch import nn
+
+    from mmcore.encoders import ImageEncoder, ImageEncoderConfig
+
+    enc = ImageEncoder(ImageEncoderConfig(image_size=64, patch_size=8, hidden_dim=96, stem="resnet"), 96)
+    stem = enc.backbone.conv_proj
+    assert sum(isinstance(m, nn.Sequential) for m in stem.children()) == 2  # layer1 and layer2
+    assert stem[-1].in_channels == 128 and stem[-1].out_channels == 96
+    tokens, pooled = enc(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 1 + 8 * 8, 96) and pooled.shape == (2, 96)
+    tokens.sum().backward()
+    assert stem[0].weight.grad.abs().sum() > 0  # the stem trains with the ViT
+    with pytest.raises(ValueError, match="patch_size 4, 8, 16 or 32"):
+        ImageEncoder(ImageEncoderConfig(image_size=48, patch_size=12, stem="resnet"), 128)
