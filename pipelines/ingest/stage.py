@@ -190,10 +190,10 @@ def _phashes(results: list) -> list:
         return [_guarded("phash", lambda c: int(phash_many([c.img.thumb])[0]), c) for c in cleaned]
 
 
-def _process_group(refs: list, cfg: DataConfig, spec: ImageSpec, hash_files: bool) -> list:
-    """Each Ref (or text-cleaned `_Cleaned`) of a group through every step: its reject row, or
-    its (row, tar sample)."""
-    results = [_guarded("clean_text", _clean_text, r, cfg) if isinstance(r, dict) else r for r in refs]
+def _process_group(results: list, cfg: DataConfig, spec: ImageSpec, hash_files: bool) -> list:
+    """Each text-cleaned Ref (`_Cleaned`, or already a reject row) of a group through the other
+    steps: its reject row, or its (row, tar sample)."""
+    results = list(results)
     held = 0
     for i, r in enumerate(results):  # read ahead, while the bytes held stay under the cap
         if isinstance(r, _Cleaned) and r.img is None and held < READ_AHEAD_BYTES:
