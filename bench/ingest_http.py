@@ -30,15 +30,13 @@ import http.server
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import psutil
-
+from bench import ingest as ingest_bench
 from bench.ingest import COCO, make_input
 
 TIMEOUT_S = 2
@@ -131,51 +129,8 @@ def img2dataset_cmd(exe: str, csv_path: Path, out: Path) -> list[str]:
             "--enable_wandb", "False", "--distributor", "multiprocessing"]
 
 
-class PeakMemory:
-    """Peak summed PSS of a process and its descendants, sampled every `interval` s."""
-
-    def __init__(self, pid: int, interval: float = 0.25):
-        self.proc, self.interval, self.peak = psutil.Process(pid), interval, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            total = 0
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for p in procs:
-                try:
-                    total += p.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-
 def timed(cmd: list[str], log: Path, memory: bool = False) -> tuple[float, int]:
-    """(seconds, peak bytes or 0) of one command; raises with its log's tail if it fails."""
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    with open(log, "wb") as sink:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        mem = PeakMemory(proc.pid) if memory else None
-        try:
-            rc = proc.wait(timeout=1800)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        seconds = time.perf_counter() - t
-    if mem:
-        mem.stop.set()
-        mem.thread.join()
-    if rc != 0:
-        raise SystemExit(f"{cmd[0]} failed ({rc}):\n{log.read_text(errors='replace')[-3000:]}")
-    return seconds, mem.peak if mem else 0
+    return ingest_bench.timed(cmd, log, memory, env={"NO_ALBUMENTATIONS_UPDATE": "1"})
 
 
 def kept_img2dataset(out: Path) -> int:
