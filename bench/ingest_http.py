@@ -122,10 +122,13 @@ def mmfusion_cmd(csv_path: Path, out: Path) -> list[str]:
 
 
 def img2dataset_cmd(exe: str, csv_path: Path, out: Path) -> list[str]:
+    """Its 2 processes x 16 threads; its input is cut into shards of `number_sample_per_shard`
+    rows, one per process at a time: 4 shards, so that both processes work."""
+    rows = sum(1 for _ in open(csv_path)) - 1
     return [exe, "--url_list", str(csv_path), "--input_format", "csv", "--url_col", "url", "--caption_col", "caption",
             "--output_format", "webdataset", "--output_folder", str(out), "--processes_count", "2",
             "--thread_count", "16", "--image_size", "256", "--resize_mode", "keep_ratio", "--encode_quality", "90",
-            "--timeout", str(TIMEOUT_S), "--retries", "0", "--number_sample_per_shard", "1000",
+            "--timeout", str(TIMEOUT_S), "--retries", "0", "--number_sample_per_shard", str(max(1, -(-rows // 4))),
             "--enable_wandb", "False", "--distributor", "multiprocessing"]
 
 
