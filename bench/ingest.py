@@ -148,7 +148,8 @@ class PeakMemory:
 
 def timed(cmd: list[str], log: Path, memory: bool = False, env: dict | None = None) -> tuple[float, int]:
     """(seconds, peak bytes or 0) of one command; exits with its log's tail if it fails."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    # a loaded machine (a shared one) can take over the default 10 s to start a raylet
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "120", **(env or {})}
     with open(log, "wb") as sink:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
