@@ -147,7 +147,20 @@ class PeakMemory:
 
 
 def timed(cmd: list[str], log: Path, memory: bool = False, env: dict | None = None) -> tuple[float, int]:
-    """(seconds, peak bytes or 0) of one command; exits with its log's tail if it fails."""
+    """(seconds, peak bytes or 0) of one command; exits with its log's tail if it fails. A run
+    whose local Ray did not start (Ray waits 30 s for its raylet, which a heavily loaded machine
+    can miss) measured nothing: it is run again, twice at most."""
+    for _ in range(2):
+        try:
+            return _timed(cmd, log, memory, env)
+        except SystemExit as e:
+            if "timed out during startup" not in str(e):
+                raise
+            print(f"  (Ray did not start in time; {cmd[0]} run again)", flush=True)
+    return _timed(cmd, log, memory, env)
+
+
+def _timed(cmd: list[str], log: Path, memory: bool, env: dict | None) -> tuple[float, int]:
     # a loaded machine (a shared one) can take over the default 10 s to start a raylet
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "120", **(env or {})}
     with open(log, "wb") as sink:
