@@ -28,6 +28,7 @@ import argparse
 import csv
 import http.server
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -149,6 +150,16 @@ def kept_mmfusion(out: Path) -> int:
     return json.loads(reports[0].read_text())["kept"] if reports else 0
 
 
+_PACE = {"mmfusion": re.compile(r"then (\d+) samples/s"), "img2dataset": re.compile(r"total .*images per sec: (\d+)")}
+
+
+def pace(tool: str, log: Path) -> str:
+    """The tool's own rate once started (mmfusion: after its first task; img2dataset: its
+    reported images/s), from its log; "?" when the log has none."""
+    found = _PACE[tool].findall(log.read_text(errors="replace"))
+    return found[-1] if found else "?"
+
+
 def one_round(tool: str, args, csv_path: Path, runs: Path, tag: str) -> tuple[float, int]:
     out = runs / f"{tool}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
@@ -159,6 +170,7 @@ def one_round(tool: str, args, csv_path: Path, runs: Path, tag: str) -> tuple[fl
         secs, _ = timed(img2dataset_cmd(args.img2dataset, csv_path, out), runs / f"{tool}-{tag}.log")
         kept = kept_img2dataset(out)
     shutil.rmtree(out, ignore_errors=True)
+    print(f"    {tool}: {secs:.1f}s, {pace(tool, runs / f'{tool}-{tag}.log')}/s once started", flush=True)
     return secs, kept
 
 

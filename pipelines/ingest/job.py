@@ -181,11 +181,16 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     ds.context.op_resource_reservation_enabled = False
     rows: list[dict] = []
     t0 = last = time.time()
+    first: tuple[float, int] | None = None  # when the first task's rows came, and how many
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows.extend(out.to_pylist())
+        first = first or (time.time(), len(rows))
         if time.time() - last > 10:  # progress on long jobs, also when stderr is not a terminal
             last = time.time()
             log(f"cleaned {len(rows)}/{len(refs)} ({len(rows) / (last - t0):.0f} samples/s)")
+    if first and len(rows) > first[1] and time.time() > first[0]:  # what start-up costs, and the pace after it
+        log(f"first task done after {first[0] - t0:.1f}s (workers starting), then "
+            f"{(len(rows) - first[1]) / (time.time() - first[0]):.0f} samples/s")
     return sorted(rows, key=lambda r: r["order"])
 
 
