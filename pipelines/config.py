@@ -58,6 +58,15 @@ class DataConfig(_Section):
     # Image URLs that resolve to loopback, private, link-local or multicast addresses are
     # refused (a manifest is untrusted input); true for a private mirror or tests on 127.0.0.1.
     allow_private_urls: bool = False
+    # Downloads in flight in each ingest worker (URL sources); enough to cover web latency: at
+    # 100-200 ms a round trip, 64 keep a CPU busy decoding. At most `fetch_per_host` go to one host.
+    fetch_concurrency: int = Field(64, ge=1, le=1024)
+    fetch_per_host: int = Field(16, ge=1)
+    # Bytes downloaded and not yet decoded, per worker, above which no new download starts.
+    fetch_buffer_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    # Cleaned images of URLs kept under <root>/_urlcache/, so that a re-run (after a kill, or on a
+    # list that grew) downloads only what it has not cleaned before; false: always download.
+    url_cache: bool = True
     columns: dict[str, str] = Field(default_factory=dict)  # csv/parquet column names
 
     @field_validator("split_fractions")

@@ -8,10 +8,17 @@ hop's address is checked after DNS resolution, and the connection goes to the ad
 loopback, private, link-local (cloud metadata lives at 169.254.169.254) and multicast addresses
 are refused unless `data.allow_private_urls` is set. Every failure is a `FetchError` with a report
 reason, whatever the input looks like.
+
+HTTP goes through urllib3 connection pools, one per (scheme, host, port), kept for the life of
+the worker process: connections are reused (keep-alive), and DNS answers are cached for
+DNS_TTL_S. A reused connection was checked when it was opened; a new one connects to addresses
+checked just before. `Retry-After` on 429 and 503 is honoured, up to MAX_RETRY_AFTER_S and
+within the fetch's deadline.
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import ipaddress
 import os
@@ -21,6 +28,12 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from urllib3 import exceptions as u3
+from urllib3.connection import HTTPConnection as _U3Connection
+from urllib3.connection import HTTPSConnection as _U3SConnection
 
 from pipelines.config import DataConfig
 from pipelines.core.storage import get_fs
@@ -28,7 +41,12 @@ from pipelines.core.storage import get_fs
 _OK_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 _REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
+MAX_RETRY_AFTER_S = 30.0  # a longer Retry-After is cut to this (and always to the deadline)
+DNS_TTL_S = 60.0
+POOL_SIZE = 64  # idle keep-alive connections kept per (scheme, host, port)
 _READ = 64 * 1024
+_DRAIN = 64 * 1024  # an error response's body up to this is read, so that its connection is reused
+_HEADERS = {"User-Agent": "mmfusion-ingest/0.1", "Accept": "image/*"}
 # fsspec protocols an untrusted manifest may name: object stores, whose endpoints the operator
 # configures. Others (ftp, webhdfs, `simplecache::http://...` chains) could reach any host, so
 # they need `data.allow_private_urls`.
@@ -72,10 +90,30 @@ def _blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return "" if ip.is_global else "non-global"
 
 
+_dns: dict[tuple[str, int], tuple[float, list]] = {}
+_dns_lock = threading.Lock()
+
+
+def _lookup(host: str, port: int) -> list[tuple]:
+    """getaddrinfo, cached for DNS_TTL_S (failures are not cached)."""
+    now = time.monotonic()
+    with _dns_lock:
+        hit = _dns.get((host, port))
+    if hit and now - hit[0] < DNS_TTL_S:
+        return hit[1]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    with _dns_lock:
+        if len(_dns) > 100_000:  # a list of mostly distinct hosts: start again rather than grow
+            _dns.clear()
+        _dns[(host, port)] = (now, infos)
+    return infos
+
+
 def _resolve(host: str, port: int, allow_private: bool) -> list[tuple]:
-    """getaddrinfo for `host`; a FetchError when any address it has is not public."""
+    """The addresses of `host` (cached DNS); a FetchError when any of them is not public. The
+    check runs on every call, cached answer or not."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _lookup(host, port)
     except (OSError, UnicodeError, ValueError) as e:
         raise FetchError("http_error", f"cannot resolve host {host!r}: {e}") from e
     if not allow_private:
@@ -87,25 +125,74 @@ def _resolve(host: str, port: int, allow_private: bool) -> list[tuple]:
     return infos
 
 
-def _checked_connection(allow_private: bool):
-    """`socket.create_connection` that connects only to the addresses `_resolve` checked (no
-    second DNS lookup that could answer differently)."""
+def _connect_checked(host: str, port: int, timeout: float | None, allow_private: bool) -> socket.socket:
+    """A socket connected to one of the addresses `_resolve` checked (no second DNS lookup that
+    could answer differently)."""
+    last: OSError | None = None
+    for family, kind, proto, _, sockaddr in _resolve(host, port, allow_private):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+    raise last or OSError(f"no address for {host}")
 
-    def create(address, timeout=None, source_address=None, **_):
-        host, port = address
-        last: OSError | None = None
-        for family, kind, proto, _, sockaddr in _resolve(host, port, allow_private):
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.settimeout(timeout)
-                sock.connect(sockaddr)
-                return sock
-            except OSError as e:
-                sock.close()
-                last = e
-        raise last or OSError(f"no address for {host}")
 
-    return create
+class _Checked:
+    """urllib3 connection whose socket goes only to checked addresses."""
+
+    allow_private = False
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            return _connect_checked(self._dns_host, self.port, self.timeout, self.allow_private)
+        except FetchError:
+            raise
+        except TimeoutError as e:
+            raise u3.ConnectTimeoutError(self, f"connection to {self.host} timed out") from e
+        except OSError as e:
+            raise u3.NewConnectionError(self, f"failed to connect: {e}") from e
+
+
+_local = threading.local()  # the connection of this thread's request, for its deadline watchdog
+
+
+def _pool_class(base: type, conn: type, allow_private: bool) -> type:
+    class Pool(base):
+        ConnectionCls = type(f"Checked{conn.__name__}", (_Checked, conn), {"allow_private": allow_private})
+
+        def _make_request(self, c, *args, **kw):
+            holder = getattr(_local, "holder", None)
+            if holder is not None:
+                holder[0] = c
+            return super()._make_request(c, *args, **kw)
+
+    return Pool
+
+
+_POOLS = {(scheme, private): _pool_class(base, conn, private)
+          for scheme, base, conn in (("http", urllib3.HTTPConnectionPool, _U3Connection),
+                                     ("https", urllib3.HTTPSConnectionPool, _U3SConnection))
+          for private in (False, True)}
+_pools: dict[tuple, urllib3.HTTPConnectionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(t: _Target, allow_private: bool) -> urllib3.HTTPConnectionPool:
+    """The keep-alive pool of (scheme, host, port); pools are per trust setting, never shared."""
+    key = (t.scheme, t.host, t.port, allow_private)
+    with _pools_lock:
+        if (pool := _pools.get(key)) is None:
+            if len(_pools) >= 1024:  # many distinct hosts: drop the idle connections of all
+                for old in _pools.values():
+                    old.close()
+                _pools.clear()
+            pool = _pools[key] = _POOLS[(t.scheme, allow_private)](t.host, t.port, maxsize=POOL_SIZE, block=False)
+        return pool
 
 
 @dataclass(frozen=True)
@@ -137,8 +224,8 @@ def parse_url(url: str) -> _Target:
 
 
 class _Deadline:
-    """The time left for one fetch; `watch(conn)` closes the connection when it runs out, so no
-    read, however slow the server drips, outlives the deadline."""
+    """The time left for one fetch; `watch(holder)` shuts the connection in `holder[0]` when it
+    runs out, so no read, however slow the server drips, outlives the deadline."""
 
     def __init__(self, seconds: float):
         self.seconds, self.end = seconds, time.monotonic() + seconds
@@ -152,15 +239,15 @@ class _Deadline:
             raise FetchError("http_timeout", f"{url}: not downloaded within data.fetch_timeout_s = {self.seconds}s")
         return left
 
-    def watch(self, conn: http.client.HTTPConnection) -> threading.Timer:
-        timer = threading.Timer(max(self.left(), 0), _shut, [conn])
+    def watch(self, holder: list) -> threading.Timer:
+        timer = threading.Timer(max(self.left(), 0), _shut, [holder])
         timer.daemon = True
         timer.start()
         return timer
 
 
-def _shut(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
+def _shut(holder: list) -> None:
+    sock = getattr(holder[0], "sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -168,12 +255,12 @@ def _shut(conn: http.client.HTTPConnection) -> None:
             pass
 
 
-def _read_body(resp: http.client.HTTPResponse, url: str, limits: FetchLimits, deadline: _Deadline) -> bytes:
+def _read_body(resp: urllib3.HTTPResponse, url: str, limits: FetchLimits, deadline: _Deadline) -> bytes:
     """The response body, read a chunk at a time under the byte cap and the deadline."""
-    ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if ctype and not ctype.startswith(_OK_TYPES):
         raise FetchError("bad_content_type", f"{url} served {ctype!r}, not an image")
-    length = resp.getheader("Content-Length") or ""
+    length = resp.headers.get("Content-Length") or ""
     if length.strip().isdigit() and int(length) > limits.max_bytes:
         raise FetchError("too_large", f"{url} is {int(length)} bytes > data.max_image_bytes = {limits.max_bytes}")
     chunks, total = [], 0
@@ -184,85 +271,144 @@ def _read_body(resp: http.client.HTTPResponse, url: str, limits: FetchLimits, de
         chunks.append(chunk)
         deadline.check(url)
     deadline.check(url)  # the deadline's watchdog ends a slow body as if the server had closed it
-    if resp.length:  # fewer bytes than Content-Length announced
-        raise FetchError("http_error", f"{url}: connection closed {resp.length} bytes before the end")
     return b"".join(chunks)
 
 
+def _release(resp: urllib3.HTTPResponse | None, state: str) -> None:
+    """Give the connection back to its pool: as it is after a body read to the end ("done"),
+    after reading a short redirect or error body ("drain"), closed otherwise (a closed one is
+    reopened when next taken). Called while the deadline's watchdog still runs."""
+    if resp is None:
+        return
+    left = resp.length_remaining
+    if state == "drain" and left is not None and left <= _DRAIN:
+        resp.drain_conn()
+    elif state != "done":
+        resp.close()
+    resp.release_conn()
+
+
 def _request(url: str, limits: FetchLimits, deadline: _Deadline) -> tuple[int, str, bytes]:
-    """One GET of one URL: (status, Location, body). The body only for a 2xx."""
+    """One GET of one URL: (status, Location or Retry-After, body). The body only for a 2xx."""
     t = parse_url(url)
-    kind = http.client.HTTPSConnection if t.scheme == "https" else http.client.HTTPConnection
-    conn = kind(t.host, t.port, timeout=min(limits.timeout_s, deadline.check(url)))
-    conn._create_connection = _checked_connection(limits.allow_private)
-    timer = deadline.watch(conn)
+    _resolve(t.host, t.port, limits.allow_private)  # refused before any connection is taken
+    timeout = min(limits.timeout_s, deadline.check(url))
+    holder: list = [None]
+    _local.holder, timer, resp, state = holder, deadline.watch(holder), None, "close"
     try:
-        conn.request("GET", t.path, headers={"User-Agent": "mmfusion-ingest/0.1", "Accept": "image/*"})
-        resp = conn.getresponse()
-        if resp.status in _REDIRECTS:
-            return resp.status, resp.getheader("Location") or "", b""
-        if not 200 <= resp.status < 300:
-            return resp.status, "", b""
-        return resp.status, "", _read_body(resp, url, limits, deadline)
-    except Exception:
+        resp = _pool(t, limits.allow_private).urlopen(
+            "GET", t.path, headers=_HEADERS, redirect=False, retries=False, preload_content=False,
+            decode_content=False, release_conn=False, assert_same_host=False,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout))
+        if resp.status in _REDIRECTS or not 200 <= resp.status < 300:
+            state = "drain"
+            return resp.status, resp.headers.get("Location" if resp.status in _REDIRECTS else "Retry-After") or "", b""
+        body = _read_body(resp, url, limits, deadline)
+        state = "done"
+        return resp.status, "", body
+    except Exception as e:
         deadline.check(url)  # a connection shut by the deadline: say so, not "connection reset"
-        raise
+        raise _unwrapped(e) from e
     finally:
-        timer.cancel()
-        conn.close()
+        try:
+            _release(resp, state)
+        finally:
+            timer.cancel()
+            _local.holder = None
+
+
+def _unwrapped(e: BaseException) -> BaseException:
+    """The FetchError urllib3 wrapped (a refused address found when connecting), else `e`."""
+    seen = e
+    for _ in range(5):
+        if isinstance(seen, FetchError):
+            return seen
+        inner = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__ or (inner[0] if inner else None)
+        if not isinstance(seen, BaseException):
+            break
+    return e
 
 
 def _get(url: str, limits: FetchLimits, deadline: _Deadline) -> bytes:
     """GET with redirects followed by hand: each hop parsed and its address checked again."""
     for _ in range(MAX_REDIRECTS + 1):
-        status, location, body = _request(url, limits, deadline)
+        status, header, body = _request(url, limits, deadline)
         if status not in _REDIRECTS:
             if status >= 300:
-                raise _HTTPStatus(status, url)
+                raise _HTTPStatus(status, url, header)
             return body
-        if not location:
+        if not header:
             raise FetchError("http_error", f"{url}: HTTP {status} redirect without a Location")
-        url = urllib.parse.urljoin(url, location.strip())
+        url = urllib.parse.urljoin(url, header.strip())
     raise FetchError("http_error", f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
 class _HTTPStatus(Exception):
-    def __init__(self, code: int, url: str):
+    def __init__(self, code: int, url: str, retry_after: str = ""):
         super().__init__(code)
-        self.code, self.url = code, url
+        self.code, self.url, self.retry_after = code, url, retry_after
 
 
-def _attempt(url: str, limits: FetchLimits, deadline: _Deadline) -> tuple[bytes | None, FetchError, bool]:
-    """One try: (body, None, _) or (None, the error, whether another try may help)."""
+def retry_after_s(value: str) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (delay seconds or an HTTP date); None if unreadable."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+_TIMEOUTS = (u3.ConnectTimeoutError, u3.ReadTimeoutError, TimeoutError)
+_BROKEN = (u3.NewConnectionError, u3.ProtocolError, ConnectionError)  # refused, reset, cut short
+
+
+def _attempt(url: str, limits: FetchLimits, deadline: _Deadline) -> tuple[bytes | None, FetchError, Any]:
+    """One try: (body, None, _) or (None, the error, False or how to wait before another try:
+    True for the usual backoff, seconds for a server's Retry-After)."""
     try:
         return _get(url, limits, deadline), None, False
     except _HTTPStatus as e:
-        return None, FetchError("http_error", f"{e.url}: HTTP {e.code}"), e.code == 429 or e.code >= 500
+        wait = retry_after_s(e.retry_after) if e.code in (429, 503) and e.retry_after else None
+        after = f" (Retry-After: {e.retry_after[:40]})" if wait is not None else ""
+        return None, FetchError("http_error", f"{e.url}: HTTP {e.code}{after}"), (
+            wait if wait is not None else (e.code == 429 or e.code >= 500))
     except FetchError as e:
         return None, e, False
-    except TimeoutError as e:
-        return None, FetchError("http_timeout", f"{url}: no reply within {limits.timeout_s}s ({e})"), True
-    except ConnectionError as e:  # refused, reset, closed before a status line
-        return None, FetchError("http_error", f"{url}: {type(e).__name__}: {e}"), True
-    except (http.client.HTTPException, ValueError) as e:  # bad chunking, bad status line, ...
+    except (u3.NewConnectionError, *_BROKEN[1:]) as e:  # before timeouts: a NewConnectionError is one
+        return None, FetchError("http_error", f"{url}: {type(e).__name__}: {_short(e)}"), True
+    except _TIMEOUTS as e:
+        return None, FetchError("http_timeout", f"{url}: no reply within {limits.timeout_s}s ({_short(e)})"), True
+    except (http.client.HTTPException, u3.HTTPError, ValueError) as e:  # bad status line, ...
         return None, FetchError("http_error", f"{url}: malformed HTTP response ({type(e).__name__})"), False
     except OSError as e:  # TLS errors, unreachable networks
         reason = getattr(e, "reason", None) or e
         return None, FetchError("http_error", f"{url}: {type(e).__name__}: {reason}"), True
 
 
+def _short(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
 def fetch_http(url: str, limits: FetchLimits) -> bytes:
-    """GET within `limits`; retries (with backoff, inside the deadline) only errors that may pass:
-    timeouts, connection errors, 429 and 5xx. Client errors and refusals fail at once."""
+    """GET within `limits`; retries (inside the deadline) only errors that may pass: timeouts,
+    connection errors, 429 and 5xx, after the server's Retry-After (429, 503; at most
+    MAX_RETRY_AFTER_S) or a short backoff. Client errors and refusals fail at once."""
     deadline = _Deadline(limits.total_s)
     for attempt in range(limits.retries + 1):
-        if attempt:
-            time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0, max(deadline.left(), 0)))
         body, error, again = _attempt(url, limits, deadline)
         if body is not None:
             return body
-        if not again or deadline.left() <= 0:
+        if again is False or attempt == limits.retries or deadline.left() <= 0:
             break
+        wait = min(0.2 * 2**attempt, 2.0) if again is True else min(float(again), MAX_RETRY_AFTER_S)
+        if wait >= deadline.left():
+            error = FetchError(error.reason, f"{error.detail}; the next try would pass data.fetch_timeout_s")
+            break
+        time.sleep(wait)
     raise error
 
 

@@ -42,7 +42,10 @@ from pipelines.ingest.sources import detect_format, list_refs
 from pipelines.ingest.sources.common import key_for
 
 PIPELINE_VERSION = 4  # bump when cleaning code changes what a config produces
-_NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format")
+# Not part of what a config produces (the version id): where data is, and how it is fetched.
+_NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format", "fetch_concurrency", "fetch_per_host",
+                 "fetch_buffer_bytes", "url_cache")
+URL_CACHE_DIR = "_urlcache"
 # A cleaning task carries its Refs; Ray Data warns about read tasks over 1 MiB serialised.
 CHUNK_BYTES = 768 * 1024
 STALE_STAGING_S = 24 * 3600  # a staging folder untouched this long is a killed run's: removed
@@ -157,8 +160,9 @@ def _refs_datasource(chunks: list[list[str]]):
     return RefsDatasource()
 
 
-def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool) -> list[dict]:
-    """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging)."""
+def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool, url_cache: str = "") -> list[dict]:
+    """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging; what URLs
+    gave, to `url_cache`)."""
     import ray
 
     from pipelines.ingest.stage import process_batch
@@ -170,18 +174,23 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     ds = ray.data.read_datasource(_refs_datasource(chunks), override_num_blocks=len(chunks))
     ds = ds.map_batches(process_batch, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging,
-                                   "hash_files": hash_files})
+                                   "hash_files": hash_files, "url_cache": url_cache})
     # One operator, tiny outputs: nothing to reserve resources against. With the reservation on,
     # Ray Data starts one task, admits the second about a second later and leaves each CPU idle
     # ~0.1-0.2 s between tasks; without it every CPU runs a task from the start and back to back.
     ds.context.op_resource_reservation_enabled = False
     rows: list[dict] = []
     t0 = last = time.time()
+    first: tuple[float, int] | None = None  # when the first task's rows came, and how many
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows.extend(out.to_pylist())
+        first = first or (time.time(), len(rows))
         if time.time() - last > 10:  # progress on long jobs, also when stderr is not a terminal
             last = time.time()
             log(f"cleaned {len(rows)}/{len(refs)} ({len(rows) / (last - t0):.0f} samples/s)")
+    if first and len(rows) > first[1] and time.time() > first[0]:  # what start-up costs, and the pace after it
+        log(f"first task done after {first[0] - t0:.1f}s (workers starting), then "
+            f"{(len(rows) - first[1]) / (time.time() - first[0]):.0f} samples/s")
     return sorted(rows, key=lambda r: r["order"])
 
 
@@ -250,7 +259,8 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
     storage.remove_older_than(staging_root, STALE_STAGING_S)  # leftovers of killed runs
     staging = storage.join(staging_root, f"{key}-{uuid.uuid4().hex[:12]}")  # this run's alone
     try:
-        rows = _clean_all(refs, cfg, staging, hash_files=inputs is None)
+        url_cache = storage.join(out_root, URL_CACHE_DIR, f"v{PIPELINE_VERSION}")
+        rows = _clean_all(refs, cfg, staging, hash_files=inputs is None, url_cache=url_cache)
         log(f"cleaned {len(rows)} inputs in {time.time() - t0:.1f}s")
         with _gc_paused():
             if inputs is None:  # the workers hashed the image files; the driver hashes the rest

@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import re
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +24,14 @@ import pyarrow as pa
 
 from pipelines.config import DataConfig
 from pipelines.core.storage import is_remote, join, open_atomic
-from pipelines.ingest.fetch import FetchError, FetchLimits, fetch
+from pipelines.ingest.download import DownloadLimits, Downloads
+from pipelines.ingest.fetch import FetchError, FetchLimits, fetch, scheme_of
 from pipelines.ingest.imageclean import CleanImage, ImageReject, ImageSpec, clean_image
 from pipelines.ingest.phash import phash_many
 from pipelines.ingest.shards import MemberWriter
 from pipelines.ingest.sources.common import safe_text
 from pipelines.ingest.textclean import clean_captions, clean_qa
+from pipelines.ingest.urlcache import UrlCache
 from pipelines.runtime import quiet_loggers
 
 META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
@@ -148,6 +152,8 @@ def _read(c: _Cleaned, cfg: DataConfig, hash_files: bool) -> dict | _Cleaned:
 def _clean_image(c: _Cleaned, cfg: DataConfig, spec: ImageSpec, hash_files: bool) -> dict | _Cleaned:
     """Read the image if that is not done yet, verify and clean it: the reject row, or `c` with
     the cleaned image (and its raw bytes let go)."""
+    if c.img is not None:  # cleaned by an earlier ingest (`urlcache.py`)
+        return c
     if c.data is None and isinstance(r := _read(c, cfg, hash_files), dict):
         return r
     data, c.data = c.data, b""
@@ -184,16 +190,22 @@ def _phashes(results: list) -> list:
         return [_guarded("phash", lambda c: int(phash_many([c.img.thumb])[0]), c) for c in cleaned]
 
 
-def _process_group(refs: list[dict], cfg: DataConfig, spec: ImageSpec, hash_files: bool) -> list:
-    """Each Ref of a group through every step: its reject row, or its (row, tar sample)."""
-    results = [_guarded("clean_text", _clean_text, ref, cfg) for ref in refs]
+def _process_group(results: list, cfg: DataConfig, spec: ImageSpec, hash_files: bool) -> list:
+    """Each text-cleaned Ref (`_Cleaned`, or already a reject row) of a group through the other
+    steps: its reject row, or its (row, tar sample)."""
+    results = list(results)
     held = 0
     for i, r in enumerate(results):  # read ahead, while the bytes held stay under the cap
-        if isinstance(r, _Cleaned) and held < READ_AHEAD_BYTES:
+        if isinstance(r, _Cleaned) and r.img is None and held < READ_AHEAD_BYTES:
             results[i] = r = _guarded("read_image", _read, r, cfg, hash_files)
             held += len(r.data) if isinstance(r, _Cleaned) else 0
     results = [_guarded("clean_image", _clean_image, r, cfg, spec, hash_files) if isinstance(r, _Cleaned) else r
                for r in results]
+    return _serialise(results, cfg)
+
+
+def _serialise(results: list, cfg: DataConfig) -> list:
+    """Cleaned images hashed and made tar samples: each a reject row or (row, tar sample)."""
     hashes = iter(_phashes(results))
     out = []
     for r in results:
@@ -204,7 +216,71 @@ def _process_group(refs: list[dict], cfg: DataConfig, spec: ImageSpec, hash_file
     return out
 
 
-def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files: bool = False) -> pa.Table:
+def _is_web(r: Any) -> bool:
+    if not isinstance(r, _Cleaned):
+        return False
+    loc = r.ref["image"]
+    return loc.get("kind") == "url" or scheme_of(str(loc.get("uri", ""))) in ("http", "https")
+
+
+def _host(c: _Cleaned) -> str:
+    try:
+        return (urllib.parse.urlsplit(str(c.ref["image"]["uri"]).strip()).hostname or "").lower()
+    except ValueError:  # a malformed URL: fetch rejects it as bad_url
+        return ""
+
+
+def _results(refs: list[dict], cfg: DataConfig, spec: ImageSpec, hash_files: bool,
+             cache: UrlCache | None) -> Iterator:
+    """Every Ref's result (reject row or (row, tar sample)): local images a group at a time,
+    URLs as their downloads finish (`_web_results`)."""
+    texts = [_guarded("clean_text", _clean_text, ref, cfg) for ref in refs]
+    web = [r for r in texts if _is_web(r)]
+    rest = [r for r in texts if not _is_web(r)]
+    for start in range(0, len(rest), GROUP):
+        yield from _process_group(rest[start : start + GROUP], cfg, spec, hash_files)
+    if web:
+        yield from _web_results(web, cfg, spec, cache)
+
+
+def _web_results(cleaned: list[_Cleaned], cfg: DataConfig, spec: ImageSpec, cache: UrlCache | None) -> Iterator:
+    """URL images: those cleaned by an earlier ingest from `cache`, the others downloaded many
+    at a time (`download.py`) and cleaned as they arrive, while the rest download."""
+    todo, done = [], []
+    for c in cleaned:
+        got = cache.get(c.ref["image"]["uri"]) if cache else None
+        if isinstance(got, CleanImage):
+            c.img = got
+        elif isinstance(got, tuple):
+            c = _row(c.ref, got[0], got[1])
+        (todo if got is None else done).append(c)
+    for start in range(0, len(done), GROUP):
+        yield from _serialise(done[start : start + GROUP], cfg)
+    limits = FetchLimits.of(cfg)
+    with Downloads(todo, _host, lambda c: fetch(c.ref["image"], limits=limits), DownloadLimits.of(cfg)) as dl:
+        for arrived in dl.batches(GROUP):
+            yield from _serialise([_guarded("clean_image", _clean_fetched, c, got, cfg, spec, cache)
+                                   for c, got in arrived], cfg)
+
+
+def _clean_fetched(c: _Cleaned, got: Any, cfg: DataConfig, spec: ImageSpec, cache: UrlCache | None) -> dict | _Cleaned:
+    """A downloaded image cleaned (and what that gave kept in `cache`); a failed download's row."""
+    if isinstance(got, FetchError):
+        return _row(c.ref, got.reason, got.detail)
+    if isinstance(got, BaseException):
+        return _failed(c.ref, "read_image", got)
+    c.data = got
+    r = _clean_image(c, cfg, spec, False)
+    if cache is not None and (isinstance(r, _Cleaned) or r["reason"] != "processing_error"):
+        try:
+            cache.put(c.ref["image"]["uri"], r.img if isinstance(r, _Cleaned) else (r["reason"], r["detail"]))
+        except OSError as e:  # the sample is fine; only a re-run will download it again
+            log.warning("ingest: cannot keep %s in the URL cache: %s", c.ref["image"]["uri"], e)
+    return r
+
+
+def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files: bool = False,
+                  url_cache: str = "") -> pa.Table:
     """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows; never
     raises for bad data: a record that fails any step is a reject row (`processing_error` when
     the error was not one the steps expect, with its traceback in the log). Only the staging
@@ -220,27 +296,32 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files:
     otherwise run cold once per image (measured: ~20 us per numpy call instead of ~1-2; in all,
     the grouped steps make a batch ~5-8% cheaper). What a group holds is bounded: the bytes read
     ahead, and its cleaned JPEGs.
+
+    Image URLs instead download many at a time (`data.fetch_concurrency`, see `download.py`),
+    and each group is whatever has arrived, cleaned while the rest downloads. With `url_cache`
+    (a folder), URLs cleaned by an earlier ingest are not downloaded again (`urlcache.py`).
     """
     quiet_loggers()
     cfg = DataConfig.model_validate(cfg_dict)
     spec = image_spec(cfg)
+    cache = UrlCache(url_cache, spec) if url_cache and cfg.url_cache else None
     refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
     first = min(r["order"] for r in refs)
     rows: list[dict] = []
     writers: dict[str, MemberWriter] = {}  # stage file -> its writer, streaming into the file
     with contextlib.ExitStack() as files:  # each renamed into place when the batch is done
-        for start in range(0, len(refs), GROUP):
-            for result in _process_group(refs[start : start + GROUP], cfg, spec, hash_files):
-                if isinstance(result, dict):
-                    rows.append(result)
-                    continue
-                row, sample = result
-                stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
-                if stage_file not in writers:
-                    writers[stage_file] = MemberWriter(files.enter_context(open_atomic(stage_file)))
-                offset, length = writers[stage_file].add(sample)
-                row.update(stage_file=stage_file, stage_offset=offset, nbytes=length)
-                rows.append(row)
+        for result in _results(refs, cfg, spec, hash_files, cache):
+            if isinstance(result, dict):
+                rows.append(result)
+                continue
+            row, sample = result
+            stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
+            if stage_file not in writers:
+                writers[stage_file] = MemberWriter(files.enter_context(open_atomic(stage_file)))
+            offset, length = writers[stage_file].add(sample)
+            row.update(stage_file=stage_file, stage_offset=offset, nbytes=length)
+            rows.append(row)
         for writer in writers.values():
             writer.finish()
+    rows.sort(key=lambda r: r["order"])  # URLs come back as their downloads finish
     return pa.Table.from_pylist(rows)
