@@ -71,28 +71,44 @@ def pids_with(marker: str) -> list[int]:
     return found
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group `pgid`."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == pgid and alive(int(entry.name)):
-                    out.append(int(entry.name))
-            except OSError:
-                continue
-    return out
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (what `spawn` started: Ray's actors take process groups
+    of their own but stay in it) and the descendants of `sid` (PostgreSQL's children call
+    setsid)."""
+    pids = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    parents = {pid: _parent(pid) for pid in pids}
+    out = {sid} if alive(sid) else set()
+    for pid in pids:
+        try:
+            if os.getsid(pid) == sid:
+                out.add(pid)
+        except OSError:
+            continue
+    grew = True
+    while grew:
+        new = {pid for pid, parent in parents.items() if parent in out and pid not in out}
+        out |= new
+        grew = bool(new)
+    return sorted(p for p in out if alive(p))
 
 
 def terminate(pgid: int | None, extra: list[int] = (), timeout_s: float = 20.0,
               sig: int = signal.SIGTERM) -> list[int]:
-    """Send `sig` to the group `pgid` and the pids in `extra`, wait, then SIGKILL what is left.
-    Returns the pids that were still running when asked to stop."""
-    targets = set(extra) | (set(group_members(pgid)) if pgid else set())
+    """Send `sig` to the session (and group) `pgid` that `spawn` started and to the pids in
+    `extra`, wait, then SIGKILL what is left. Returns the pids that were asked to stop."""
+    targets = set(extra) | (set(session_members(pgid)) if pgid else set())
     if pgid and alive(pgid):
         targets.add(pgid)
     _signal_all(pgid, targets, sig)
     if not wait_until(lambda: not any(alive(p) for p in targets), timeout_s):
+        targets |= set(session_members(pgid)) if pgid else set()  # children born meanwhile
         _signal_all(pgid, targets, signal.SIGKILL)
         wait_until(lambda: not any(alive(p) for p in targets), 10.0)
     return sorted(targets)

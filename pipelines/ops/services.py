@@ -36,7 +36,6 @@ class Service:
     port: int | None = None
     user: str | None = None
     stop_signal: int = signal.SIGTERM
-    marker: str | None = None  # a string in the command line of every process it spawns
     start_timeout_s: float = 240.0
     cwd: str | None = None
     extra: dict = field(default_factory=dict)
@@ -103,7 +102,7 @@ def ray_head_service(state: dict, sdir: Path) -> Service:
             "--object-store-memory", str(state["object_store_mb"] * 2**20), "--disable-usage-stats"]
     return Service("ray-head", f"{LOOPBACK}:{ports['ray_gcs']} (dashboard http://{LOOPBACK}:{ports['ray_dashboard']})",
                    argv, ray_env(token), lambda: len(ray_nodes(ports["ray_dashboard"], token)) >= 1,
-                   port=ports["ray_gcs"], marker=state["ray_temp"])
+                   port=ports["ray_gcs"])
 
 
 def ray_worker_service(state: dict, sdir: Path) -> Service:
@@ -112,7 +111,7 @@ def ray_worker_service(state: dict, sdir: Path) -> Service:
             "--node-ip-address", LOOPBACK, "--dashboard-agent-listen-port", str(ports["ray_worker_agent"]),
             "--object-store-memory", str(state["object_store_mb"] * 2**20), "--disable-usage-stats"]
     return Service("ray-worker", f"node of {LOOPBACK}:{ports['ray_gcs']}", argv, ray_env(token),
-                   lambda: len(ray_nodes(ports["ray_dashboard"], token)) >= 2, marker=state["ray_temp"])
+                   lambda: len(ray_nodes(ports["ray_dashboard"], token)) >= 2)
 
 
 def mlflow_service(state: dict, sdir: Path) -> Service:

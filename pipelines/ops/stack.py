@@ -2,8 +2,9 @@
 
 State and logs live in `$MMFUSION_HOME/stack/`: `state.json` (ports, pids, the database URL;
 readable by its owner only), `ray_token`, one `<service>.log` per service. `down` stops exactly
-the process groups `up` started (and, for Ray, the processes that carry the stack's private
-temp dir in their command line), never a bare `ray stop`.
+the sessions `up` started (each service is the leader of a session of its own; Ray's actors
+leave its process group but not its session), then any process that still names the stack's
+private Ray temp dir in its command line; never a bare `ray stop`.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Stack:
             "ports": ports, "postgres_password": password, "external_postgres": external,
             "postgres_url": external or postgres.local_url(ports["postgres"], password),
             "artifacts": self.artifacts or old.get("artifacts") or str(self.dir / "mlflow-artifacts"),
-            "ray_temp": tempfile.mkdtemp(prefix="mmf-ray-"),  # short: Ray's socket paths live under it
+            # short (Ray's socket paths live under it) and the stack's own: `ray start` makes it
+            "ray_temp": str(Path(tempfile.gettempdir()) / f"mmf-ray-{secrets.token_hex(4)}"),
             "object_store_mb": int(os.environ.get("MMFUSION_STACK_OBJECT_STORE_MB", "512")),
             "pids": {},
         }
@@ -183,12 +185,11 @@ class Stack:
         stopped = []
         for svc in reversed(self.services(state)):
             entry = state["pids"].pop(svc.name, None)
-            ours = entry["pid"] if _ours(entry) else None
-            strays = procs.pids_with(svc.marker) if svc.marker else []
-            if ours or strays:
-                pids = procs.terminate(ours, strays, sig=svc.stop_signal)
+            if _ours(entry):
+                started = time.monotonic()
+                pids = procs.terminate(entry["pid"], sig=svc.stop_signal)
                 stopped.append((svc.name, pids))
-                self.say(f"{svc.name:<15} stopped ({len(pids)} processes)")
+                self.say(f"{svc.name:<15} stopped ({len(pids)} processes, {time.monotonic() - started:.1f} s)")
             self.save(state)
         self._sweep_ray_temp(state)
         return stopped
