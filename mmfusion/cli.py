@@ -10,7 +10,7 @@ from mmfusion import __version__
 
 # Each module exposes register(subparsers); they import their heavy dependencies lazily so that
 # `mmfusion --help` stays fast.
-COMMAND_MODULES = ("run", "data", "train", "evaluate", "registry", "infer", "tune", "stack", "deploy")
+COMMAND_MODULES = ("run", "data", "train", "evaluate", "registry", "infer", "tune", "stack", "deploy", "status")
 
 EPILOG = """\
 examples:
