@@ -71,8 +71,12 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def ray_env(token_path: Path) -> dict[str, str]:
-    return {**base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+def ray_env(token_path: Path, gcs_port: int) -> dict[str, str]:
+    """Token auth with the stack's token. RAY_ADDRESS reaches every worker process: Ray Train's
+    placement-group cleaner looks its cluster up by address, and on a machine with several Rays
+    (the stack's, the user's) the guess fails with "Found multiple active Ray instances"."""
+    return {**base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}
 
 
 def ray_nodes(dashboard_port: int, token_path: Path) -> list[dict]:
@@ -101,7 +105,7 @@ def ray_head_service(state: dict, sdir: Path) -> Service:
             "--dashboard-agent-listen-port", str(ports["ray_head_agent"]), "--temp-dir", state["ray_temp"],
             "--object-store-memory", str(state["object_store_mb"] * 2**20), "--disable-usage-stats"]
     return Service("ray-head", f"{LOOPBACK}:{ports['ray_gcs']} (dashboard http://{LOOPBACK}:{ports['ray_dashboard']})",
-                   argv, ray_env(token), lambda: len(ray_nodes(ports["ray_dashboard"], token)) >= 1,
+                   argv, ray_env(token, ports["ray_gcs"]), lambda: len(ray_nodes(ports["ray_dashboard"], token)) >= 1,
                    port=ports["ray_gcs"])
 
 
@@ -110,7 +114,7 @@ def ray_worker_service(state: dict, sdir: Path) -> Service:
     argv = [tool("ray"), "start", "--block", "--address", f"{LOOPBACK}:{ports['ray_gcs']}",
             "--node-ip-address", LOOPBACK, "--dashboard-agent-listen-port", str(ports["ray_worker_agent"]),
             "--object-store-memory", str(state["object_store_mb"] * 2**20), "--disable-usage-stats"]
-    return Service("ray-worker", f"node of {LOOPBACK}:{ports['ray_gcs']}", argv, ray_env(token),
+    return Service("ray-worker", f"node of {LOOPBACK}:{ports['ray_gcs']}", argv, ray_env(token, ports["ray_gcs"]),
                    lambda: len(ray_nodes(ports["ray_dashboard"], token)) >= 2)
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -36,6 +37,8 @@ def _sh(script: str, env: dict[str, str], timeout: float) -> tuple[subprocess.Co
                           timeout=timeout)
     elapsed = time.monotonic() - started
     print(f"\n[{elapsed:6.1f} s] {script.splitlines()[0][:90]} -> rc {done.returncode}")
+    if "stack" in script:  # each service's line: started / already running / stopped, with times
+        print("\n".join("    " + line for line in done.stderr.splitlines() if "Warning" not in line))
     return done, elapsed
 
 
@@ -132,6 +135,106 @@ def test_deploy_then_a_worker_run_registers_a_champion_on_the_servers(stack):
     assert "mmfusion-debug" in reg.stdout and "'champion': '1'" in reg.stdout, reg.stdout
     # ... and it came from the MLflow server, whose database is the stack's PostgreSQL
     assert not (stack["home"] / "mlflow.db").exists()
+
+
+def _api(env: dict[str, str], path: str, body: dict | None = None):
+    """Prefect's REST API, as the UI calls it."""
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_the_ui_triggers_a_typed_ingest_and_a_cron_deployment_gets_scheduled_runs(stack):
+    env = stack["client_env"]
+    ingest = _api(env, "/deployments/name/ingest/smoke")
+    schema = ingest["parameter_openapi_schema"]
+    assert schema["required"] == ["source"]
+    formats = json.dumps(schema["properties"]["format"]) + json.dumps(schema.get("definitions", {}))
+    assert all(f in formats for f in ("coco", "jsonl", "webdataset"))  # a typed choice, not free text
+    # the UI's "Run": a flow run created from the deployment, with the engineer's parameters
+    raw = next((stack["home"] / "raw").glob("synth-*"))
+    started = time.monotonic()
+    run = _api(env, f"/deployments/{ingest['id']}/create_flow_run",
+               {"parameters": {"source": str(raw), "format": "jsonl"}})
+    assert procs.wait_until(lambda: _api(env, f"/flow_runs/{run['id']}")["state"]["type"] in
+                            ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), 600, 2)
+    stack["times"]["ingest run from the API (UI path)"] = time.monotonic() - started
+    final = _api(env, f"/flow_runs/{run['id']}")
+    assert final["state"]["type"] == "COMPLETED", final["state"]
+    # a cron deployment: the server's scheduler lays out its next runs
+    done, stack["times"]["deploy --cron"] = _sh(
+        "mmfusion deploy --config configs/debug.yaml --name nightly --cron '0 2 * * *'", env, 300)
+    assert done.returncode == 0, done.stderr
+    nightly = _api(env, "/deployments/name/retrain/nightly")
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+
+    def scheduled() -> list:
+        return _api(env, "/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}},
+                                               "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+    assert procs.wait_until(lambda: len(scheduled()) > 0, 180, 3), "the scheduler made no run"
+    assert all(r["expected_start_time"][11:16] == "02:00" for r in scheduled())
+    status, stack["times"]["mmfusion status"] = _sh("mmfusion status --config configs/debug.yaml", env, 300)
+    assert status.returncode == 0, status.stderr
+    print(status.stdout)
+    lines = status.stdout.splitlines()
+    assert any(line.startswith("  mmfusion-debug v1") for line in lines), status.stdout
+    assert any("retrain" in line and "Completed" in line for line in lines)
+    assert any("ingest" in line and "Completed" in line for line in lines)
+    assert any(line.startswith("  next: retrain") and "02:00:00" in line for line in lines)
+    assert sum(line.strip().startswith(("head", "worker")) for line in lines) == 2
+
+
+SCREENSHOTS = Path(os.environ.get("MMFUSION_SCREENSHOTS", ROOT / "test-output" / "screenshots"))
+
+
+def _browser(playwright):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.fail("Debian's `chromium` is not installed (`.ci/run` installs it: apt-get install chromium)")
+    return playwright.chromium.launch(executable_path=chromium, headless=True,
+                                      args=["--no-sandbox", "--disable-dev-shm-usage"])
+
+
+def _shoot(page, url: str, expect: list[str], name: str) -> Path:
+    """Open `url`, wait until every text in `expect` shows, save a full-page screenshot."""
+    page.goto(url, wait_until="networkidle", timeout=120_000)
+    for text in expect:
+        page.get_by_text(text, exact=False).first.wait_for(state="visible", timeout=120_000)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_a_browser_sees_the_completed_run_and_the_champion(stack):
+    """Headless Chromium on the Prefect UI (the flow run, Completed, with its report artifact) and on
+    the MLflow UI (the registered model with its `champion` alias, and the version's run)."""
+    from playwright.sync_api import sync_playwright
+
+    env = stack["client_env"]
+    runs = _api(env, "/flow_runs/filter", {"deployments": {"name": {"any_": ["smoke"]}},
+                                           "flows": {"name": {"any_": ["retrain"]}}})
+    (run,) = [r for r in runs if r["state"]["type"] == "COMPLETED"]
+    prefect_ui = env["PREFECT_API_URL"].removesuffix("/api")
+    mlflow_ui = env["MLFLOW_TRACKING_URI"]
+    started = time.monotonic()
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _shoot(page, f"{prefect_ui}/runs/flow-run/{run['id']}", [run["name"], "Completed"], "prefect-flow-run")
+            _shoot(page, f"{prefect_ui}/runs/flow-run/{run['id']}?tab=Artifacts", ["retrain-report"],
+                   "prefect-flow-run-artifacts")
+            _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug", ["mmfusion-debug", "champion"], "mlflow-model")
+            _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug/versions/1", ["champion", "Version 1"],
+                   "mlflow-model-version")
+        finally:
+            browser.close()
+    stack["times"]["browser screenshots"] = time.monotonic() - started
 
 
 def test_down_stops_everything_it_started_and_leaves_another_ray_alone(stack):
