@@ -197,9 +197,13 @@ def _browser(playwright):
                                       args=["--no-sandbox", "--disable-dev-shm-usage"])
 
 
-def _shoot(page, url: str, expect: list[str], name: str) -> Path:
-    """Open `url`, wait until every text in `expect` shows, save a full-page screenshot."""
-    page.goto(url, wait_until="networkidle", timeout=120_000)
+def _shoot(page, url: str | None, expect: list[str], name: str, click: str | None = None) -> Path:
+    """Open `url` (None: stay), click the tab named `click`, wait until every text in `expect`
+    shows, save a full-page screenshot."""
+    if url:
+        page.goto(url, wait_until="load", timeout=120_000)
+    if click:
+        page.get_by_text(click, exact=True).first.click(timeout=60_000)
     for text in expect:
         page.get_by_text(text, exact=False).first.wait_for(state="visible", timeout=120_000)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -227,10 +231,9 @@ def test_a_browser_sees_the_completed_run_and_the_champion(stack):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             _shoot(page, f"{prefect_ui}/runs/flow-run/{run['id']}", [run["name"], "Completed"], "prefect-flow-run")
-            _shoot(page, f"{prefect_ui}/runs/flow-run/{run['id']}?tab=Artifacts", ["retrain-report"],
-                   "prefect-flow-run-artifacts")
+            _shoot(page, None, ["retrain-report"], "prefect-flow-run-artifacts", click="Artifacts")
             _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug", ["mmfusion-debug", "champion"], "mlflow-model")
-            _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug/versions/1", ["champion", "Version 1"],
+            _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug/versions/1", ["champion", "mmfusion-debug"],
                    "mlflow-model-version")
         finally:
             browser.close()
