@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+SCREENSHOTS = Path(os.environ.get("MMFUSION_SCREENSHOTS", ROOT / "test-output" / "screenshots"))
 SERVICES = ["postgres", "ray-head", "ray-worker", "mlflow", "prefect-server", "prefect-worker"]
 
 
@@ -43,13 +44,17 @@ def _sh(script: str, env: dict[str, str], timeout: float) -> tuple[subprocess.Co
 
 
 def _other_ray(temp: str, env: dict[str, str], log: Path) -> int:
-    """Someone else's Ray on this machine: its own temp dir, ports and token."""
-    argv = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(procs.free_port()),
+    """Someone else's Ray on this machine: its own temp dir, ports and token; up before we go on."""
+    port = procs.free_port()
+    argv = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port),
             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--num-cpus", "1",
             "--dashboard-agent-listen-port", str(procs.free_port()), "--ray-client-server-port",
             str(procs.free_port()), "--temp-dir", temp, "--object-store-memory", str(100 * 2**20)]
     other_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    return procs.spawn(argv, other_env, log)
+    pid = procs.spawn(argv, other_env, log)
+    up = procs.wait_until(lambda: "--block" in log.read_text() or not procs.alive(pid), 300)
+    assert up and procs.alive(pid), f"the other Ray did not start; its log {log}:\n{procs.log_tail(log)}"
+    return pid
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,8 @@ def stack():
     env.update(MMFUSION_HOME=str(home_root / "home"), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
                OMP_NUM_THREADS="1")
     other_temp = f"/tmp/mmf-other-{secrets.token_hex(4)}"
-    other = _other_ray(other_temp, env, home_root / "other-ray.log")
+    SCREENSHOTS.parent.mkdir(parents=True, exist_ok=True)  # its log outlives the test's home
+    other = _other_ray(other_temp, env, SCREENSHOTS.parent / "other-ray.log")
     ctx = {"env": env, "home": home_root / "home", "other": other, "times": {}}
     try:
         yield ctx
@@ -186,9 +192,6 @@ def test_the_ui_triggers_a_typed_ingest_and_a_cron_deployment_gets_scheduled_run
     assert sum(line.strip().startswith(("head", "worker")) for line in lines) == 2
 
 
-SCREENSHOTS = Path(os.environ.get("MMFUSION_SCREENSHOTS", ROOT / "test-output" / "screenshots"))
-
-
 def _browser(playwright):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -244,7 +247,8 @@ def test_down_stops_everything_it_started_and_leaves_another_ray_alone(stack):
     state = _state(stack)
     ours = {pid for entry in state["pids"].values() for pid in procs.session_members(entry["pid"])}
     ours |= set(procs.pids_with(state["ray_temp"]))
-    assert len(ours) > 10 and procs.alive(stack["other"])
+    assert len(ours) > 10
+    assert procs.alive(stack["other"]), f"the other Ray ended by itself: {SCREENSHOTS.parent / 'other-ray.log'}"
     other_tree = set(procs.session_members(stack["other"]))
     done, stack["times"]["stack down"] = _sh("mmfusion stack down", stack["client_env"], 300)
     assert done.returncode == 0, done.stderr
