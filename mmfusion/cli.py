@@ -10,7 +10,7 @@ from mmfusion import __version__
 
 # Each module exposes register(subparsers); they import their heavy dependencies lazily so that
 # `mmfusion --help` stays fast.
-COMMAND_MODULES = ("run", "data", "train", "evaluate", "registry", "infer", "tune")
+COMMAND_MODULES = ("run", "data", "train", "evaluate", "registry", "infer", "tune", "stack", "deploy", "status")
 
 EPILOG = """\
 examples:
@@ -22,6 +22,9 @@ examples:
   mmfusion eval --model models:/mmfusion-debug@champion --data datasets/<version>
   mmfusion caption photo.jpg --model models:/mmfusion-debug@champion
   mmfusion tune --config debug --samples 4       # hyperparameter search (Ray Tune, ASHA)
+  eval "$(mmfusion stack up)"                    # local PostgreSQL, Prefect + worker, MLflow, Ray
+  mmfusion deploy --config configs/debug.yaml --name smoke   # retrain/smoke, ingest/smoke
+  mmfusion status                                # champion, last runs, next run, Ray nodes
 
 Services come from the config's `services` section or RAY_ADDRESS, PREFECT_API_URL and
 MLFLOW_TRACKING_URI; local state lives under $MMFUSION_HOME (default ./.mmfusion).

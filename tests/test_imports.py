@@ -27,6 +27,7 @@ RANKS = (
     "pipelines.serve",
     "pipelines.registry",
     "pipelines.tune",
+    "pipelines.ops",
     "flows",
     "mmfusion",
     "bench",

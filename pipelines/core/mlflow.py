@@ -94,13 +94,21 @@ def artifact_location(cfg: Config) -> str | None:
     return (root / cfg.registry.experiment).as_uri()
 
 
+# MLflow 3's UI opens an experiment in the view its kind names; without this tag it guesses, and
+# opened ours in the GenAI (traces) view. Ours is model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def ensure_experiment(mlclient, name: str, location: str | None) -> str:
-    """The id of experiment `name`, created on first use with artifacts at `location`."""
+    """The id of experiment `name`, created on first use with artifacts at `location`, tagged as
+    a model-training experiment (an older one gets the tag when it lacks it)."""
     exp = mlclient.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in (exp.tags or {}):
+            mlclient.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return mlclient.create_experiment(name, artifact_location=location)
+        return mlclient.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # another process created it between our look-up and create
         exp = mlclient.get_experiment_by_name(name)
         if exp is None:

@@ -64,3 +64,15 @@ def test_artifact_location_is_under_the_state_dir_unless_a_server_keeps_artifact
     assert artifact_location(local) == (tmp_path / "mlartifacts" / "e1").as_uri()
     server = load_config("debug", [f"services.home={tmp_path}", "services.mlflow_tracking_uri=http://127.0.0.1:5000"])
     assert artifact_location(server) is None
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """MLflow 3's UI picks an experiment's view from the `mlflow.experimentKind` tag."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    new = ensure_experiment(client, "new", (tmp_path / "a").as_uri())
+    old = client.create_experiment("old", artifact_location=(tmp_path / "b").as_uri())  # made before the tag
+    assert ensure_experiment(client, "old", None) == old
+    for exp_id in (new, old):
+        assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -48,12 +48,6 @@ def test_no_shipped_file_binds_every_interface_or_turns_ray_auth_off():
     assert runtime.LOCAL_DASHBOARD_HOST == "127.0.0.1"
 
 
-def _commands(path: Path) -> list[list[str]]:
-    """The shell commands of a script (continuation lines joined), split into words."""
-    text = re.sub(r"\\\n\s*", " ", path.read_text())
-    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip()]
-
-
 def _flag(words: list[str], name: str) -> str | None:
     for i, word in enumerate(words):
         if word == name and i + 1 < len(words):
@@ -63,21 +57,28 @@ def _flag(words: list[str], name: str) -> str | None:
     return None
 
 
-def test_the_local_stack_binds_every_service_to_loopback():
-    commands = _commands(ROOT / "infra" / "local" / "stack.sh")
-    servers = {"ray": None, "prefect": None, "mlflow": None}
-    for words in commands:
-        if "ray" in words and "start" in words and "--head" in words:
-            servers["ray"] = words
-            assert _flag(words, "--dashboard-host") == "127.0.0.1"
-            assert "RAY_AUTH_MODE=token" in words  # explicit, whatever the caller's environment says
-        if "prefect" in words and "server" in words and "start" in words:
-            servers["prefect"] = words
-            assert _flag(words, "--host") == "127.0.0.1"
-        if "mlflow" in words and "server" in words:
-            servers["mlflow"] = words
-            assert _flag(words, "--host") == "127.0.0.1"
-    assert all(servers.values()), servers
+def test_the_local_stack_binds_every_service_to_loopback(tmp_path):
+    """`mmfusion stack`'s commands (pipelines/ops/services.py), as it would run them."""
+    from pipelines.ops.services import (
+        mlflow_service,
+        postgres_service,
+        prefect_server_service,
+        ray_head_service,
+        ray_worker_service,
+    )
+
+    ports = dict.fromkeys(("postgres", "prefect", "mlflow", "ray_gcs", "ray_dashboard", "ray_client",
+                           "ray_head_agent", "ray_worker_agent"), 1)
+    state = {"ports": ports, "postgres_password": "pw", "postgres_url": "postgresql://u:pw@127.0.0.1:1/x",
+             "artifacts": str(tmp_path), "ray_temp": str(tmp_path / "ray"), "object_store_mb": 100}
+    head, worker = ray_head_service(state, tmp_path), ray_worker_service(state, tmp_path)
+    assert _flag(head.argv, "--dashboard-host") == "127.0.0.1"
+    for ray in (head, worker):
+        assert _flag(ray.argv, "--node-ip-address") == "127.0.0.1"
+        assert ray.env["RAY_AUTH_MODE"] == "token"  # explicit, whatever the caller's environment says
+    for svc in (prefect_server_service(state, tmp_path), mlflow_service(state, tmp_path)):
+        assert _flag(svc.argv, "--host") == "127.0.0.1", svc.argv
+    assert "listen_addresses=127.0.0.1" in postgres_service(state, tmp_path).argv
 
 
 def test_the_cluster_keeps_dashboard_on_loopback_and_token_auth_on():
