@@ -63,14 +63,22 @@ def test_worker_death_resumes_from_last_checkpoint_without_replay(pretrain, tiny
 
 
 def ray_train_workers() -> list:
-    """This machine's live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
+    """This test session's live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`).
+    Only descendants of this process, the driver that started the local Ray: another Ray on the
+    machine (a user's, another test run's) has workers of the same title."""
+    import os
+
     import psutil
 
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
         if cmdline.startswith("ray::RayTrainWorker"):
-            found.append(proc)
+            try:
+                if any(parent.pid == os.getpid() for parent in proc.parents()):
+                    found.append(proc)
+            except psutil.Error:  # ended while we looked
+                continue
     return found
 
 
