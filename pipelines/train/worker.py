@@ -80,8 +80,9 @@ def quiet_ray_train_reports() -> None:
 
 
 def wrap(model: nn.Module, job: TrainJob, worker: Worker) -> nn.Module:
-    """DDP (gloo on CPU, NCCL on GPU: Ray Train set up the process group) when there are peers."""
-    if worker.world_size == 1:
+    """DDP (gloo on CPU, NCCL on GPU: Ray Train set up the process group) when there are peers.
+    Under `strategy: fsdp` the model is already sharded (`resume.build_state`): nothing to wrap."""
+    if worker.world_size == 1 or job.strategy == "fsdp":
         return model
     import ray.train.torch
 
