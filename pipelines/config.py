@@ -80,7 +80,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which mmcore preset to build, and the few knobs worth changing from YAML."""
 
-    preset: Literal["debug", "small", "base"] = "debug"
+    preset: Literal["debug", "small", "base", "large"] = "debug"  # large: ~1.1B, needs scaling.strategy=fsdp
     fusion: Literal["cross_attention", "gated", "concat"] | None = None  # None = the preset's
     image_encoder: str | None = None  # e.g. resnet18, resnet50, vit; None = the preset's
     image_size: int | None = None  # model input resolution; None = the preset's

@@ -5,6 +5,8 @@
   losses as the uninterrupted FSDP run (step-exact resume, as under DDP).
 - A checkpoint written under FSDP is the same pickle-free format: it loads for evaluation
   (`mmcore.checkpoint.load_checkpoint`) and a DDP run resumes from it, optimiser state included.
+- The ~1.1B `large` preset shards on the meta device over a real 2-process gloo group (no weights
+  allocated): every layer is its own FSDP unit and each rank holds half the parameters.
 
 Tolerance: the losses are per step, averaged over the 2 ranks; FSDP reduce-scatters where DDP
 all-reduces, so the fp32 sums are added in another order and drift apart by rounding only. Measured
@@ -14,9 +16,12 @@ on this machine: at most 1.4e-7 relative over 20 steps; the test allows 1e-5 rel
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from train_support import CKPT_EVERY, losses, tiny_config
 
@@ -106,3 +111,41 @@ def test_ddp_resumes_an_fsdp_checkpoint(fsdp_run, ddp_run, tiny_dataset):
     before = losses(read_trainer_state(fsdp_ckpt))
     after = losses(state)
     assert min(after[s] for s in range(STEPS + 1, STEPS + 5)) < before[1] - 0.3
+
+
+def _shard_large_on_meta(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        from mmcore.model import build_model, count_parameters, model_config
+        from pipelines.train.sharding import shard_model
+
+        with torch.device("meta"):
+            model = build_model(model_config("large"), load_pretrained=False)
+        total = count_parameters(model)
+        shard_model(model, torch.device("cpu"))
+        params = dict(model.named_parameters())
+        local = sum(p.to_local().numel() for p in params.values())
+        units = sum(isinstance(m, FSDPModule) for m in model.modules())
+        facts = {"total": total, "local": local, "units": units, "names": len(params),
+                 "all_dtensor": all(hasattr(p, "to_local") for p in params.values()),
+                 "all_meta": all(p.is_meta for p in params.values())}
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(facts, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_large_preset_shards_on_the_meta_device(tmp_path):
+    mp.start_processes(_shard_large_on_meta, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    total = facts[0]["total"]
+    assert 1.0e9 < total < 1.2e9
+    for f in facts:
+        assert f["all_dtensor"] and f["all_meta"]  # sharded, and nothing was allocated
+        # 24 ViT + 24 BERT + 12 fusion + 12 decoder layers, each its own unit, and the root
+        assert f["units"] == 24 + 24 + 12 + 12 + 1
+        assert abs(f["local"] - total / 2) < 0.01 * total  # half each (dim-0 chunks, padded)
+    assert facts[0]["local"] + facts[1]["local"] == total
