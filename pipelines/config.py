@@ -122,6 +122,9 @@ class TrainConfig(_Section):
     fail_at_step: int | None = None  # test device: one rank exits once at this step (marker file)
     max_nonfinite_steps: int = 20  # NaN/Inf steps in a row (each skipped) that fail the run; 0: never
     nonfinite_at_steps: list[int] = Field(default_factory=list)  # test device: NaN loss at these steps
+    # torch.compile the model (GPU): text padded to fixed lengths (model.max_text_len, max_answer_len)
+    # so that every batch has one shape and nothing recompiles.
+    compile: bool = False
 
 
 class ScalingConfig(_Section):

@@ -38,7 +38,7 @@ from pipelines.train.steps import (
 )
 from pipelines.train.telemetry import Window, make_tracker, measure_flops, rank_facts, speed
 from pipelines.train.throughput import Throughput
-from pipelines.train.worker import Worker, say, setup_worker, to_device, unwrap, wrap
+from pipelines.train.worker import Worker, say, setup_worker, speed_up, to_device, unwrap, wrap
 
 
 @dataclass
@@ -196,4 +196,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model, optimizer, scheduler, state = build_state(job, worker, resume_candidates(job, ray_dir))
     say(worker, f"{job.run_name}: task {job.task} ({'+'.join(job.tasks)}), steps {state['step']}->{job.total_steps}, "
                 f"{worker.world_size} worker(s) on {worker.device}, batch {job.batch_size}x{job.grad_accum}/rank")
-    return run_steps(Run(job, worker, wrap(model, job, worker), optimizer, scheduler, state))
+    model = wrap(speed_up(model, job, worker.device), job, worker)
+    return run_steps(Run(job, worker, model, optimizer, scheduler, state))

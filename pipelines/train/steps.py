@@ -158,16 +158,35 @@ def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, 
 
 
 def sample_codec(job: TrainJob, train: bool):
-    """(decode(raw, rng) -> sample dict, collate) for this job's tokenizer and input sizes."""
+    """(decode(raw, rng) -> sample dict, collate) for this job's tokenizer and input sizes. With
+    `job.compile` every batch is padded to the longest lengths allowed (`pad_static`)."""
     from mmcore.data import SampleConfig, collate, decode_sample
 
     cfg = SampleConfig(**job.sample_config)
     pad_id = job.tokenizer.pad_token_id or 0
+    lengths = {"caption": cfg.max_text_len, "question": cfg.max_text_len, "answer": cfg.max_answer_len}
 
     def decode(raw: dict, rng=None) -> dict:
         return decode_sample(raw, job.tokenizer, cfg, train=train, rng=rng)
 
+    if job.compile:
+        return decode, lambda samples: pad_static(collate(samples, pad_id=pad_id), lengths, pad_id)
     return decode, lambda samples: collate(samples, pad_id=pad_id)
+
+
+def pad_static(batch: Batch, lengths: dict[str, int], pad_id: int) -> Batch:
+    """Pad `<name>_ids` / `<name>_mask` `(B, L)` to `(B, lengths[name])` (pad id, mask 0): one
+    shape for every batch, so a compiled model is traced once. Padding never changes the outputs
+    (masked; `tests/mmcore/test_model.py`)."""
+    out = dict(batch)
+    for name, length in lengths.items():
+        ids, mask = batch.get(f"{name}_ids"), batch.get(f"{name}_mask")
+        if ids is None or ids.shape[1] >= length:
+            continue
+        extra = length - ids.shape[1]
+        out[f"{name}_ids"] = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
+        out[f"{name}_mask"] = torch.nn.functional.pad(mask, (0, extra), value=0)
+    return out
 
 
 def build_train_loader(job: TrainJob, worker: Worker, start_step: int):
