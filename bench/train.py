@@ -175,6 +175,8 @@ def main() -> int:
     quiet_environment()
     # Ray starts worker processes at nice 15; the baseline runs at nice 0. Compare like with like.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # A busy machine starts a raylet slowly; Ray's default wait (10 s) then fails the start.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     work = Path(tempfile.mkdtemp(prefix="mmfusion-bench-"))
     args.work = str(work)
     cfg = load_cfg(args)
