@@ -161,10 +161,11 @@ def cluster():
         assert not alive, f"cluster processes survived teardown: {[p.pid for p in alive]}"
 
 
-def kill_after_first_checkpoint(c: LocalCluster, run_dir: Path, seen: dict) -> None:
-    """Wait for the first complete checkpoint, then SIGKILL node b whole."""
+def kill_after_first_checkpoint(c: LocalCluster, run_dir: Path, seen: dict, stop: threading.Event) -> None:
+    """Wait for the first complete checkpoint, then SIGKILL node b whole. `stop`: the test is over
+    (never signal a process group id that may since belong to someone else)."""
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         done = sorted(run_dir.glob("checkpoint-step*/trainer_state.json"))
         if done:
             seen["checkpoint"] = done[0].parent.name
@@ -180,17 +181,19 @@ def test_training_survives_losing_a_worker_node(cluster, tiny_dataset, tmp_path)
                                str(STEPS), str(CKPT_EVERY)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen: dict = {}
+    stop = threading.Event()
     killer = threading.Thread(target=kill_after_first_checkpoint,
-                              args=(cluster, tmp_path / "ray_results" / "node-loss", seen), daemon=True)
+                              args=(cluster, tmp_path / "ray_results" / "node-loss", seen, stop), daemon=True)
     killer.start()
     try:
         out, _ = driver.communicate(timeout=780)
     finally:
+        stop.set()
+        killer.join(timeout=40)
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait(timeout=30)
     finished = time.monotonic()
-    killer.join(timeout=5)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert driver.returncode == 0 and lines, out[-6000:]
     assert seen.get("checkpoint") == f"checkpoint-step{CKPT_EVERY:07d}", seen  # killed after the first one
