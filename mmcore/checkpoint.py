@@ -26,12 +26,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, corrupt, or does not match its config."""
 
 
-def save_checkpoint(directory: str | Path, model: FusionModel, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write the model's weights, config and (if given) tokenizer into `directory`; returns it."""
+def save_checkpoint(directory: str | Path, model: FusionModel, tokenizer=None, extra: dict | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's weights, config and (if given) tokenizer into `directory`; returns it.
+    `state`: the weights to write instead of `model.state_dict()` (the full state gathered from a
+    model whose parameters are sharded across processes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # contiguous copies: safetensors refuses views and shared storage.
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     save_file(state, str(directory / WEIGHTS), metadata={"format": FORMAT})
     config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "extra": extra or {}}
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

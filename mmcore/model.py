@@ -27,6 +27,7 @@ from mmcore.fusion import FusionConfig, build_fusion
 from mmcore.heads import FusionHeads
 
 TASKS = ("pretrain", "caption", "vqa", "retrieval")
+PRESETS = ("debug", "small", "base", "large")
 
 
 @dataclass
@@ -113,7 +114,18 @@ def _preset(name: str) -> FusionModelConfig:
             decoder=DecoderConfig(6, 12, 4, max_len=128, dropout=0.1),
             embed_dim=256, preset="base",
         )
-    raise ValueError(f"unknown model preset {name!r}; use debug, small or base")
+    if name == "large":
+        # ViT-L/16 with BERT-large sizes (24 layers each, width 1024), 12 fusion and 12 decoder
+        # layers: about 1.1B parameters. Too big for DDP on most GPUs once the optimiser state is
+        # counted (~18 GB in fp32 Adam): train it with scaling.strategy=fsdp.
+        return FusionModelConfig(
+            image=ImageEncoderConfig("vit", 224, 16, 24, 16, 1024, 4096, dropout=0.1),
+            text=TextEncoderConfig(30522, 1024, 24, 16, 4096, max_positions=512, dropout=0.1),
+            fusion=FusionConfig("cross_attention", 12, 16, 4, dropout=0.1),
+            decoder=DecoderConfig(12, 16, 4, max_len=128, dropout=0.1),
+            embed_dim=256, preset="large",
+        )
+    raise ValueError(f"unknown model preset {name!r}; use {', '.join(PRESETS)}")
 
 
 # Short override names used by the YAML config's model section.

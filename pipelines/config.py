@@ -89,7 +89,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which mmcore preset to build, and the few knobs worth changing from YAML."""
 
-    preset: Literal["debug", "small", "base"] = "debug"
+    preset: Literal["debug", "small", "base", "large"] = "debug"  # large: ~1.1B, needs scaling.strategy=fsdp
     fusion: Literal["cross_attention", "gated", "concat"] | None = None  # None = the preset's
     image_encoder: str | None = None  # e.g. resnet18, resnet50, vit; None = the preset's
     image_size: int | None = None  # model input resolution; None = the preset's
@@ -132,14 +132,38 @@ class TrainConfig(_Section):
     fail_at_step: int | None = None  # test device: one rank exits once at this step (marker file)
     max_nonfinite_steps: int = 20  # NaN/Inf steps in a row (each skipped) that fail the run; 0: never
     nonfinite_at_steps: list[int] = Field(default_factory=list)  # test device: NaN loss at these steps
+    # torch.compile the model (GPU): text padded to fixed lengths (model.max_text_len, max_answer_len)
+    # so that every batch has one shape and nothing recompiles.
+    compile: bool = False
 
 
 class ScalingConfig(_Section):
-    num_workers: int = 2
+    # An int, or [min, max]: elastic training (Ray Train), which runs on as many workers as the
+    # cluster has, at least min, and continues smaller after losing a node instead of waiting.
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2, parameters sharded across the workers
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # fsdp on GPU: gradient reduction dtype
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers={value!r}: give a count >= 1, or [min, max] with 1 <= min <= max "
+                             "(e.g. scaling.num_workers=[2,8])")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class EvalConfig(_Section):

@@ -18,9 +18,12 @@ examples:
   mmfusion train finetune --data DIR --init .mmfusion/ray_results/<run>/checkpoint-step0000400
   mmfusion train finetune --data DIR --init models:/mmfusion-debug@champion --task caption
   mmfusion train pretrain --data DIR --run-name nightly   # same name again: resumes that run
+  mmfusion train pretrain --data DIR --set model.preset=large --set scaling.strategy=fsdp
+      --set scaling.num_workers=[4,8] --set scaling.use_gpu=true   (sharded; elastic: survives a lost node)
 
 keys worth --set: train.steps, train.finetune_steps, train.batch_size, train.checkpoint_every,
-train.max_failures, scaling.num_workers, scaling.use_gpu (see pipelines/config.py)
+train.max_failures, train.compile, scaling.num_workers (a count, or [min, max] for elastic training),
+scaling.strategy (ddp | fsdp), scaling.use_gpu (see pipelines/config.py)
 """
 
 

@@ -87,7 +87,7 @@ def check_split_size(cfg: Config, data_dir: str) -> None:
     train sample: with fewer samples than readers some reader's stream would be empty."""
     from pipelines.core.dataset import read_manifest, split_entries
 
-    workers, loaders = cfg.scaling.num_workers, max(cfg.train.loader_workers, 1)
+    workers, loaders = cfg.scaling.max_workers, max(cfg.train.loader_workers, 1)
     readers = workers * loaders
     samples = sum(int(e.get("samples", 0)) for e in split_entries(read_manifest(data_dir), "train"))
     if samples < readers:
@@ -216,6 +216,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
         loader_workers=t.loader_workers, shuffle_buffer=t.shuffle_buffer, val_max_samples=t.val_max_samples,
         eval_batch_size=cfg.eval.batch_size, init_from=init_dir, run_path=None if "://" in path else path,
         use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+        strategy=cfg.scaling.strategy, fsdp_reduce_dtype=cfg.scaling.fsdp_reduce_dtype, compile=t.compile,
         run_uri=path, max_nonfinite_steps=t.max_nonfinite_steps, nonfinite_at_steps=list(t.nonfinite_at_steps),
         fail_at_step=t.fail_at_step, fail_marker=f"{path}/.fail-at-step-{t.fail_at_step}" if t.fail_at_step is not None else None,
         mlflow_uri=mlflow_tracking_uri(cfg), mlflow_experiment=cfg.registry.experiment,
@@ -264,14 +265,14 @@ def check_resources(cfg: Config) -> None:
         return  # a cluster may autoscale: let Ray Train wait for it
     s = cfg.scaling
     have = ray.cluster_resources()
-    need = {"CPU": s.num_workers * s.cpus_per_worker}
+    need = {"CPU": s.min_workers * s.cpus_per_worker}  # elastic: the smallest group it may run
     if s.use_gpu:
-        need["GPU"] = s.num_workers * s.gpus_per_worker
+        need["GPU"] = s.min_workers * s.gpus_per_worker
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
     if short:
         detail = ", ".join(f"{k}: need {v:g}, have {h:g}" for k, (v, h) in short.items())
         raise TrainingError(
-            f"the local Ray cluster is too small for scaling.num_workers={s.num_workers} ({detail}). "
+            f"the local Ray cluster is too small for scaling.num_workers={s.min_workers} ({detail}). "
             "Lower scaling.num_workers / scaling.cpus_per_worker, set scaling.use_gpu=false, or "
             "point services.ray_address (RAY_ADDRESS) at a bigger cluster."
         )
@@ -333,8 +334,10 @@ def fit(cfg: Config, job: TrainJob, callbacks: Sequence = ()) -> Path:
     init_ray(cfg)
     check_resources(cfg)
     trainer = build_trainer(cfg, job, callbacks)
-    print(f"[train] {job.run_name}: {job.task} for {job.total_steps} steps on {cfg.scaling.num_workers} "
-          f"worker(s), storage {job.run_uri}", flush=True)
+    s = cfg.scaling
+    workers = s.num_workers if isinstance(s.num_workers, int) else f"{s.min_workers}-{s.max_workers} (elastic)"
+    print(f"[train] {job.run_name}: {job.task} for {job.total_steps} steps on {workers} worker(s) "
+          f"({s.strategy}), storage {job.run_uri}", flush=True)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause and name the run

@@ -64,7 +64,10 @@ def track_nonfinite(state: dict[str, Any], out: dict[str, Tensor], step: int, li
 
 def check_parameters(model: nn.Module, step: int) -> None:
     """Raise `NonFiniteTrainingError` when any rank's weights hold NaN/Inf: never checkpoint them."""
-    bad = nonfinite_tensors(model.named_parameters())
+    from pipelines.train.sharding import local_tensor
+
+    # This rank's shards under FSDP: checking whole DTensors would cost a collective per tensor.
+    bad = nonfinite_tensors((name, local_tensor(p)) for name, p in model.named_parameters())
     device = next(model.parameters()).device  # NCCL reduces CUDA tensors only
     if finite_everywhere(torch.tensor(float("nan") if bad else 0.0, device=device)):
         return

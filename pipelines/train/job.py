@@ -38,6 +38,9 @@ class TrainJob:
     init_from: str | None = None  # checkpoint dir whose weights start this run (fine-tuning)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    compile: bool = False  # torch.compile, with text padded to static lengths (`steps.sample_codec`)
+    strategy: str = "ddp"  # ddp | fsdp (`pipelines.train.sharding`)
+    fsdp_reduce_dtype: str = "float32"  # FSDP on GPU: the dtype gradients are reduced in
     run_path: str | None = None  # the run's storage folder when local (shared) storage, else None
     run_uri: str | None = None  # the run's storage folder, local path or URI (the abort note goes there)
     fail_at_step: int | None = None

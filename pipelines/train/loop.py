@@ -28,6 +28,7 @@ from pipelines.train.faults import maybe_fail, maybe_poison
 from pipelines.train.guard import ABORT_FILE, NonFiniteTrainingError, check_parameters, track_nonfinite
 from pipelines.train.job import TrainJob
 from pipelines.train.resume import build_state, data_position, resume_candidates, save_train_checkpoint
+from pipelines.train.sharding import full_state, is_sharded
 from pipelines.train.steps import (
     build_losses,
     build_train_loader,
@@ -37,7 +38,7 @@ from pipelines.train.steps import (
 )
 from pipelines.train.telemetry import Window, make_tracker, measure_flops, rank_facts, speed
 from pipelines.train.throughput import Throughput
-from pipelines.train.worker import Worker, say, setup_worker, to_device, unwrap, wrap
+from pipelines.train.worker import Worker, say, setup_worker, speed_up, to_device, unwrap, wrap
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Run:
 
     job: TrainJob
     worker: Worker
-    model: nn.Module  # DDP-wrapped when world_size > 1
+    model: nn.Module  # DDP-wrapped when world_size > 1, or FSDP-sharded (`scaling.strategy`)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     state: dict[str, Any]
@@ -88,7 +89,7 @@ def train_steps(run: Run) -> None:
         task = job.tasks[step % len(job.tasks)]
         micro = [to_device(next(loader), worker.device) for _ in range(job.grad_accum)]
         batches_read += len(micro)
-        if run.flops_per_sample is None and worker.is_main:
+        if run.flops_per_sample is None and (worker.is_main or is_sharded(run.model)):  # FSDP: a collective
             run.flops_per_sample = measure_flops(run.model, worker, micro[0], task, job.batch_size)
         seed_step(job, worker, step)  # after measure_flops, which draws random numbers too
         out = train_step(run.model, maybe_poison(job, worker, step, loss_fns[task]), micro, task, run.optimizer,
@@ -152,8 +153,10 @@ def log_point(run: Run, metrics: dict[str, float], at_ckpt: bool, meter: Through
     saved = dict(state)
     save = None
     if at_ckpt:
+        gathered = full_state(run.model, run.optimizer, worker)  # every rank: under FSDP a collective
+
         def save(d: Path) -> None:
-            save_train_checkpoint(d, run.model, job, run.optimizer, run.scheduler, saved)
+            save_train_checkpoint(d, run.model, job, run.optimizer, run.scheduler, saved, gathered)
     report(worker, metrics, save, state["step"])
 
 
@@ -193,4 +196,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model, optimizer, scheduler, state = build_state(job, worker, resume_candidates(job, ray_dir))
     say(worker, f"{job.run_name}: task {job.task} ({'+'.join(job.tasks)}), steps {state['step']}->{job.total_steps}, "
                 f"{worker.world_size} worker(s) on {worker.device}, batch {job.batch_size}x{job.grad_accum}/rank")
-    return run_steps(Run(job, worker, wrap(model, job, worker), optimizer, scheduler, state))
+    model = wrap(speed_up(model, job, worker.device), job, worker)
+    return run_steps(Run(job, worker, model, optimizer, scheduler, state))

@@ -14,6 +14,7 @@ from pipelines.core.checkpoints import NonFiniteError, nonfinite_tensors
 from pipelines.train import state as train_state
 from pipelines.train.job import TrainJob
 from pipelines.train.optim import build_optimizer
+from pipelines.train.sharding import load_optimizer_state, shard_model
 from pipelines.train.worker import Worker, say, unwrap
 
 
@@ -61,9 +62,11 @@ def data_position(job: TrainJob, worker: Worker, step: int) -> dict[str, Any]:
     }
 
 
-def restore(job: TrainJob, worker: Worker, resume_dir: str, optimizer, scheduler) -> dict[str, Any]:
-    """Optimiser, scheduler and trainer state from a checkpoint written by `save_train_checkpoint`."""
-    train_state.optimizer_from_files(optimizer, Path(resume_dir))
+def restore(job: TrainJob, worker: Worker, resume_dir: str, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Optimiser, scheduler and trainer state from a checkpoint written by `save_train_checkpoint`
+    (under either strategy: the files hold the full state; a sharded model keeps its shards)."""
+    train_state.optimizer_from_files(optimizer, Path(resume_dir),
+                                     load=lambda sd: load_optimizer_state(model, optimizer, sd))
     train_state.scheduler_from_file(scheduler, Path(resume_dir))
     state = train_state.read_trainer_state(resume_dir)
     old = state.get("data_position", {})
@@ -78,17 +81,19 @@ def restore(job: TrainJob, worker: Worker, resume_dir: str, optimizer, scheduler
 
 
 def save_train_checkpoint(directory: Path, model: nn.Module, job: TrainJob, optimizer, scheduler,
-                          state: dict[str, Any]) -> None:
-    """An mmcore checkpoint plus the resume state (see `pipelines.train.state`). Refuses, before
-    writing anything, a model with NaN/Inf weights (`NonFiniteError`)."""
+                          state: dict[str, Any], gathered: tuple[dict, dict] | None = None) -> None:
+    """An mmcore checkpoint plus the resume state (see `pipelines.train.state`). `gathered`: the
+    full `(weights, optimiser state)` of a sharded model (`sharding.full_state`); default: the
+    unsharded model's own. Refuses, before writing anything, NaN/Inf weights (`NonFiniteError`)."""
     from mmcore.checkpoint import save_checkpoint
 
-    bad = nonfinite_tensors(unwrap(model).state_dict().items())
+    weights, optim = gathered or (unwrap(model).state_dict(), None)
+    bad = nonfinite_tensors(weights.items())
     if bad:
         raise NonFiniteError(f"step {state['step']}: NaN/Inf in {', '.join(bad[:5])}; not writing {directory}")
     extra = {"task": job.task, "step": state["step"], "run_name": job.run_name, "lineage": job.lineage}
-    save_checkpoint(directory, unwrap(model), job.tokenizer, extra=extra)
-    train_state.optimizer_to_files(optimizer, directory)
+    save_checkpoint(directory, unwrap(model), job.tokenizer, extra=extra, state=weights)
+    train_state.optimizer_to_files(optimizer, directory, optim)
     train_state.scheduler_to_file(scheduler, directory)
     train_state.write_trainer_state(directory, state)
 
@@ -112,19 +117,23 @@ def resume_candidates(job: TrainJob, ray_dir: str | None) -> list[str]:
 
 
 def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
-    """(model on device, optimizer, scheduler, trainer state), from the first resumable directory."""
+    """(model on device, optimizer, scheduler, trainer state), from the first resumable directory.
+    Under `strategy: fsdp` the model comes back sharded (every rank built the same full model:
+    the same checkpoint, or the same seed)."""
     from mmcore.checkpoint import CheckpointError
 
     for resume_dir in [*resume_dirs, None]:
         try:
             model = initial_model(job, resume_dir).to(worker.device)
+            if job.strategy == "fsdp":  # before the optimiser, which must hold the shards
+                model = shard_model(model, worker.device, job.fsdp_reduce_dtype)
             optimizer, scheduler = build_optimizer(
                 model, job.lr, job.weight_decay, job.warmup_steps, job.total_steps, job.min_lr_ratio,
                 fused=worker.device.type == "cuda",
             )
             if resume_dir is None:
                 return model, optimizer, scheduler, fresh_state(job, worker)
-            return model, optimizer, scheduler, restore(job, worker, resume_dir, optimizer, scheduler)
+            return model, optimizer, scheduler, restore(job, worker, resume_dir, model, optimizer, scheduler)
         except (CheckpointError, train_state.TrainStateError) as e:
             older = "the previous complete checkpoint" if resume_dirs.index(resume_dir) + 1 < len(resume_dirs) \
                 else "a fresh start"

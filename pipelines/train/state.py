@@ -31,11 +31,12 @@ class TrainStateError(RuntimeError):
     """A checkpoint's training state is missing or unreadable; names the file."""
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Split `optimizer.state_dict()` into tensors (safetensors) and plain values (JSON)."""
+def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path, sd: dict | None = None) -> None:
+    """Split `optimizer.state_dict()` (or `sd`, a full state in that form gathered from a sharded
+    model: `pipelines.train.sharding.full_state`) into tensors (safetensors) and plain values (JSON)."""
     from safetensors.torch import save_file
 
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
     for pid, pstate in sd["state"].items():
@@ -49,8 +50,9 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path) -> Non
     (directory / OPTIMIZER_META).write_text(json.dumps(meta))
 
 
-def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Load what `optimizer_to_files` wrote into an optimiser built over the same parameters."""
+def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path, load=None) -> None:
+    """Load what `optimizer_to_files` wrote into an optimiser built over the same parameters;
+    `load(state_dict)` does the loading when given (a sharded model's: `sharding.load_optimizer_state`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -60,12 +62,12 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> N
         raise TrainStateError(f"{directory / OPTIMIZER_TENSORS}: truncated or unreadable ({e})") from e
     try:
         meta = json.loads((directory / OPTIMIZER_META).read_text())
-        _load_optimizer(optimizer, tensors, meta)
+        _load_optimizer(optimizer, tensors, meta, load)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TrainStateError(f"{directory / OPTIMIZER_META}: cannot restore the optimiser ({e!r})") from e
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, load=None) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         pid, _, name = key.partition(".")
@@ -75,7 +77,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     # JSON has no tuples; optimisers keep e.g. `betas` as one.
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    (load or optimizer.load_state_dict)({"state": state, "param_groups": groups})
 
 
 def scheduler_to_file(scheduler, directory: Path) -> None:

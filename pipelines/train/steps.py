@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from pipelines.train import data
 from pipelines.train.guard import finite_everywhere, rank_mean
 from pipelines.train.job import TrainJob
+from pipelines.train.sharding import is_sharded
 from pipelines.train.worker import Batch, Worker, to_device, unwrap
 
 
@@ -78,9 +79,7 @@ def train_step(
     n = len(micro_batches)
     totals: dict[str, Tensor] = {}
     for i, batch in enumerate(micro_batches):
-        last = i == n - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with gradient_sync(model, i == n - 1):
             with autocast():
                 losses = loss_fn(model(batch, task))
             (losses["loss"] / n).backward()
@@ -88,6 +87,8 @@ def train_step(
             totals[key] = totals.get(key, 0.0) + value.detach().float() / n
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
+        norm = norm.full_tensor()
     totals["lr"] = torch.tensor(scheduler.get_last_lr()[0])
     finite = finite_everywhere(totals["loss"], norm)
     if finite:
@@ -101,11 +102,21 @@ def train_step(
     return totals
 
 
+def gradient_sync(model: nn.Module, sync: bool):
+    """Gradients reduced across ranks on the last micro-batch only: DDP's `no_sync` context, or
+    FSDP2's `set_requires_gradient_sync` (which then reduce-scatters the accumulated sum)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+
 @torch.no_grad()
 def eval_step(model: nn.Module, loss_fns: dict[str, nn.Module], batch: Batch, autocast) -> tuple[dict, Tensor, Tensor]:
     """Val losses of one batch per task, and its embeddings `image (B, E)`, `text (B, E)` on CPU.
 
-    Runs on the unwrapped model without collectives: ranks may see different batch counts.
+    Runs on the unwrapped model: no gradient collectives. (Under FSDP each forward still gathers
+    the shards, so every rank must run the same batches: `validation_metrics`.)
     """
     raw = unwrap(model)
     with autocast():
@@ -117,15 +128,18 @@ def eval_step(model: nn.Module, loss_fns: dict[str, nn.Module], batch: Batch, au
 
 def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, collate) -> dict[str, float]:
     """Val loss per task and retrieval R@1 over up to `job.val_max_samples` val samples, split across
-    ranks and combined; every rank returns the same numbers."""
+    ranks and combined; every rank returns the same numbers. Under FSDP every rank runs every val
+    batch instead (each forward gathers the shards: a collective that all ranks must join the same
+    number of times, whatever their share of the val set) and nothing is combined."""
     from mmcore.metrics import retrieval_recall
 
+    sharded = is_sharded(model)
+    rank, world = (0, 1) if sharded else (worker.rank, worker.world_size)
     loss_fns = build_losses(job, worker.world_size, gather=False)
     sums: dict[str, float] = {}
     images, texts, count = [], [], 0
     model.eval()
-    batches = data.val_batches(job.val_urls, worker.rank, worker.world_size, job.eval_batch_size,
-                            job.val_max_samples, decode, collate)
+    batches = data.val_batches(job.val_urls, rank, world, job.eval_batch_size, job.val_max_samples, decode, collate)
     for batch in batches:
         losses, image_emb, text_emb = eval_step(model, loss_fns, to_device(batch, worker.device), worker.autocast)
         n = len(image_emb)
@@ -136,8 +150,8 @@ def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, 
         count += n
     model.train()
     parts = [(sums, count, images, texts)]
-    if worker.world_size > 1:
-        parts = [None] * worker.world_size
+    if world > 1:
+        parts = [None] * world
         dist.all_gather_object(parts, (sums, count, images, texts))
     total = sum(p[1] for p in parts)
     if total == 0:
@@ -153,16 +167,35 @@ def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, 
 
 
 def sample_codec(job: TrainJob, train: bool):
-    """(decode(raw, rng) -> sample dict, collate) for this job's tokenizer and input sizes."""
+    """(decode(raw, rng) -> sample dict, collate) for this job's tokenizer and input sizes. With
+    `job.compile` every batch is padded to the longest lengths allowed (`pad_static`)."""
     from mmcore.data import SampleConfig, collate, decode_sample
 
     cfg = SampleConfig(**job.sample_config)
     pad_id = job.tokenizer.pad_token_id or 0
+    lengths = {"caption": cfg.max_text_len, "question": cfg.max_text_len, "answer": cfg.max_answer_len}
 
     def decode(raw: dict, rng=None) -> dict:
         return decode_sample(raw, job.tokenizer, cfg, train=train, rng=rng)
 
+    if job.compile:
+        return decode, lambda samples: pad_static(collate(samples, pad_id=pad_id), lengths, pad_id)
     return decode, lambda samples: collate(samples, pad_id=pad_id)
+
+
+def pad_static(batch: Batch, lengths: dict[str, int], pad_id: int) -> Batch:
+    """Pad `<name>_ids` / `<name>_mask` `(B, L)` to `(B, lengths[name])` (pad id, mask 0): one
+    shape for every batch, so a compiled model is traced once. Padding never changes the outputs
+    (masked; `tests/mmcore/test_model.py`)."""
+    out = dict(batch)
+    for name, length in lengths.items():
+        ids, mask = batch.get(f"{name}_ids"), batch.get(f"{name}_mask")
+        if ids is None or ids.shape[1] >= length:
+            continue
+        extra = length - ids.shape[1]
+        out[f"{name}_ids"] = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
+        out[f"{name}_mask"] = torch.nn.functional.pad(mask, (0, extra), value=0)
+    return out
 
 
 def build_train_loader(job: TrainJob, worker: Worker, start_step: int):

@@ -79,9 +79,23 @@ def quiet_ray_train_reports() -> None:
         pass
 
 
+def speed_up(model: nn.Module, job: TrainJob, device: torch.device) -> nn.Module:
+    """The GPU knobs that keep a model's state dict as it is: `channels_last` for a ResNet image
+    encoder on CUDA (cuDNN's NHWC convolutions skip a layout transpose per layer), and
+    `job.compile` (`nn.Module.compile`: in place, the parameter names unchanged, so checkpoints
+    are the same; batches are padded to static shapes by `steps.sample_codec`)."""
+    image = getattr(model, "image_encoder", None)
+    if device.type == "cuda" and image is not None and image.cfg.arch.startswith("resnet"):
+        image.to(memory_format=torch.channels_last)
+    if job.compile:
+        model.compile()
+    return model
+
+
 def wrap(model: nn.Module, job: TrainJob, worker: Worker) -> nn.Module:
-    """DDP (gloo on CPU, NCCL on GPU: Ray Train set up the process group) when there are peers."""
-    if worker.world_size == 1:
+    """DDP (gloo on CPU, NCCL on GPU: Ray Train set up the process group) when there are peers.
+    Under `strategy: fsdp` the model is already sharded (`resume.build_state`): nothing to wrap."""
+    if worker.world_size == 1 or job.strategy == "fsdp":
         return model
     import ray.train.torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.models import resnet50, vit_b_16
+from torchvision.models import resnet50, vit_b_16, vit_l_16
 from transformers import BertConfig, BertModel
 
 from mmcore.model import build_model, count_parameters, model_config
@@ -34,6 +34,16 @@ def test_base_preset_matches_vit_b16_and_bert_base():
     assert p["text_encoder"] == bert == 108_891_648
     # + 6 fusion layers (56.7M) + a 6-layer decoder with its own 30522-word embedding and head (103.7M)
     assert 340e6 < p["total"] < 370e6, p
+
+
+def test_large_preset_matches_vit_l16_and_bert_large_at_about_1b():
+    p = _parts("large")
+    assert p["image_encoder"] == _meta_count(vit_l_16) - (1024 * 1000 + 1000)  # minus the classifier
+    bert_large = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    assert p["text_encoder"] == _meta_count(lambda: BertModel(bert_large, add_pooling_layer=False)) == 334_092_288
+    # + 12 fusion layers (201.6M) + a 12-layer decoder with its embedding and head (264.2M)
+    assert p["total"] == sum(v for k, v in p.items() if k != "total")
+    assert 1.0e9 < p["total"] < 1.2e9, p
 
 
 def test_base_preset_with_resnet50():
