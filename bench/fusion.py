@@ -3,7 +3,7 @@
 Each (fusion, seed) trains the config's model in its own process (one torch thread, so `--jobs`
 runs go side by side): pretraining (ITC + ITM + LM) then fine-tuning on the config's tasks, with
 the project's losses, optimiser, schedule and sample decoding, on a dataset version's train split,
-global batch `train.batch_size x scaling.num_workers`. The trained checkpoint is then scored by the
+global batch `train.batch_size x` the most workers of `scaling.num_workers`. The trained checkpoint is then scored by the
 pipeline's own evaluation (`pipelines.evaluate.evaluate`, the report card of `mmfusion run`). Prints
 and writes a table: every report-card metric as mean +- std over the seeds, wall time, parameters.
 
@@ -57,7 +57,7 @@ def train_phase(model, train, decode, collate, tasks, steps, lr, cfg, seed) -> N
                "label_smoothing": t.label_smoothing}
     losses = {task: build_loss(task, **weights) for task in set(tasks)}
     opt, sched = build_optimizer(model, lr, t.weight_decay, t.warmup_steps, steps, t.min_lr_ratio)
-    rng, batch = random.Random(seed), t.batch_size * cfg.scaling.num_workers
+    rng, batch = random.Random(seed), t.batch_size * cfg.scaling.max_workers
     model.train()
     for step in range(steps):
         task = tasks[step % len(tasks)]

@@ -117,9 +117,9 @@ def default_concurrency(cfg: Config) -> int:
 
     have = ray.cluster_resources()
     s = cfg.scaling
-    fits = have.get("CPU", 1.0) // max(s.num_workers * s.cpus_per_worker, 1e-9)
+    fits = have.get("CPU", 1.0) // max(s.max_workers * s.cpus_per_worker, 1e-9)
     if s.use_gpu:
-        fits = min(fits, have.get("GPU", 0.0) // max(s.num_workers * s.gpus_per_worker, 1e-9))
+        fits = min(fits, have.get("GPU", 0.0) // max(s.max_workers * s.gpus_per_worker, 1e-9))
     return max(1, int(fits))
 
 
