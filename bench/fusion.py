@@ -3,7 +3,7 @@
 Each (fusion, seed) trains the config's model in its own process (one torch thread, so `--jobs`
 runs go side by side): pretraining (ITC + ITM + LM) then fine-tuning on the config's tasks, with
 the project's losses, optimiser, schedule and sample decoding, on a dataset version's train split,
-global batch `train.batch_size x` the most workers of `scaling.num_workers`. The trained checkpoint is then scored by the
+global batch `train.batch_size` x `scaling.num_workers` (its max, if a range). The checkpoint is then scored by the
 pipeline's own evaluation (`pipelines.evaluate.evaluate`, the report card of `mmfusion run`). Prints
 and writes a table: every report-card metric as mean +- std over the seeds, wall time, parameters.
 
