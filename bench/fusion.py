@@ -3,8 +3,8 @@
 Each (fusion, seed) trains the config's model in its own process (one torch thread, so `--jobs`
 runs go side by side): pretraining (ITC + ITM + LM) then fine-tuning on the config's tasks, with
 the project's losses, optimiser, schedule and sample decoding, on a dataset version's train split,
-global batch `train.batch_size` x `scaling.num_workers` (its max, if a range). The checkpoint is then scored by the
-pipeline's own evaluation (`pipelines.evaluate.evaluate`, the report card of `mmfusion run`). Prints
+global batch `train.batch_size` x `scaling.num_workers` (its max, if a range). The checkpoint is then
+scored by the pipeline's own evaluation (`pipelines.evaluate.evaluate`, the report card of `mmfusion run`). Prints
 and writes a table: every report-card metric as mean +- std over the seeds, wall time, parameters.
 
     python bench/fusion.py --data DATASET_VERSION_DIR [--seeds 3] [--pre 250] [--fine 250] [--jobs 2]
