@@ -118,19 +118,26 @@ def build_bad_corpus(root: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------- HTTP server
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    image = b""
-    hits: dict[str, int] = {}
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """The tests' request handlers: no access log, and `_send(code, ctype, body, **headers)`
+    (`Retry_After="1"` sends `Retry-After: 1`)."""
 
     def log_message(self, *args):  # keep test output clean
         pass
 
-    def _send(self, code: int, ctype: str, body: bytes) -> None:
+    def _send(self, code: int, ctype: str, body: bytes, **headers) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
         self.end_headers()
         self.wfile.write(body)
+
+
+class _Handler(QuietHandler):
+    image = b""
+    hits: dict[str, int] = {}
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         n = self.hits[self.path] = self.hits.get(self.path, 0) + 1
@@ -151,17 +158,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, "text/plain", b"?")
 
 
+class _ThreadingServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # many connections at once: no SYN queue overflow (1 s retransmits)
+
+
 class LocalHTTPServer:
-    """A threaded HTTP server with `handler` on `host` (random port); `url(path)` for links."""
+    """A threaded HTTP server with `handler` on `host` (random port); `url(path)` for links,
+    `url(path, host)` to reach it under another name (e.g. "localhost")."""
 
     def __init__(self, handler: type, host: str = "127.0.0.1"):
-        self.server = http.server.ThreadingHTTPServer((host, 0), handler)
-        self.server.daemon_threads = True
+        self.server = _ThreadingServer((host, 0), handler)
         self.host = host
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.server.server_address[1]}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"http://{host or self.host}:{self.server.server_address[1]}{path}"
 
     def __enter__(self):
         self.thread.start()

@@ -4,12 +4,11 @@ at once overall and per Host header, connections opened)."""
 
 from __future__ import annotations
 
-import http.server
 import threading
 import time
 from collections import Counter, defaultdict
 
-from ingest_corpus import encode, scene
+from ingest_corpus import LocalHTTPServer, QuietHandler, encode, scene
 
 
 def distinct_jpegs(n: int, seed: int = 11) -> list[bytes]:
@@ -37,28 +36,16 @@ class Stats:
             return sum(len(t) for t in self.times.values())
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
     stats: Stats
     images: list[bytes]
     latency = 0.0
 
-    def log_message(self, *args):
-        pass
-
     def setup(self):
         super().setup()
         with self.stats.lock:
             self.stats.connections += 1
-
-    def _send(self, code: int, ctype: str, body: bytes, **headers) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k.replace("_", "-"), v)
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         s, host = self.stats, (self.headers.get("Host") or "").rsplit(":", 1)[0]
@@ -101,28 +88,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, "text/plain", b"no such image")
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # many connections at once: no SYN queue overflow (1 s retransmits)
-
-
-class WebServer:
+class WebServer(LocalHTTPServer):
     """`with WebServer(images, latency) as srv:` on 127.0.0.1; `srv.url(path, host)` for links
     (host "localhost" reaches the same server under another host name)."""
 
     def __init__(self, images: list[bytes], latency: float = 0.0):
         self.stats = Stats()
-        handler = type("Handler", (_Handler,), {"stats": self.stats, "images": images, "latency": latency})
-        self.server = _Server(("127.0.0.1", 0), handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.server.server_address[1]}{path}"
-
-    def __enter__(self) -> WebServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(type("Handler", (_Handler,), {"stats": self.stats, "images": images, "latency": latency}))

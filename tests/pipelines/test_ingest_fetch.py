@@ -5,7 +5,6 @@ Real HTTP servers on 127.0.0.1 (http.server in a thread); no Ray (fast)."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import tarfile
@@ -13,7 +12,7 @@ import time
 
 import pyarrow as pa
 import pytest
-from ingest_corpus import LocalHTTPServer, encode, scene
+from ingest_corpus import LocalHTTPServer, QuietHandler, encode, scene
 
 from pipelines.config import load_config
 from pipelines.ingest import fetch as fetch_mod
@@ -27,12 +26,9 @@ IMAGE = encode(scene(3))
 OPEN = FetchLimits(timeout_s=2, retries=0, total_s=10, allow_private=True)  # for servers on 127.0.0.1
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
     routes: dict = {}
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         path = self.path.split("?")[0]
@@ -40,15 +36,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if path.startswith(prefix):
                 return route(self)
         self._send(404, "text/plain", b"?")
-
-    def _send(self, code: int, ctype: str, body: bytes, **headers) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k.replace("_", "-"), v)
-        self.end_headers()
-        self.wfile.write(body)
 
 
 class Server(LocalHTTPServer):
