@@ -39,6 +39,10 @@ class ImageEncoderConfig:
     # (the "hybrid" ViT of Dosovitskiy et al. 2021): residual 3x3 blocks at every scale, for shapes
     # that span several patches.
     stem: str = "patch"
+    # ViT only: "learned" = torchvision's position table, trained from a random start; "sincos" = a
+    # fixed 2-D sine-cosine table (row and column each get half the channels, as in MAE, He et al.
+    # 2021): every patch knows its row and column from the first step.
+    pos_embed: str = "learned"
     dropout: float = 0.0
     pretrained: str | None = None  # torchvision state-dict file (.pth), loaded by build
 
@@ -113,7 +117,27 @@ def _vit(cfg: ImageEncoderConfig) -> VisionTransformer:
     vit.heads = nn.Identity()
     if cfg.stem == "resnet":
         vit.conv_proj = _resnet_stem(cfg.patch_size, cfg.hidden_dim)
+    if cfg.pos_embed == "sincos":
+        del vit.encoder.pos_embedding  # a fixed buffer in place of the trained parameter
+        vit.encoder.register_buffer("pos_embedding", sincos_2d(cfg.image_size // cfg.patch_size, cfg.hidden_dim))
+    elif cfg.pos_embed != "learned":
+        raise ValueError(f"unknown image.pos_embed {cfg.pos_embed!r}; use learned or sincos")
     return vit
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """Fixed position table `(1, 1 + grid*grid, dim)` for a class token (zeros) then a row-major
+    grid of patches: the first half of the channels encodes the row, the second the column, each as
+    sines and cosines of geometrically spaced frequencies."""
+    if dim % 4:
+        raise ValueError(f"a sincos position table needs a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    angles = torch.arange(grid, dtype=torch.float32)[:, None] * freqs[None]  # (grid, dim/4)
+    one_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, dim/2)
+    rows = one_axis[:, None, :].expand(grid, grid, dim // 2)
+    cols = one_axis[None, :, :].expand(grid, grid, dim // 2)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)
+    return torch.cat([torch.zeros(1, dim), table])[None]
 
 
 def _resnet_stem(patch_size: int, width: int) -> nn.Sequential:

@@ -37,14 +37,16 @@ class TrainingError(RuntimeError):
 
 
 def resolve_tasks(cfg: Config, task: str) -> list[str]:
-    """What the steps train: `finetune` means `train.finetune_tasks`, alternated per step."""
+    """What the steps train, alternated per step: `pretrain` means `train.pretrain_tasks` and
+    `finetune` means `train.finetune_tasks`; any other task trains alone."""
     if task not in TASKS:
         raise TrainingError(f"unknown training task {task!r}; use one of {', '.join(TASKS)}")
-    tasks = list(cfg.train.finetune_tasks) if task == "finetune" else [task]
+    key = {"pretrain": "pretrain_tasks", "finetune": "finetune_tasks"}.get(task)
+    tasks = list(getattr(cfg.train, key)) if key else [task]
     bad = [t for t in tasks if t not in MODEL_TASKS]
     if not tasks or bad:
         raise TrainingError(
-            f"train.finetune_tasks={cfg.train.finetune_tasks!r} is not a non-empty list of "
+            f"train.{key}={tasks!r} is not a non-empty list of "
             f"{'/'.join(MODEL_TASKS)}; fix it in the config or with --set"
         )
     return tasks

@@ -94,3 +94,31 @@ def test_a_resnet_stem_feeds_the_vit_a_residual_feature_map():
     assert stem[0].weight.grad.abs().sum() > 0  # the stem trains with the ViT
     with pytest.raises(ValueError, match="patch_size 4, 8, 16 or 32"):
         ImageEncoder(ImageEncoderConfig(image_size=48, patch_size=12, stem="resnet"), 128)
+
+
+def test_a_sincos_position_table_tells_each_patch_its_row_and_column():
+    """image.pos_embed=sincos: a fixed buffer (not trained, not a parameter); the first half of the
+    channels depends only on the row, the second only on the column; the class token gets zeros."""
+    import torch
+
+    from mmcore.encoders import ImageEncoder, ImageEncoderConfig
+    from mmcore.encoders.image import sincos_2d
+
+    table = sincos_2d(4, 16)[0]
+    assert table.shape == (1 + 16, 16) and table[0].abs().sum() == 0
+    grid = table[1:].view(4, 4, 16)  # (row, column, channel)
+    assert torch.equal(grid[:, 0, :8], grid[:, 3, :8]) and not torch.equal(grid[0, :, :8], grid[3, :, :8])
+    assert torch.equal(grid[0, :, 8:], grid[3, :, 8:]) and not torch.equal(grid[:, 0, 8:], grid[:, 3, 8:])
+    # sin at angle 0 (row 0) is 0 and cos is 1, in the row half; the lowest frequency is 1 rad per row
+    assert torch.equal(grid[0, 0, :4], torch.zeros(4)) and torch.equal(grid[0, 0, 4:8], torch.ones(4))
+    assert torch.allclose(grid[2, 0, 0], torch.sin(torch.tensor(2.0)))
+
+    cfg = ImageEncoderConfig(image_size=32, patch_size=8, hidden_dim=64, stem="conv", pos_embed="sincos")
+    enc = ImageEncoder(cfg, 64)
+    names = [n for n, _ in enc.named_parameters()]
+    assert not any("pos_embedding" in n for n in names)
+    assert torch.equal(enc.state_dict()["backbone.encoder.pos_embedding"], sincos_2d(4, 64))
+    tokens, _ = enc(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 17, 64)
+    with pytest.raises(ValueError, match="unknown image.pos_embed"):
+        ImageEncoder(ImageEncoderConfig(pos_embed="rotary"), 128)

@@ -170,3 +170,18 @@ def test_dataset_tokenizer_is_trained_once_per_version(tiny_dataset, tmp_path):
     second = dataset_tokenizer(cfg, urls, tiny_dataset.name)
     assert second.get_vocab() == first.get_vocab()
     assert cached.stat().st_mtime_ns == stamp  # loaded, not trained and written again
+
+
+def test_each_stage_alternates_its_configured_tasks():
+    """`pretrain` steps run train.pretrain_tasks in turn, `finetune` steps train.finetune_tasks; a
+    task named directly trains alone, and a bad list names the key to fix."""
+    from pipelines.config import load_config
+    from pipelines.train.driver import TrainingError, resolve_tasks
+
+    cfg = load_config("debug", ["train.pretrain_tasks=[caption, caption, pretrain]", "train.finetune_tasks=[vqa]"])
+    assert resolve_tasks(cfg, "pretrain") == ["caption", "caption", "pretrain"]
+    assert resolve_tasks(cfg, "finetune") == ["vqa"]
+    assert resolve_tasks(cfg, "retrieval") == ["retrieval"]
+    assert resolve_tasks(load_config("debug"), "pretrain") == ["pretrain"]  # the default: all losses at once
+    with pytest.raises(TrainingError, match=r"train.pretrain_tasks=\['captions'\]"):
+        resolve_tasks(load_config("debug", ["train.pretrain_tasks=[captions]"]), "pretrain")
