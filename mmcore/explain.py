@@ -47,19 +47,23 @@ def generate_with_attention(model, image: Tensor, max_len: int, prompt_ids: Tens
         raise ValueError(f"explain one image at a time, got a batch of {image.shape[0]}")
     model.eval()
     image_tokens, _ = model.image_encoder(image)
+    prompt = {}
     if prompt_ids is None:
         memory, memory_mask, offset = image_tokens, None, 0
     else:
         mask = (prompt_ids != model.cfg.pad_id).long()
         memory, memory_mask = model._vqa_memory(image_tokens, prompt_ids, mask)
         offset = prompt_ids.shape[1]
+        if model.cfg.question_prefix:  # the question is also read by the decoder, before BOS
+            prompt = {"prompt": prompt_ids, "prompt_mask": mask}
     layers = {f"layer{i}": layer.cross_attn for i, layer in enumerate(model.decoder.layers)}
     c = model.cfg
     with record_attention(layers) as records:
-        tokens = greedy_search(model.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len, True)
-    # records[name][t]: (1, H, 1, M) at step t; mean over layers and heads -> (T, M).
+        tokens = greedy_search(model.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len, True,
+                               **prompt)
+    # records[name][t]: (1, H, q, M) at step t, the last query generating; mean over layers and heads -> (T, M).
     steps = len(records["layer0"])
-    weights = torch.stack([torch.cat([records[n][t] for n in layers]).mean(dim=(0, 1, 2)) for t in range(steps)])
+    weights = torch.stack([torch.cat([records[n][t][:, :, -1] for n in layers]).mean(dim=(0, 1)) for t in range(steps)])
     start, side = patch_range(model, image_tokens.shape[1])
     patches = weights[:, offset + start: offset + start + side * side]
     share = patches.sum(-1)

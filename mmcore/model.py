@@ -43,6 +43,10 @@ class FusionModelConfig:
     # Word-region alignment (FILIP, Yao et al. 2021): project every image patch and caption token
     # into the joint space too, for the token-level contrastive loss (`train.token_itc_weight`).
     token_embed: bool = False
+    # VQA: the decoder also reads the question as a prefix of its answer (`[CLS] question [SEP]
+    # [CLS] answer`), so that what it learnt from captions about finding a named object serves the
+    # answer too; the fused question tokens stay in its memory.
+    question_prefix: bool = False
     # Special token ids (the tokenizer's [PAD], [CLS] = BOS, [SEP] = EOS).
     pad_id: int = 0
     bos_id: int = 2
@@ -222,11 +226,12 @@ class FusionModel(nn.Module):
                 prompt_mask = (prompt_ids != self.cfg.pad_id).long()
             memory, memory_mask = self._vqa_memory(image_tokens, prompt_ids, prompt_mask)
         c = self.cfg
+        prompt = dict(prompt=prompt_ids, prompt_mask=prompt_mask) if prompt_ids is not None and c.question_prefix else {}
         if num_beams <= 1:
             return greedy_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id,
-                                 max_len, use_cache)
+                                 max_len, use_cache, **prompt)
         return beam_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id,
-                           max_len, num_beams, use_cache=use_cache)
+                           max_len, num_beams, use_cache=use_cache, **prompt)
 
     @property
     def _patch_start(self) -> int:
@@ -261,8 +266,13 @@ class FusionModel(nn.Module):
 
     def _forward_vqa(self, batch: dict[str, Any]) -> FusionOutput:
         image_tokens, _ = self.image_encoder(batch["image"])
-        memory, memory_mask = self._vqa_memory(image_tokens, batch["question_ids"], batch["question_mask"])
-        logits, labels = self._lm(batch["answer_ids"], batch["answer_mask"], memory, memory_mask)
+        q_ids, q_mask = batch["question_ids"], batch["question_mask"]
+        memory, memory_mask = self._vqa_memory(image_tokens, q_ids, q_mask)
+        if self.cfg.question_prefix:
+            logits, labels = self._prefixed_lm(q_ids, q_mask, batch["answer_ids"], batch["answer_mask"],
+                                               memory, memory_mask)
+        else:
+            logits, labels = self._lm(batch["answer_ids"], batch["answer_mask"], memory, memory_mask)
         # Samples without a question-answer pair contribute nothing.
         labels = labels.masked_fill(~batch["has_qa"].bool()[:, None], -100)
         return FusionOutput("vqa", lm_logits=logits, lm_labels=labels)
@@ -279,6 +289,15 @@ class FusionModel(nn.Module):
         logits = self.decoder(ids[:, :-1], memory, memory_mask)
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         return logits, labels
+
+    def _prefixed_lm(self, q_ids, q_mask, ids, mask, memory, memory_mask):
+        """Like `_lm` for the answer `ids (B, T)`, with the question `(B, Lq)` (right-padded) read
+        first: logits `(B, T-1, V)` and labels for the answer tokens only."""
+        full, full_mask = torch.cat([q_ids, ids], dim=1), torch.cat([q_mask, mask], dim=1)
+        logits = self.decoder(full[:, :-1], memory, memory_mask, pad_mask=full_mask[:, :-1])
+        lq = q_ids.shape[1]
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return logits[:, lq:], labels
 
     def _itm(self, image_tokens, text_tokens, ids, mask, out: FusionOutput):
         """ITM logits/labels `(3B,)`: matched pairs, then each image with a hard-negative text and each

@@ -26,11 +26,14 @@ class DecoderCache:
     self_kv: list = field(default_factory=list)
     cross_kv: list = field(default_factory=list)
     length: int = 0
+    key_mask: Tensor | None = None  # (B, length), 1 = a real token; None = no padding so far
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (beam search re-selects which hypotheses continue)."""
         self.self_kv = [(k[index], v[index]) for k, v in self.self_kv]
         self.cross_kv = [(k[index], v[index]) for k, v in self.cross_kv]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[index]
 
 
 class DecoderLayer(nn.Module):
@@ -65,10 +68,15 @@ class TextDecoder(nn.Module):
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
 
     def forward(
-        self, ids: Tensor, memory: Tensor, memory_mask: Tensor | None = None, cache: DecoderCache | None = None
+        self, ids: Tensor, memory: Tensor, memory_mask: Tensor | None = None, cache: DecoderCache | None = None,
+        pad_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits `(B, T, V)` for `ids (B, T)`. With a cache, `ids` continue the cached prefix and the
-        cache is extended in place (incremental decoding: feed one new token per call)."""
+        cache is extended in place (incremental decoding: feed one new token per call).
+
+        `pad_mask (B, T)` (1 = real token) marks padding inside the sequence, e.g. after a short
+        question that prefixes its answer: padded tokens are never attended to and take no
+        position, so a token's position is the number of real tokens before it."""
         past_len = cache.length if cache is not None else 0
         t = ids.shape[1]
         if past_len + t > self.cfg.max_len:
@@ -76,20 +84,37 @@ class TextDecoder(nn.Module):
                 f"decoder sequence length {past_len + t} exceeds decoder.max_len {self.cfg.max_len}; "
                 "lower max_len or raise decoder.max_len"
             )
-        pos = torch.arange(past_len, past_len + t, device=ids.device)
-        x = self.tok_emb(ids) + self.pos_emb(pos)[None]
         # Query i (absolute position past_len + i) sees keys 0..past_len + i.
         causal = torch.ones(t, past_len + t, dtype=torch.bool, device=ids.device).tril(diagonal=past_len)
+        key_mask = _key_mask(cache, pad_mask, ids)
+        if key_mask is None:
+            pos = torch.arange(past_len, past_len + t, device=ids.device)[None]
+            self_mask = causal
+        else:
+            pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)[:, past_len:]
+            self_mask = causal[None, None] & key_mask[:, None, None, :]
+        x = self.tok_emb(ids) + self.pos_emb(pos)
         mem_mask = attention_mask(memory_mask)
         for i, layer in enumerate(self.layers):
             past = cache.self_kv[i] if cache is not None and cache.length else None
             cross = cache.cross_kv[i] if cache is not None and cache.length else None
-            x, self_kv, cross_kv = layer(x, causal, memory, mem_mask, past, cross)
+            x, self_kv, cross_kv = layer(x, self_mask, memory, mem_mask, past, cross)
             if cache is not None:
                 _store(cache, i, self_kv, cross_kv)
         if cache is not None:
-            cache.length = past_len + t
+            cache.length, cache.key_mask = past_len + t, key_mask
         return self.lm_head(self.ln(x))
+
+
+def _key_mask(cache: DecoderCache | None, pad_mask: Tensor | None, ids: Tensor) -> Tensor | None:
+    """`(B, past + T)` bool over every key so far, or None when nothing is padded."""
+    past = cache.key_mask if cache is not None and cache.length else None
+    if pad_mask is None and past is None:
+        return None
+    new = torch.ones_like(ids, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+    if past is None and cache is not None and cache.length:  # an unpadded cache gains its first padding
+        past = torch.ones(ids.shape[0], cache.length, dtype=torch.bool, device=ids.device)
+    return new if past is None else torch.cat([past, new], dim=1)
 
 
 def _store(cache: DecoderCache, i: int, self_kv, cross_kv) -> None:

@@ -88,3 +88,42 @@ def test_max_len_beyond_the_position_table_is_refused(tiny_model, batch):
 
     with pytest.raises(ValueError, match="max_len must be in"):
         tiny_model.generate(batch["image"], max_len=tiny_model.cfg.decoder.max_len)
+
+
+def test_a_question_prefix_reads_the_same_whatever_its_padding(tokenizer, batch):
+    """model.question_prefix: the decoder reads `[CLS] question [SEP]` before the answer. Extra
+    padding after a question changes neither the training logits nor the generated answer, and
+    greedy, cached, uncached and width-1 beam decoding agree."""
+    from mmcore.model import build_model
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer, question_prefix=True)).eval()
+    padded = dict(batch)
+    extra = torch.zeros(batch["question_ids"].shape[0], 3, dtype=torch.long)
+    padded["question_ids"] = torch.cat([batch["question_ids"], extra], dim=1)
+    padded["question_mask"] = torch.cat([batch["question_mask"], extra], dim=1)
+    a, b = model(batch, "vqa"), model(padded, "vqa")
+    assert a.lm_logits.shape[:2] == batch["answer_ids"][:, 1:].shape
+    assert torch.equal(a.lm_labels, b.lm_labels)
+    real = a.lm_labels != -100
+    assert real.any() and torch.allclose(a.lm_logits[real], b.lm_logits[real], atol=1e-5)
+
+    images, q, qm = batch["image"], batch["question_ids"], batch["question_mask"]
+    greedy = model.generate(images, 6, prompt_ids=q, prompt_mask=qm)
+    assert torch.equal(greedy, model.generate(images, 6, prompt_ids=padded["question_ids"],
+                                              prompt_mask=padded["question_mask"]))
+    assert torch.equal(greedy, model.generate(images, 6, prompt_ids=q, prompt_mask=qm, use_cache=False))
+    tokens, _ = model.image_encoder(images)
+    memory, memory_mask = model._vqa_memory(tokens, q, qm)
+    c = model.cfg
+    beam1 = beam_search(model.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, 6, num_beams=1,
+                        prompt=q, prompt_mask=qm)
+    assert torch.equal(beam1, greedy)
+    # the prefix is read: another question in front of the same answer changes its logits
+    other = torch.where(qm.bool(), (q + 7) % len(tokenizer), q)  # other words, the same padding
+    ids, pad_mask = batch["answer_ids"], torch.cat([qm, batch["answer_mask"]], 1)
+    with_q = model.decoder(torch.cat([q, ids], 1), memory, memory_mask, pad_mask=pad_mask)
+    with_other = model.decoder(torch.cat([other, ids], 1), memory, memory_mask, pad_mask=pad_mask)
+    assert not torch.allclose(with_q[:, q.shape[1]:], with_other[:, q.shape[1]:], atol=1e-3)
