@@ -28,9 +28,10 @@ def test_recorded_attention_equals_the_fused_kernel() -> None:
 def test_generate_with_attention_matches_generate() -> None:
     torch.manual_seed(0)
     model = build_model(model_config("debug", vocab_size=50, image_size=64)).eval()
+    assert model.cfg.question_prefix  # answers are explained with the question read first
     image = torch.randn(1, 3, 64, 64)
     start, side = patch_range(model, model.image_encoder(image)[0].shape[1])
-    assert (start, side) == (1, 8)  # ViT: class token first, an 8x8 grid of 8 px patches
+    assert (start, side) == (1, 4)  # ViT: class token first, a 4x4 grid of 16 px patches
     out = generate_with_attention(model, image, 6)
     expected = model.generate(image, 6)[0]
     assert torch.equal(out.tokens, expected[: len(out.tokens)])

@@ -60,7 +60,7 @@ def test_small_presets(preset, low, high):
 
 
 def test_the_debug_preset_sees_through_a_conv_stem():
-    """The debug ViT embeds 8 px patches with stride-2 convolutions (a 64 px image -> 8x8 tokens)."""
+    """The debug ViT embeds 16 px patches with stride-2 convolutions (a 96 px image -> 6x6 tokens)."""
     import torch
     from torch import nn
 
@@ -68,9 +68,9 @@ def test_the_debug_preset_sees_through_a_conv_stem():
 
     enc = ImageEncoder(model_config("debug").image, 128)
     convs = [m for m in enc.backbone.conv_proj.modules() if isinstance(m, nn.Conv2d)]
-    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)]  # three stride-2 layers, then the 1x1
-    tokens, pooled = enc(torch.zeros(2, 3, 64, 64))
-    assert tokens.shape == (2, 1 + 8 * 8, 128) and pooled.shape == (2, 128)
+    assert [c.stride for c in convs] == [(2, 2)] * 4 + [(1, 1)]  # four stride-2 layers, then the 1x1
+    tokens, pooled = enc(torch.zeros(2, 3, 96, 96))
+    assert tokens.shape == (2, 1 + 6 * 6, 128) and pooled.shape == (2, 128)
     with pytest.raises(ValueError, match="power-of-two patch_size"):
         ImageEncoder(ImageEncoderConfig(image_size=48, patch_size=12, stem="conv"), 128)
     with pytest.raises(ValueError, match="unknown ViT stem"):
