@@ -106,8 +106,8 @@ class TrainConfig(_Section):
     steps: int = 300  # pretraining optimiser steps
     finetune_steps: int = 150
     # What the pretraining steps train, alternated per step: "pretrain" is ITC + ITM (+ word-region)
-    # + captioning on one batch; "caption" alone is a third of its cost and teaches the image encoder
-    # to see faster (bench/results/learning-2026-12-02-c.md).
+    # + captioning on one batch; "caption" alone costs 60% of it and teaches the image encoder to
+    # see faster (bench/results/learning-2026-12-02-c.md).
     pretrain_tasks: list[str] = Field(default_factory=lambda: ["pretrain"])
     finetune_tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa"])
     batch_size: int = 32  # per worker
