@@ -60,12 +60,18 @@ def _exact(rows: list[dict], result: DedupResult) -> list[dict]:
 
 def _new_qa(keeper: dict, row: dict) -> list[dict]:
     """The QA pairs of `row` that its keeper (with what was merged into it) does not have."""
-    have = json.loads(keeper.get("qa") or "[]") + keeper.get("merged_qa", [])
+    have = [_unspoken(p) for p in json.loads(keeper.get("qa") or "[]") + keeper.get("merged_qa", [])]
     new: list[dict] = []
-    for pair in json.loads(row.get("qa") or "[]"):
+    for pair in map(_unspoken, json.loads(row.get("qa") or "[]")):
         if pair not in have and pair not in new:
             new.append(pair)
     return new
+
+
+def _unspoken(pair: dict) -> dict:
+    """A QA pair without its spoken question: that audio is a member of its own sample, which a
+    duplicate's merged pair cannot point at."""
+    return {k: v for k, v in pair.items() if k != "audio"} if isinstance(pair, dict) else pair
 
 
 def _bands(h: int, n: int) -> list[tuple[int, int]]:

@@ -64,12 +64,17 @@ def _check_sample(uri: str, split: str, sample: dict) -> list[str]:
         img.load()
         if img.mode != "RGB":
             problems.append(f"{uri}: {key}: mode {img.mode} (expected RGB)")
-    if "flac" in sample:
-        info = sf.info(io.BytesIO(sample["flac"]))
+    parsed = parse_sample(sample)
+    spoken = [p["audio"] for p in parsed.qa if isinstance(p, dict) and p.get("audio")]
+    for name in (["flac"] if "flac" in sample else []) + spoken:
+        if name not in sample:
+            problems.append(f"{uri}: {key}: a QA pair names member {name!r}, which the sample lacks")
+            continue
+        info = sf.info(io.BytesIO(sample[name]))
         if info.format != "FLAC" or info.channels != 1 or info.frames == 0:
-            problems.append(f"{uri}: {key}: audio {info.format} {info.channels} ch {info.frames} frames "
+            problems.append(f"{uri}: {key}: {name}: {info.format} {info.channels} ch {info.frames} frames "
                             "(expected mono FLAC)")
-    got = parse_sample(sample).split
+    got = parsed.split
     if got != split:
         problems.append(f"{uri}: {key}: split {got} (expected {split})")
     return problems

@@ -122,6 +122,7 @@ class _Cleaned:
     file_sha: str = ""
     img: CleanImage | None = None
     aud: CleanAudio | None = None
+    qa_audio: dict[str, CleanAudio] = dataclasses.field(default_factory=dict)  # member name -> spoken question
 
 
 def _clean_text(ref: dict, cfg: DataConfig) -> dict | _Cleaned:
@@ -188,6 +189,7 @@ def _sample(c: _Cleaned, phash: int | None, cfg: DataConfig) -> tuple[dict, dict
         staged["jpg"] = img.jpeg
     if aud is not None:
         staged["flac"] = aud.flac
+    staged.update({name: a.flac for name, a in c.qa_audio.items()})
     row = _row(ref, split=split, phash="" if phash is None else f"{phash:016x}", pixel_sha=img.pixel_sha if img else "",
                caption_sha=hashlib.sha256("\n".join(sorted(c.captions)).encode()).hexdigest(),
                captions=json.dumps(c.captions, ensure_ascii=False), dropped=json.dumps(c.dropped),
@@ -200,20 +202,36 @@ _AUDIO_FETCH_REASONS = {"missing_image": "missing_audio", "unreadable_image": "u
 
 
 def _clean_audio(c: _Cleaned, cfg: DataConfig, spec: AudioSpec) -> dict | _Cleaned:
-    """Read and clean the Ref's audio, if it has one: the reject row, or `c` with the cleaned audio."""
-    if not c.ref.get("audio") or c.aud is not None:
-        return c
+    """Read and clean the Ref's audio and its spoken questions, if it has any: the reject row, or
+    `c` with the cleaned audio (each spoken question becomes member `q<k>.flac`, which its QA pair
+    names as `audio`)."""
+    if c.ref.get("audio") and c.aud is None:
+        got = _audio_of(c.ref["audio"], cfg, spec)
+        if isinstance(got, tuple):
+            return _row(c.ref, got[0], got[1], file_sha=c.file_sha)
+        c.aud = got
+    for k, pair in enumerate(c.qa):
+        if isinstance(pair.get("audio"), dict):
+            got = _audio_of(pair["audio"], cfg, spec)
+            if isinstance(got, tuple):
+                return _row(c.ref, got[0], f"question {k} spoken: {got[1]}", file_sha=c.file_sha)
+            c.qa_audio[f"q{k}.flac"] = got
+            pair["audio"] = f"q{k}.flac"
+    return c
+
+
+def _audio_of(loc: dict, cfg: DataConfig, spec: AudioSpec) -> CleanAudio | tuple[str, str]:
+    """The cleaned audio at `loc`, or (reason, detail) why there is none."""
     limits = dataclasses.replace(FetchLimits.of(cfg), max_bytes=cfg.max_audio_bytes)
     try:
-        data = fetch(c.ref["audio"], limits=limits)
+        data = fetch(loc, limits=limits)
     except FetchError as e:  # fetch speaks of images: say audio
         detail = e.detail.replace("data.max_image_bytes", "data.max_audio_bytes")
-        return _row(c.ref, _AUDIO_FETCH_REASONS.get(e.reason, e.reason), detail, file_sha=c.file_sha)
+        return _AUDIO_FETCH_REASONS.get(e.reason, e.reason), detail
     try:
-        c.aud = clean_audio(data, spec)
+        return clean_audio(data, spec)
     except AudioReject as e:
-        return _row(c.ref, e.reason, e.detail, file_sha=c.file_sha)
-    return c
+        return e.reason, e.detail
 
 
 def _phashes(results: list) -> list:

@@ -1,5 +1,6 @@
 """The project's raw JSONL: one `{"id", "image", "audio", "captions", "qa", "meta"}` object per line
-(`image` and/or `audio`: a path relative to the file, an absolute path or a URL)."""
+(`image` and/or `audio`: a path relative to the file, an absolute path or a URL; a QA pair's
+`audio` is its question spoken)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,14 @@ def parse_line(raw: bytes, where: str, base: str, source: str) -> dict:
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     image = image_loc(obj["image"], base) if obj.get("image") else None
     audio = image_loc(obj["audio"], base) if obj.get("audio") else None
-    return make_ref(obj["id"], image, captions, as_list(obj.get("qa")), meta, source, audio=audio)
+    return make_ref(obj["id"], image, captions, _spoken_qa(as_list(obj.get("qa")), base), meta, source, audio=audio)
+
+
+def _spoken_qa(qa: list, base: str) -> list:
+    """QA pairs whose `audio` (the question spoken) names a file: that name as a locator."""
+    return [{**pair, "audio": image_loc(pair["audio"], base)}
+            if isinstance(pair, dict) and isinstance(pair.get("audio"), str) and pair["audio"].strip() else pair
+            for pair in qa]
 
 
 def list_jsonl(source: str) -> Iterator[dict]:

@@ -115,8 +115,10 @@ def _ref(key: str, entry: dict, uri: str) -> dict:
     obj = obj if isinstance(obj, dict) else {}
     captions = as_list(obj.get("captions")) or ([text] if text else [])
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return make_ref(obj.get("id") or key, loc, captions, as_list(obj.get("qa")), {**meta, "tar_key": key}, uri,
-                    audio=audio)
+    qa = [{**p, "audio": {"kind": "tar", "uri": uri, "offset": entry[p["audio"]][0], "size": entry[p["audio"]][1]}}
+          if isinstance(p, dict) and isinstance(p.get("audio"), str) and p["audio"] in entry else p
+          for p in as_list(obj.get("qa"))]  # a spoken question: its member (`q0.flac`) in this tar
+    return make_ref(obj.get("id") or key, loc, captions, qa, {**meta, "tar_key": key}, uri, audio=audio)
 
 
 def _refs_of(scan: _Scan) -> Iterator[dict]:
