@@ -76,7 +76,8 @@ class DataConfig(_Section):
     max_audio_bytes: int = Field(32 * 1024 * 1024, gt=0)  # a larger audio file, URL or tar member is a reject
     audio_silence_dbfs: float = -60.0  # a clip whose peak is below this is `silent_audio`
     max_clipped_fraction: float = Field(0.01, ge=0, le=1)  # more samples at full scale: `clipped_audio`
-    # The synthetic set also speaks each caption and asks each question by voice (espeak-ng).
+    # The synthetic set also speaks each caption and asks each question by voice (espeak-ng):
+    # `synthesize(..., audio=cfg.data.synth_audio)`; `mmfusion data synth --audio`.
     synth_audio: bool = False
 
     @field_validator("split_fractions")
