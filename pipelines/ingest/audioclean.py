@@ -112,7 +112,7 @@ def _decode_mono(data: bytes, info: sf._SoundFileInfo, spec: AudioSpec) -> tuple
         lost = "lost sync" in str(e) or "truncat" in str(e).lower() or "end of file" in str(e).lower()
         raise AudioReject("truncated_audio" if lost else "corrupt_audio", f"{info.format}: {str(e)[:160]}") from e
     mono = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
-    if len(mono) < info.frames * 0.99 - 1:  # MP3 headers estimate the length; others are exact
+    if info.format != "MP3" and len(mono) < info.frames:  # an MP3's frame count is an estimate
         raise AudioReject("truncated_audio", f"{info.format}: {len(mono)} of {info.frames} samples decode")
     return mono, clipped
 
