@@ -251,7 +251,7 @@ def test_exact_audio_duplicates_are_merged_and_different_audio_on_one_image_is_n
 # ----------------------------------------------------------------------------- the whole job
 
 
-def test_an_ingest_with_audio_writes_flac_members_and_counts_them(ray_local, media, tmp_path):
+def test_an_ingest_with_audio_writes_flac_members_and_counts_them(ray_local, media, tmp_path, capsys):
     from pipelines.ingest import ingest
     from pipelines.ingest.inspection import inspect_version, validate_version
 
@@ -279,3 +279,8 @@ def test_an_ingest_with_audio_writes_flac_members_and_counts_them(ray_local, med
     assert inspect_version(vdir)["media"] == report["media"]
     rejects = [json.loads(x) for x in (vdir / "rejects.jsonl").read_text().splitlines()]
     assert {r["id"]: r["audio"] for r in rejects}["truncated.flac"].endswith("bad/truncated.flac")
+    from mmfusion.cli import main
+
+    assert main(["data", "inspect", str(vdir), "--samples", "6"]) == 0  # audio-only examples print too
+    out = capsys.readouterr().out
+    assert f"with audio {report['media']['audio']}" in out and "1.0 s audio" in out and "112x112, 1.0 s audio" in out
