@@ -248,6 +248,28 @@ def test_exact_audio_duplicates_are_merged_and_different_audio_on_one_image_is_n
     assert result.extra_captions == {"copy": [CAPTION]}
 
 
+def test_spoken_questions_are_members_and_a_bad_one_rejects_its_sample(media, tmp_path):
+    src = _jsonl(media / "qa.jsonl", [
+        {"id": "ok", "image": "img/0.jpg", "qa": [{"question": "what is it?", "answers": ["a dog"], "audio": "a/1.wav"},
+                                                  {"question": "is it loud?", "answers": ["yes"]}]},
+        {"id": "bad", "image": "img/1.jpg", "captions": [CAPTION],
+         "qa": [{"question": "what is it?", "answers": ["a dog"], "audio": "bad/truncated.flac"}]},
+        {"id": "copy", "image": "img/0.jpg", "qa": [{"question": "what else?", "answers": ["rain"], "audio": "a/2.wav"}]},
+    ])
+    rows = {r["id"]: r for r in process(src, "jsonl", tmp_path)}
+    assert (rows["ok"]["reason"], rows["bad"]["reason"]) == ("", "truncated_audio")
+    assert rows["bad"]["detail"].startswith("question 0 spoken: ")
+    sample = _staged(rows["ok"])
+    assert set(sample) == {"__key__", "jpg", "txt", "json", "q0.flac"}  # no `flac`: the caption is not spoken
+    assert json.loads(sample["json"])["qa"] == [{"question": "what is it?", "answers": ["a dog"], "audio": "q0.flac"},
+                                                {"question": "is it loud?", "answers": ["yes"]}]
+    # an exact duplicate's spoken question merges as text only: its audio is a member of the dropped sample
+    result = deduplicate([rows["ok"], rows["copy"]], CFG.dedup_distance)
+    assert [r["id"] for r in result.kept] == ["copy"]
+    assert result.kept[0]["merged_qa"] == [{"question": "what is it?", "answers": ["a dog"]},
+                                           {"question": "is it loud?", "answers": ["yes"]}]
+
+
 # ----------------------------------------------------------------------------- the whole job
 
 
