@@ -68,6 +68,17 @@ class DataConfig(_Section):
     # list that grew) downloads only what it has not cleaned before; false: always download.
     url_cache: bool = True
     columns: dict[str, str] = Field(default_factory=dict)  # csv/parquet column names
+    # Audio (a sample's `audio` file: stored as mono 16-bit FLAC at audio_sample_rate; see
+    # pipelines/ingest/audioclean.py for each reject reason).
+    audio_sample_rate: int = Field(16_000, ge=1000, le=192_000)  # resampled to this (soxr)
+    min_audio_s: float = Field(0.1, ge=0)  # shorter clips are `too_short`
+    max_audio_s: float = Field(60.0, gt=0)  # longer are `too_long` (read from the header: not decoded)
+    max_audio_bytes: int = Field(32 * 1024 * 1024, gt=0)  # a larger audio file, URL or tar member is a reject
+    audio_silence_dbfs: float = -60.0  # a clip whose peak is below this is `silent_audio`
+    max_clipped_fraction: float = Field(0.01, ge=0, le=1)  # more samples at full scale: `clipped_audio`
+    # The synthetic set also speaks each caption and asks each question by voice (espeak-ng):
+    # `synthesize(..., audio=cfg.data.synth_audio)`; `mmfusion data synth --audio`.
+    synth_audio: bool = False
 
     @field_validator("split_fractions")
     @classmethod

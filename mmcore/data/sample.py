@@ -28,7 +28,8 @@ class ShardSample:
     `image` is the `jpg` member as stored (JPEG bytes, or an image a caller decoded already;
     None when the sample has none); `caption` the primary caption (`txt`, "" for a QA-only
     sample); `captions` all of them; `qa` the `{"question", "answers"}` pairs as stored; `meta`
-    the whole `json` document (`id`, `split`, `source`, `width`, `height`, `meta`, ...).
+    the whole `json` document (`id`, `split`, `source`, `width`, `height`, `meta`, ...);
+    `audio` the `flac` member as stored (mono 16 kHz FLAC bytes), None when the sample has none.
     """
 
     key: str
@@ -37,6 +38,7 @@ class ShardSample:
     captions: list[str]
     qa: list[dict]
     meta: dict = field(default_factory=dict)
+    audio: Any = None
 
     @property
     def answerable_qa(self) -> list[dict]:
@@ -71,6 +73,7 @@ def parse_sample(raw: dict) -> ShardSample:
         captions=list(meta.get("captions") or [primary]),
         qa=list(meta.get("qa") or []),
         meta=meta,
+        audio=raw.get("flac"),
     )
 
 

@@ -11,9 +11,14 @@ from pipelines.ingest.sources import FORMATS  # the ingest sources own the list
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from pipelines.ingest.speech import SpeechError
     from pipelines.ingest.synth import synthesize
 
-    out = synthesize(args.out, args.num, args.seed)
+    try:
+        out = synthesize(args.out, args.num, args.seed, audio=args.audio)
+    except SpeechError as e:
+        print(f"mmfusion data synth: {e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 
@@ -44,13 +49,18 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"version {info['version']} ({info['format']}, created {info['created']})")
     print(f"seen {info['seen']}  kept {info['kept']}  duplicates {info['duplicates']}  dedup {info['dedup']}")
+    if info.get("media"):
+        m = info["media"]
+        print(f"with an image {m['images']}  with audio {m['audio']} ({m['audio_s'] / 60:.1f} min)")
     for split, c in info["splits"].items():
         print(f"  {split:5s} {c['samples']:7d} samples  {c['shards']:4d} shards  {c['bytes'] / 1e6:9.2f} MB")
     print("rejected:" + ("" if info["rejected"] else " none"))
     for reason, n in sorted(info["rejected"].items(), key=lambda x: -x[1]):
         print(f"  {reason:24s} {n}")
     for ex in info["examples"]:
-        print(f"  [{ex['key']}] {ex['caption']!r} ({ex['captions']} captions, {ex['qa']} QA, {ex['size'][0]}x{ex['size'][1]})")
+        media = [f"{ex['size'][0]}x{ex['size'][1]}"] if "size" in ex else []
+        media += [f"{ex['audio_s']:.1f} s audio"] if "audio_s" in ex else []
+        print(f"  [{ex['key']}] {ex['caption']!r} ({ex['captions']} captions, {ex['qa']} QA, {', '.join(media)})")
     return 0
 
 
@@ -70,9 +80,12 @@ def register(subparsers) -> None:
     data.set_defaults(func=lambda args: data.print_help() or 2)
 
     p = sub.add_parser("synth", help="write the synthetic captioned-shapes set (raw JSONL + images)")
-    p.add_argument("--out", required=True, help="output folder (samples.jsonl + images/)")
+    p.add_argument("--out", required=True, help="output folder (samples.jsonl + images/, + audio/ with --audio)")
     p.add_argument("--num", type=int, default=600, help="number of samples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--audio", action="store_true",
+                   help="also speak each caption and ask each question by voice (needs espeak-ng; "
+                        "what data.synth_audio does in a run)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("ingest", help="clean, dedup, split and shard a raw source into a dataset version",

@@ -1,9 +1,11 @@
 """The global deduplication step, run on the driver over the small accounting rows.
 
-Exact duplicates share the cleaned pixels: with the same captions and QA pairs the later copy is
-dropped, with different ones they are merged into the first (captions and QA pairs united; the
+Exact duplicates share the cleaned pixels and the cleaned audio samples (`content_key`; an
+audio-only sample is keyed by its audio, an image-only one by its pixels): with the same captions
+and QA pairs the later copy is dropped, with different ones they are merged into the first (captions and QA pairs united; the
 keeper's row carries the QA pairs merged into it as `merged_qa`, which the shard writer adds). Near duplicates are
-images whose perceptual hashes differ in at most `distance` bits: the later copy is dropped.
+images whose perceptual hashes differ in at most `distance` bits, with the same audio (or none):
+the later copy is dropped. Audio has no near-duplicate test (exact hashes only).
 "First" means smallest key, so the choice is deterministic, and since this runs over the whole
 version before shards are written, no near-copy of a test image survives in another split.
 """
@@ -28,14 +30,20 @@ class DedupResult:
         return dict(out)
 
 
+def content_key(row: dict) -> str:
+    """What two samples must share to be exact copies: the cleaned image's and audio's hashes."""
+    audio = row.get("audio_sha") or ""
+    return f"{row['pixel_sha']}:{audio}" if audio else row["pixel_sha"]
+
+
 def _exact(rows: list[dict], result: DedupResult) -> list[dict]:
-    """Collapse rows with identical pixels; returns the keepers."""
+    """Collapse rows with identical pixels and audio; returns the keepers."""
     first: dict[str, dict] = {}
     keepers = []
     for row in rows:
-        keeper = first.get(row["pixel_sha"])
+        keeper = first.get(content_key(row))
         if keeper is None:
-            first[row["pixel_sha"]] = row
+            first[content_key(row)] = row
             keepers.append(row)
             continue
         have = set(json.loads(keeper["captions"])) | set(result.extra_captions.get(keeper["key"], []))
@@ -52,12 +60,18 @@ def _exact(rows: list[dict], result: DedupResult) -> list[dict]:
 
 def _new_qa(keeper: dict, row: dict) -> list[dict]:
     """The QA pairs of `row` that its keeper (with what was merged into it) does not have."""
-    have = json.loads(keeper.get("qa") or "[]") + keeper.get("merged_qa", [])
+    have = [_unspoken(p) for p in json.loads(keeper.get("qa") or "[]") + keeper.get("merged_qa", [])]
     new: list[dict] = []
-    for pair in json.loads(row.get("qa") or "[]"):
+    for pair in map(_unspoken, json.loads(row.get("qa") or "[]")):
         if pair not in have and pair not in new:
             new.append(pair)
     return new
+
+
+def _unspoken(pair: dict) -> dict:
+    """A QA pair without its spoken question: that audio is a member of its own sample, which a
+    duplicate's merged pair cannot point at."""
+    return {k: v for k, v in pair.items() if k != "audio"} if isinstance(pair, dict) else pair
 
 
 def _bands(h: int, n: int) -> list[tuple[int, int]]:
@@ -71,11 +85,14 @@ def _near(rows: list[dict], distance: int, result: DedupResult) -> list[dict]:
     if distance < 0:
         return rows
     n_bands = min(distance + 1, 64)
-    buckets: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    buckets: dict[tuple, list[tuple[int, str]]] = {}
     keepers = []
     for row in rows:
+        if not row["phash"]:  # no image: nothing to compare
+            keepers.append(row)
+            continue
         h = int(row["phash"], 16)
-        bands = _bands(h, n_bands)
+        bands = [(row.get("audio_sha") or "", *band) for band in _bands(h, n_bands)]
         match = None
         for band in bands:
             for other, key in buckets.get(band, ()):  # .get: a miss must not add an empty bucket

@@ -77,7 +77,10 @@ def list_source(source: str) -> Listing:
 
 def _refs_digest(h, refs: list[dict]) -> None:
     for ref in refs:
-        h.update(json.dumps([ref.get("id"), (ref.get("image") or {}).get("uri", "")]).encode())
+        item = [ref.get("id"), (ref.get("image") or {}).get("uri", "")]
+        if ref.get("audio"):  # only then: image-only sources keep the digests they had
+            item.append(ref["audio"].get("uri", ""))
+        h.update(json.dumps(item).encode())
 
 
 def quick_key(listing: Listing, refs: list[dict], salt: str = "") -> str:

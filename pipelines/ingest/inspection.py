@@ -7,6 +7,8 @@ import hashlib
 import io
 from typing import Any
 
+import soundfile as sf
+
 from mmcore.data import parse_sample
 from pipelines.core.dataset import (
     SPLITS,
@@ -33,20 +35,53 @@ def inspect_version(version_dir: str, num_samples: int = 3) -> dict[str, Any]:
     paths = [join(version_dir, e["path"]) for e in split_entries(manifest, "train")][:1]
     for sample in map(parse_sample, iter_samples(paths)):
         doc = sample.meta
-        examples.append({"key": sample.key, "caption": sample.caption, "captions": len(doc["captions"]),
-                         "qa": len(sample.qa), "size": [doc["width"], doc["height"]]})
+        example = {"key": sample.key, "caption": sample.caption, "captions": len(doc["captions"]), "qa": len(sample.qa)}
+        if "width" in doc:
+            example["size"] = [doc["width"], doc["height"]]
+        if "audio" in doc:
+            example["audio_s"] = doc["audio"]["duration_s"]
+        examples.append(example)
         if len(examples) >= num_samples:
             break
     return {"version": manifest["version"], "created": manifest["created"], "format": manifest.get("format"),
             "inputs": manifest["inputs"], "splits": splits, "seen": report["seen"], "kept": report["kept"],
             "rejected": report["rejected"], "duplicates": report["duplicates"], "dedup": report.get("dedup"),
-            "examples": examples}
+            "media": report.get("media"), "examples": examples}
+
+
+def _check_sample(uri: str, split: str, sample: dict) -> list[str]:
+    """Problems of one sample: members missing, an image that is not RGB JPEG, audio that is not
+    mono FLAC at the version's rate, the wrong split."""
+    from PIL import Image
+
+    key = sample.get("__key__")
+    missing = sorted({"txt", "json"} - sample.keys()) + ([] if {"jpg", "flac"} & sample.keys() else ["jpg|flac"])
+    if missing:
+        return [f"{uri}: {key}: missing members {missing}"]
+    problems = []
+    if "jpg" in sample:
+        img = Image.open(io.BytesIO(sample["jpg"]))
+        img.load()
+        if img.mode != "RGB":
+            problems.append(f"{uri}: {key}: mode {img.mode} (expected RGB)")
+    parsed = parse_sample(sample)
+    spoken = [p["audio"] for p in parsed.qa if isinstance(p, dict) and p.get("audio")]
+    for name in (["flac"] if "flac" in sample else []) + spoken:
+        if name not in sample:
+            problems.append(f"{uri}: {key}: a QA pair names member {name!r}, which the sample lacks")
+            continue
+        info = sf.info(io.BytesIO(sample[name]))
+        if info.format != "FLAC" or info.channels != 1 or info.frames == 0:
+            problems.append(f"{uri}: {key}: {name}: {info.format} {info.channels} ch {info.frames} frames "
+                            "(expected mono FLAC)")
+    got = parsed.split
+    if got != split:
+        problems.append(f"{uri}: {key}: split {got} (expected {split})")
+    return problems
 
 
 def _check_shard(version_dir: str, split: str, entry: dict) -> tuple[list[str], int]:
     """(problems, samples decoded) for one shard."""
-    from PIL import Image
-
     uri = join(version_dir, entry["path"])
     fs, path = get_fs(uri)
     if not fs.exists(path):
@@ -58,16 +93,7 @@ def _check_shard(version_dir: str, split: str, entry: dict) -> tuple[list[str], 
     n = 0
     try:
         for sample in iter_samples([uri]):
-            key = sample.get("__key__")
-            missing = {"jpg", "txt", "json"} - sample.keys()
-            if missing:
-                problems.append(f"{uri}: {key}: missing members {sorted(missing)}")
-                continue
-            img = Image.open(io.BytesIO(sample["jpg"]))
-            img.load()
-            got = parse_sample(sample).split
-            if img.mode != "RGB" or got != split:
-                problems.append(f"{uri}: {key}: mode {img.mode}, split {got} (expected RGB, {split})")
+            problems += _check_sample(uri, split, sample)
             n += 1
     except Exception as e:  # noqa: BLE001 - report, don't crash: this is a validator
         problems.append(f"{uri}: unreadable after {n} samples: {type(e).__name__}: {e}")

@@ -43,7 +43,7 @@ from pipelines.ingest.sources.common import key_for
 
 PIPELINE_VERSION = 4  # bump when cleaning code changes what a config produces
 # Not part of what a config produces (the version id): where data is, and how it is fetched.
-_NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "format", "fetch_concurrency", "fetch_per_host",
+_NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "synth_audio", "format", "fetch_concurrency", "fetch_per_host",
                  "fetch_buffer_bytes", "url_cache")
 URL_CACHE_DIR = "_urlcache"
 # A cleaning task carries its Refs; Ray Data warns about read tasks over 1 MiB serialised.
@@ -332,7 +332,7 @@ def publish(build: str, vdir: str, lock: str) -> bool:
 
 def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
     """rejects.jsonl, report.json, then manifest.json (last: it marks the version complete)."""
-    from pipelines.ingest.report import build_report, rejects_lines
+    from pipelines.ingest.report import build_report, media_counts, rejects_lines
 
     report = build_report(version, rows, result, entries, cfg)
     storage.write_bytes_atomic(storage.join(vdir, dataset.REJECTS), rejects_lines(rows, result))
@@ -340,7 +340,8 @@ def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
     splits = {s: [e for e in entries if e["path"].startswith(f"{s}/")] for s in dataset.SPLITS}
     manifest = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
-                "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()}}
+                "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()},
+                "media": media_counts(result.kept)}
     storage.write_json_atomic(storage.join(vdir, dataset.MANIFEST), manifest)
 
 

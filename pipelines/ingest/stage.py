@@ -11,6 +11,7 @@ later copies those bytes (`shards.py`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import pyarrow as pa
 
 from pipelines.config import DataConfig
 from pipelines.core.storage import is_remote, join, open_atomic
+from pipelines.ingest.audioclean import AudioReject, AudioSpec, CleanAudio, clean_audio
 from pipelines.ingest.download import DownloadLimits, Downloads
 from pipelines.ingest.fetch import FetchError, FetchLimits, fetch, scheme_of
 from pipelines.ingest.imageclean import CleanImage, ImageReject, ImageSpec, clean_image
@@ -36,7 +38,7 @@ from pipelines.runtime import quiet_loggers
 
 META_FIELDS = ("order", "key", "id", "reason", "detail", "source", "image", "split", "phash",
                "pixel_sha", "caption_sha", "nbytes", "stage_file", "stage_offset", "captions", "dropped",
-               "file_sha", "qa")
+               "file_sha", "qa", "audio", "audio_sha", "audio_s")
 
 
 def split_of(key: str, fractions: dict[str, float]) -> str:
@@ -66,11 +68,12 @@ def _text(value: Any, limit: int = 10_000) -> str:
 
 def _row(ref: dict, reason: str = "", detail: str = "", **kw: Any) -> dict:
     loc = ref.get("image") if isinstance(ref.get("image"), dict) else {}
+    aloc = ref.get("audio") if isinstance(ref.get("audio"), dict) else {}
     row = {"order": ref["order"], "key": ref["key"], "id": _text(ref.get("id")), "reason": reason,
            "detail": _text(detail, 500), "source": _text(ref.get("source")), "image": _text(loc.get("uri")),
            "split": "", "phash": "", "pixel_sha": "", "caption_sha": "", "nbytes": 0,
            "stage_file": "", "stage_offset": -1, "captions": "[]", "dropped": "[]", "file_sha": "",
-           "qa": "[]"}
+           "qa": "[]", "audio": _text(aloc.get("uri")), "audio_sha": "", "audio_s": 0.0}
     row.update(kw)
     return row
 
@@ -118,6 +121,8 @@ class _Cleaned:
     data: bytes | None = None  # the image's bytes, once read
     file_sha: str = ""
     img: CleanImage | None = None
+    aud: CleanAudio | None = None
+    qa_audio: dict[str, CleanAudio] = dataclasses.field(default_factory=dict)  # member name -> spoken question
 
 
 def _clean_text(ref: dict, cfg: DataConfig) -> dict | _Cleaned:
@@ -128,8 +133,8 @@ def _clean_text(ref: dict, cfg: DataConfig) -> dict | _Cleaned:
     qa, qa_dropped = clean_qa(ref["qa"], cfg.max_caption_chars)
     if not captions and not qa:
         return _row(ref, dropped[0] if dropped else "no_captions", "no usable caption or QA pair")
-    if not ref.get("image"):
-        return _row(ref, "missing_field", "no image")
+    if not ref.get("image") and not ref.get("audio"):
+        return _row(ref, "missing_field", "no image or audio")
     return _Cleaned(ref, captions, qa, dropped + qa_dropped)
 
 
@@ -152,7 +157,7 @@ def _read(c: _Cleaned, cfg: DataConfig, hash_files: bool) -> dict | _Cleaned:
 def _clean_image(c: _Cleaned, cfg: DataConfig, spec: ImageSpec, hash_files: bool) -> dict | _Cleaned:
     """Read the image if that is not done yet, verify and clean it: the reject row, or `c` with
     the cleaned image (and its raw bytes let go)."""
-    if c.img is not None:  # cleaned by an earlier ingest (`urlcache.py`)
+    if c.img is not None or not c.ref.get("image"):  # cleaned by an earlier ingest (`urlcache.py`), or none
         return c
     if c.data is None and isinstance(r := _read(c, cfg, hash_files), dict):
         return r
@@ -164,26 +169,75 @@ def _clean_image(c: _Cleaned, cfg: DataConfig, spec: ImageSpec, hash_files: bool
     return c
 
 
-def _sample(c: _Cleaned, phash: int, cfg: DataConfig) -> tuple[dict, dict]:
-    """(accounting row, tar sample) of a cleaned Ref."""
-    ref, img = c.ref, c.img
+def _sample(c: _Cleaned, phash: int | None, cfg: DataConfig) -> tuple[dict, dict]:
+    """(accounting row, tar sample) of a cleaned Ref: `jpg` when it has an image, `flac` when it
+    has audio (the `json` member then says what the audio was: `audio`)."""
+    ref, img, aud = c.ref, c.img, c.aud
     split = split_of(ref["key"], cfg.split_fractions)
-    doc = {"id": ref["id"], "captions": c.captions, "qa": c.qa, "split": split, "source": ref["source"],
-           "width": img.width, "height": img.height, "meta": {**ref["meta"], "format": img.format}}
+    doc = {"id": ref["id"], "captions": c.captions, "qa": c.qa, "split": split, "source": ref["source"]}
+    meta = dict(ref["meta"])
+    if img is not None:
+        doc.update(width=img.width, height=img.height)
+        meta["format"] = img.format
+    if aud is not None:
+        doc["audio"] = {"duration_s": aud.duration_s, "sample_rate": aud.sample_rate, "channels": aud.channels,
+                        "format": aud.format, "subtype": aud.subtype}
+    doc["meta"] = meta
     txt = c.captions[0] if c.captions else ""
-    staged = {"__key__": ref["key"], "jpg": img.jpeg, "txt": txt.encode("utf-8"),
-              "json": json.dumps(doc, ensure_ascii=False).encode("utf-8")}
-    row = _row(ref, split=split, phash=f"{phash:016x}", pixel_sha=img.pixel_sha,
+    staged = {"__key__": ref["key"], "txt": txt.encode("utf-8"), "json": json.dumps(doc, ensure_ascii=False).encode("utf-8")}
+    if img is not None:
+        staged["jpg"] = img.jpeg
+    if aud is not None:
+        staged["flac"] = aud.flac
+    staged.update({name: a.flac for name, a in c.qa_audio.items()})
+    row = _row(ref, split=split, phash="" if phash is None else f"{phash:016x}", pixel_sha=img.pixel_sha if img else "",
                caption_sha=hashlib.sha256("\n".join(sorted(c.captions)).encode()).hexdigest(),
                captions=json.dumps(c.captions, ensure_ascii=False), dropped=json.dumps(c.dropped),
-               file_sha=c.file_sha, qa=json.dumps(c.qa, ensure_ascii=False))
+               file_sha=c.file_sha, qa=json.dumps(c.qa, ensure_ascii=False),
+               audio_sha=aud.pcm_sha if aud else "", audio_s=aud.duration_s if aud else 0.0)
     return row, staged
+
+
+_AUDIO_FETCH_REASONS = {"missing_image": "missing_audio", "unreadable_image": "unreadable_audio"}
+
+
+def _clean_audio(c: _Cleaned, cfg: DataConfig, spec: AudioSpec) -> dict | _Cleaned:
+    """Read and clean the Ref's audio and its spoken questions, if it has any: the reject row, or
+    `c` with the cleaned audio (each spoken question becomes member `q<k>.flac`, which its QA pair
+    names as `audio`)."""
+    if c.ref.get("audio") and c.aud is None:
+        got = _audio_of(c.ref["audio"], cfg, spec)
+        if isinstance(got, tuple):
+            return _row(c.ref, got[0], got[1], file_sha=c.file_sha)
+        c.aud = got
+    for k, pair in enumerate(c.qa):
+        if isinstance(pair.get("audio"), dict):
+            got = _audio_of(pair["audio"], cfg, spec)
+            if isinstance(got, tuple):
+                return _row(c.ref, got[0], f"question {k} spoken: {got[1]}", file_sha=c.file_sha)
+            c.qa_audio[f"q{k}.flac"] = got
+            pair["audio"] = f"q{k}.flac"
+    return c
+
+
+def _audio_of(loc: dict, cfg: DataConfig, spec: AudioSpec) -> CleanAudio | tuple[str, str]:
+    """The cleaned audio at `loc`, or (reason, detail) why there is none."""
+    limits = dataclasses.replace(FetchLimits.of(cfg), max_bytes=cfg.max_audio_bytes)
+    try:
+        data = fetch(loc, limits=limits)
+    except FetchError as e:  # fetch speaks of images: say audio
+        detail = e.detail.replace("data.max_image_bytes", "data.max_audio_bytes")
+        return _AUDIO_FETCH_REASONS.get(e.reason, e.reason), detail
+    try:
+        return clean_audio(data, spec)
+    except AudioReject as e:
+        return e.reason, e.detail
 
 
 def _phashes(results: list) -> list:
     """The perceptual hash of each cleaned image in `results`, or its reject row where hashing it
     failed (the group is hashed at once, and only when that fails one image at a time)."""
-    cleaned = [r for r in results if isinstance(r, _Cleaned)]
+    cleaned = [r for r in results if isinstance(r, _Cleaned) and r.img is not None]
     try:
         return [int(h) for h in phash_many([c.img.thumb for c in cleaned])]
     except Exception:  # noqa: BLE001 - find the image that fails; the others are hashed alone
@@ -196,7 +250,7 @@ def _process_group(results: list, cfg: DataConfig, spec: ImageSpec, hash_files: 
     results = list(results)
     held = 0
     for i, r in enumerate(results):  # read ahead, while the bytes held stay under the cap
-        if isinstance(r, _Cleaned) and r.img is None and held < READ_AHEAD_BYTES:
+        if isinstance(r, _Cleaned) and r.ref.get("image") and r.img is None and held < READ_AHEAD_BYTES:
             results[i] = r = _guarded("read_image", _read, r, cfg, hash_files)
             held += len(r.data) if isinstance(r, _Cleaned) else 0
     results = [_guarded("clean_image", _clean_image, r, cfg, spec, hash_files) if isinstance(r, _Cleaned) else r
@@ -205,13 +259,17 @@ def _process_group(results: list, cfg: DataConfig, spec: ImageSpec, hash_files: 
 
 
 def _serialise(results: list, cfg: DataConfig) -> list:
-    """Cleaned images hashed and made tar samples: each a reject row or (row, tar sample)."""
+    """The audio of each Ref cleaned (`_clean_audio`), then the images hashed and each made a tar
+    sample: each a reject row or (row, tar sample)."""
+    aspec = AudioSpec.of(cfg)
+    results = [_guarded("clean_audio", _clean_audio, r, cfg, aspec) if isinstance(r, _Cleaned) else r
+               for r in results]
     hashes = iter(_phashes(results))
     out = []
     for r in results:
         if isinstance(r, _Cleaned):
-            h = next(hashes)
-            r = _guarded("serialise", _sample, r, h, cfg) if isinstance(h, int) else h  # h: a reject row
+            h = next(hashes) if r.img is not None else None
+            r = _guarded("serialise", _sample, r, h, cfg) if not isinstance(h, dict) else h  # h: a reject row
         out.append(r)
     return out
 
@@ -219,7 +277,7 @@ def _serialise(results: list, cfg: DataConfig) -> list:
 def _is_web(r: Any) -> bool:
     if not isinstance(r, _Cleaned):
         return False
-    loc = r.ref["image"]
+    loc = r.ref.get("image") or {}
     return loc.get("kind") == "url" or scheme_of(str(loc.get("uri", ""))) in ("http", "https")
 
 

@@ -5,12 +5,21 @@ background. Captions are a few fixed templates over a small vocabulary (colour, 
 position), so a tiny model can learn them; question-answer pairs ask about colour, shape, size,
 count and position. Sample `i` depends only on `(seed, i)`, so any prefix of a larger set is the
 smaller set.
+
+With `audio=True` (`data.synth_audio`) each scene's primary caption is also spoken
+(`audio/<id>.flac`, the JSONL `audio` field) and each question asked by voice (the QA pair's
+`audio`), by espeak-ng with a voice, speed, pitch and background noise drawn per utterance
+(`speech.py`), from a generator of its own: the images and texts are the same with or without.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmcore.metrics.grounding import PhraseVocab
+from pipelines.ingest.audioclean import to_flac, to_pcm16
+from pipelines.ingest.speech import RATE, Speaker
 
 IMAGE_SIZE = 112
 _SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges at little cost
@@ -191,22 +202,66 @@ def make_sample(seed: int, index: int) -> tuple[dict, Image.Image]:
     return record, image
 
 
-def synthesize(out_dir: str | Path, num: int, seed: int = 0) -> Path:
-    """Write `num` samples to `out_dir/samples.jsonl` + `out_dir/images/*.jpg`; returns out_dir.
+def make_speech(record: dict, seed: int, index: int, speaker: Speaker) -> dict[str, bytes]:
+    """The spoken primary caption and questions of sample `index` as FLAC files (relative path ->
+    bytes); sets `record["audio"]`, each QA pair's `audio` and `meta["speech"]` (who said what)."""
+    rng = np.random.default_rng([seed, index, 1])  # apart from the image's: images stay the same
+    files, voices = {}, []
+    texts = [(f"audio/{record['id']}.flac", record["captions"][0])]
+    texts += [(f"audio/{record['id']}-q{k}.flac", pair["question"]) for k, pair in enumerate(record["qa"])]
+    for rel, text in texts:
+        samples, voice = speaker.utterance(text, rng)
+        files[rel] = to_flac(to_pcm16(samples), RATE)
+        voices.append({"voice": voice.name, "speed": voice.speed, "pitch": voice.pitch,
+                       "seconds": round(len(samples) / RATE, 3)})
+    record["audio"] = texts[0][0]
+    for pair, (rel, _) in zip(record["qa"], texts[1:], strict=True):
+        pair["audio"] = rel
+    record["meta"]["speech"] = {"caption": voices[0], "questions": voices[1:]}
+    return files
 
-    Deterministic for `(seed, num)`: the same call writes byte-identical files.
+
+def _write_sample(out: Path, seed: int, index: int, speaker: Speaker | None) -> str:
+    """Write sample `index`'s files; returns its JSONL line."""
+    record, image = make_sample(seed, index)
+    rel = f"images/{record['id']}.jpg"
+    image.save(out / rel, format="JPEG", quality=95)
+    for path, data in (make_speech(record, seed, index, speaker) if speaker else {}).items():
+        (out / path).write_bytes(data)
+    return json.dumps({"id": record["id"], "image": rel, **{k: v for k, v in record.items() if k != "id"}})
+
+
+def synthesize(out_dir: str | Path, num: int, seed: int = 0, audio: bool = False) -> Path:
+    """Write `num` samples to `out_dir/samples.jsonl` + `out_dir/images/*.jpg` (and with `audio`,
+    `out_dir/audio/*.flac`: see the module's docstring); returns out_dir.
+
+    Deterministic for `(seed, num, audio)`: the same call writes byte-identical files. With audio
+    the samples are made on a few threads (espeak-ng runs as subprocesses), with progress on stderr.
     """
     if num < 1:
         raise ValueError(f"synthesize: num must be >= 1, got {num}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(num):
-        record, image = make_sample(seed, i)
-        rel = f"images/{record['id']}.jpg"
-        image.save(out / rel, format="JPEG", quality=95)
-        lines.append(json.dumps({"id": record["id"], "image": rel, **{k: v for k, v in record.items() if k != "id"}}))
+    if not audio:
+        lines = [_write_sample(out, seed, i, None) for i in range(num)]
+    else:
+        (out / "audio").mkdir(exist_ok=True)
+        lines = _spoken(out, num, seed, Speaker())
     tmp = out / "samples.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(out / "samples.jsonl")
     return out
+
+
+def _spoken(out: Path, num: int, seed: int, speaker: Speaker) -> list[str]:
+    """Every sample's line, made on threads, in order; a progress line every 10 s."""
+    lines, t0 = [], time.time()
+    last = t0
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        for line in pool.map(lambda i: _write_sample(out, seed, i, speaker), range(num)):
+            lines.append(line)
+            if time.time() - last > 10:
+                last = time.time()
+                print(f"[synth] {len(lines)}/{num} spoken samples ({len(lines) / (last - t0):.1f}/s, "
+                      f"{speaker.calls} espeak-ng runs)", file=sys.stderr, flush=True)
+    return lines

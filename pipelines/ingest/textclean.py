@@ -111,7 +111,10 @@ def clean_qa(raw: list, max_chars: int) -> tuple[list[dict], list[str]]:
             answers = [a for a in map(answer_text, answers) if a]
             if not answers:
                 raise TextReject("bad_qa", f"no answer for {question!r}")
-            kept.append({"question": question, "answers": answers})
+            pair = {"question": question, "answers": answers}
+            if isinstance(item.get("audio"), dict) and item["audio"].get("uri"):  # the question spoken (a locator)
+                pair["audio"] = item["audio"]
+            kept.append(pair)
         except TextReject as e:
             reasons.append(e.reason)
     return kept, reasons

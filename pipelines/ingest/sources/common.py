@@ -1,8 +1,9 @@
 """What every source reader yields: a `Ref`, a small JSON-able dict pointing at one raw sample.
 
-`{"id", "image": {"kind": "path"|"url"|"tar", "uri", ...} | None, "captions": [str],
-  "qa": [{"question", "answers"}], "meta": {...}, "source": str, "reject": str | None,
-  "detail": str}`. A reader never raises on a bad record: it yields a Ref with `reject` set.
+`{"id", "image": {"kind": "path"|"url"|"tar", "uri", ...} | None, "audio": (the same) | None,
+  "captions": [str], "qa": [{"question", "answers"}], "meta": {...}, "source": str,
+  "reject": str | None, "detail": str}`; a sample has an image, an audio clip or both. A reader
+never raises on a bad record: it yields a Ref with `reject` set.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from typing import Any
 from pipelines.core.storage import join
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# Files read as audio (by content, through libsndfile; the suffix only says "this is audio").
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au")
+
+
+def is_audio_name(name: str) -> bool:
+    return text_of(name).strip().lower().endswith(AUDIO_SUFFIXES)
 
 
 def make_ref(
@@ -28,12 +35,14 @@ def make_ref(
     source: str = "",
     reject: str | None = None,
     detail: str = "",
+    audio: dict | None = None,
 ) -> dict:
     """A Ref; JSON-able whatever the reader found (bytes decoded, other objects made text), and
     a reject (`invalid_encoding`, `invalid_path`) when its id or image path cannot be used."""
     ref = {
         "id": None if id is None else text_of(id),
         "image": jsonable(image),
+        "audio": jsonable(audio),
         "captions": jsonable(list(captions or [])),
         "qa": jsonable(list(qa or [])),
         "meta": jsonable(dict(meta or {})),
@@ -44,7 +53,7 @@ def make_ref(
     if not reject:
         problem = _unusable(ref)
         if problem:
-            ref.update(image=None, captions=[], qa=[], reject=problem[0], detail=problem[1])
+            ref.update(image=None, audio=None, captions=[], qa=[], reject=problem[0], detail=problem[1])
             if not is_utf8(json.dumps(ref["meta"], ensure_ascii=False)):
                 ref["meta"] = {}
     if ref["id"] is not None and not is_utf8(ref["id"]):
@@ -56,11 +65,12 @@ def _unusable(ref: dict) -> tuple[str, str] | None:
     """(reason, detail) when a Ref's id or image path cannot be written or opened, else None."""
     if ref["id"] is not None and not is_utf8(ref["id"]):
         return "invalid_encoding", f"id {safe_text(ref['id'])!r} is not valid Unicode (a lone surrogate)"
-    uri = (ref["image"] or {}).get("uri", "") if isinstance(ref["image"], dict) else ""
-    if not is_utf8(uri):
-        return "invalid_path", f"image path {safe_text(uri)!r} is not valid Unicode (a lone surrogate)"
-    if "\x00" in uri:
-        return "invalid_path", f"image path {safe_text(uri)!r} holds a NUL character"
+    for kind in ("image", "audio"):
+        uri = (ref[kind] or {}).get("uri", "") if isinstance(ref[kind], dict) else ""
+        if not is_utf8(uri):
+            return "invalid_path", f"{kind} path {safe_text(uri)!r} is not valid Unicode (a lone surrogate)"
+        if "\x00" in uri:
+            return "invalid_path", f"{kind} path {safe_text(uri)!r} holds a NUL character"
     if not is_utf8(json.dumps(ref["meta"], ensure_ascii=False)):
         return "invalid_encoding", "a metadata field is not valid Unicode (a lone surrogate)"
     return None

@@ -1,5 +1,6 @@
-"""Image folders with sidecars: `x.jpg` + `x.txt` (one caption a line) and/or `x.json`
-(`{"captions" | "caption", "qa", "meta", "id"}`)."""
+"""Image and audio folders with sidecars: `x.jpg` and/or `x.wav` (any of `AUDIO_SUFFIXES`) +
+`x.txt` (one caption a line) and/or `x.json` (`{"captions" | "caption", "qa", "meta", "id"}`).
+An image and an audio file with the same stem are one sample with both."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from collections.abc import Iterator
 
 from pipelines.core.storage import IMAGE_SUFFIXES, get_fs
-from pipelines.ingest.sources.common import as_list, make_ref, reject_ref
+from pipelines.ingest.sources.common import AUDIO_SUFFIXES, as_list, make_ref, reject_ref
 
 SIDECARS = (".txt", ".json")
 
@@ -36,6 +37,22 @@ def _read_sidecars(fs, stem_path: str, names: set[str]) -> dict:
     return out
 
 
+def _media(stem_path: str, names: set[str]) -> list[str]:
+    """The image and audio files of a stem (what its sidecars belong to)."""
+    return [stem_path + e for e in IMAGE_SUFFIXES + AUDIO_SUFFIXES if stem_path + e in names]
+
+
+def _partner(path: str, stem_path: str, ext: str, names: set[str]) -> tuple[str | None, str | None, bool]:
+    """(image, audio, skip) for a media file: an audio file whose stem also has an image is that
+    image's sample's audio (skipped here); an image takes its stem's audio file, if any."""
+    if f".{ext.lower()}" in AUDIO_SUFFIXES:
+        if any(stem_path + e in names for e in IMAGE_SUFFIXES):
+            return None, None, True
+        return None, path, False
+    audio = next((stem_path + e for e in AUDIO_SUFFIXES if stem_path + e in names), None)
+    return path, audio, False
+
+
 def list_folder(source: str) -> Iterator[dict]:
     """One Ref per file that is not a sidecar; files with no sidecar are rejects."""
     fs, root = get_fs(source)
@@ -46,10 +63,13 @@ def list_folder(source: str) -> Iterator[dict]:
         stem_path, dot, ext = path.rpartition(".")
         if not dot or "/" in ext:
             stem_path, ext = path, ""
-        if f".{ext.lower()}" in SIDECARS and any(stem_path + e in names for e in IMAGE_SUFFIXES):
-            continue  # a sidecar of an image
+        if f".{ext.lower()}" in SIDECARS and _media(stem_path, names):
+            continue  # a sidecar of an image or audio file
         if f".{ext.lower()}" in SIDECARS or rel.startswith(".") or rel.split("/")[-1].startswith("."):
             continue  # a stray sidecar / hidden file, not an input sample
+        image, audio, skip = _partner(path, stem_path, ext, names) if dot else (path, None, False)
+        if skip:
+            continue
         sid = rel.rpartition(".")[0] if dot else rel
         try:
             side = _read_sidecars(fs, stem_path, names)
@@ -59,6 +79,7 @@ def list_folder(source: str) -> Iterator[dict]:
         if not side["captions"] and not side["qa"]:
             yield reject_ref(sid, "no_captions", f"{prefix}{path}: no .txt/.json sidecar with captions", source)
             continue
-        loc = {"kind": "path", "uri": prefix + path}
-        yield make_ref(side.get("id") or sid, loc, side["captions"], side["qa"], {**side["meta"], "file": rel}, source)
-
+        image_loc = {"kind": "path", "uri": prefix + image} if image else None
+        audio_loc = {"kind": "path", "uri": prefix + audio} if audio else None
+        yield make_ref(side.get("id") or sid, image_loc, side["captions"], side["qa"], {**side["meta"], "file": rel},
+                       source, audio=audio_loc)

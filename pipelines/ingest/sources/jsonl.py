@@ -1,4 +1,6 @@
-"""The project's raw JSONL: one `{"id", "image", "captions", "qa", "meta"}` object per line."""
+"""The project's raw JSONL: one `{"id", "image", "audio", "captions", "qa", "meta"}` object per line
+(`image` and/or `audio`: a path relative to the file, an absolute path or a URL; a QA pair's
+`audio` is its question spoken)."""
 
 from __future__ import annotations
 
@@ -31,17 +33,30 @@ def parse_line(raw: bytes, where: str, base: str, source: str) -> dict:
         return reject_ref(where, "malformed_json", f"{where}: {e.msg} at column {e.colno}", source)
     if not isinstance(obj, dict):
         return reject_ref(where, "malformed_json", f"{where}: a line must be a JSON object", source)
-    missing = [k for k in ("id", "image") if not obj.get(k)]
+    missing = [] if obj.get("id") else ["id"]
+    if not obj.get("image") and not obj.get("audio"):
+        missing.append("image (or audio)")
     if not obj.get("captions") and not obj.get("caption") and not obj.get("qa"):
         missing.append("captions")
     if missing:
         return reject_ref(obj.get("id") or where, "missing_field", f"{where}: missing {', '.join(missing)}", source)
-    if not isinstance(obj["image"], str):
-        return reject_ref(obj["id"], "bad_field_type",
-                          f"{where}: 'image' must be a path or URL string, not {type(obj['image']).__name__}", source)
+    for field in ("image", "audio"):
+        if obj.get(field) and not isinstance(obj[field], str):
+            return reject_ref(obj["id"], "bad_field_type",
+                              f"{where}: '{field}' must be a path or URL string, not {type(obj[field]).__name__}",
+                              source)
     captions = as_list(obj.get("captions", obj.get("caption")))
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return make_ref(obj["id"], image_loc(obj["image"], base), captions, as_list(obj.get("qa")), meta, source)
+    image = image_loc(obj["image"], base) if obj.get("image") else None
+    audio = image_loc(obj["audio"], base) if obj.get("audio") else None
+    return make_ref(obj["id"], image, captions, _spoken_qa(as_list(obj.get("qa")), base), meta, source, audio=audio)
+
+
+def _spoken_qa(qa: list, base: str) -> list:
+    """QA pairs whose `audio` (the question spoken) names a file: that name as a locator."""
+    return [{**pair, "audio": image_loc(pair["audio"], base)}
+            if isinstance(pair, dict) and isinstance(pair.get("audio"), str) and pair["audio"].strip() else pair
+            for pair in qa]
 
 
 def list_jsonl(source: str) -> Iterator[dict]:

@@ -11,7 +11,7 @@ import tarfile
 from collections.abc import Iterator
 
 from pipelines.core.storage import IMAGE_SUFFIXES, get_fs
-from pipelines.ingest.sources.common import as_list, find_files, make_ref, reject_ref
+from pipelines.ingest.sources.common import AUDIO_SUFFIXES, as_list, find_files, make_ref, reject_ref
 
 _TEXT_MEMBERS = ("json", "txt", "caption", "cap")
 
@@ -102,10 +102,11 @@ def _scan(uri: str) -> _Scan:
 
 def _ref(key: str, entry: dict, uri: str) -> dict:
     image_ext = next((e for e in entry if f".{e}" in IMAGE_SUFFIXES), None)
-    if image_ext is None:
-        return reject_ref(key, "missing_image", f"{uri}: sample {key} has no image member", uri)
-    offset, size = entry[image_ext]
-    loc = {"kind": "tar", "uri": uri, "offset": offset, "size": size}
+    audio_ext = next((e for e in entry if f".{e}" in AUDIO_SUFFIXES), None)  # a version's `flac`
+    if image_ext is None and audio_ext is None:
+        return reject_ref(key, "missing_image", f"{uri}: sample {key} has no image or audio member", uri)
+    loc, audio = ({"kind": "tar", "uri": uri, "offset": entry[e][0], "size": entry[e][1]} if e else None
+                  for e in (image_ext, audio_ext))
     try:
         obj = json.loads(entry["json"].decode("utf-8")) if "json" in entry else {}
         text = next((entry[e].decode("utf-8") for e in ("txt", "caption", "cap") if e in entry), "")
@@ -114,7 +115,10 @@ def _ref(key: str, entry: dict, uri: str) -> dict:
     obj = obj if isinstance(obj, dict) else {}
     captions = as_list(obj.get("captions")) or ([text] if text else [])
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return make_ref(obj.get("id") or key, loc, captions, as_list(obj.get("qa")), {**meta, "tar_key": key}, uri)
+    qa = [{**p, "audio": {"kind": "tar", "uri": uri, "offset": entry[p["audio"]][0], "size": entry[p["audio"]][1]}}
+          if isinstance(p, dict) and isinstance(p.get("audio"), str) and p["audio"] in entry else p
+          for p in as_list(obj.get("qa"))]  # a spoken question: its member (`q0.flac`) in this tar
+    return make_ref(obj.get("id") or key, loc, captions, qa, {**meta, "tar_key": key}, uri, audio=audio)
 
 
 def _refs_of(scan: _Scan) -> Iterator[dict]:
