@@ -141,6 +141,10 @@ class ScalingConfig(_Section):
     # An int, or [min, max]: elastic training (Ray Train), which runs on as many workers as the
     # cluster has, at least min, and continues smaller after losing a node instead of waiting.
     num_workers: int | tuple[int, int] = 2
+    # Elastic only: while the group runs, how often Ray Train asks whether the cluster now holds
+    # more workers, and if so restarts the group bigger from the last checkpoint. Ray's default
+    # (60 s) lets a group that started small (nodes still registering) stay small for a minute.
+    elastic_resize_s: float = Field(60.0, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0

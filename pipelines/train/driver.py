@@ -243,7 +243,8 @@ def build_trainer(cfg: Config, job: TrainJob, callbacks: Sequence = ()):
         train_loop_per_worker,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=s.elastic_resize_s),
         run_config=RunConfig(
             name=job.run_name,
             storage_path=storage,
