@@ -58,8 +58,14 @@ DRIVER = textwrap.dedent("""
                                 "train.eval_every=0", "train.loader_workers=1", "train.val_max_samples=8",
                                 "train.max_failures=2", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=1",
                                 "scaling.elastic_resize_s=5"])
-    init_ray(cfg)
     deadline = time.monotonic() + 180
+    while True:  # the raylets may still be registering on a busy machine
+        try:
+            init_ray(cfg)
+            break
+        except ConnectionError:
+            assert time.monotonic() < deadline, "could not connect to the cluster for 180 s"
+            time.sleep(2)
     while sum(n["Alive"] for n in ray.nodes()) < 3:
         assert time.monotonic() < deadline, f"the cluster never had 3 nodes: {ray.nodes()}"
         time.sleep(0.5)
@@ -138,6 +144,14 @@ class LocalCluster:
         self.nodes[name].wait(timeout=30)
         return procs
 
+    def report(self) -> str:
+        """Which nodes' `ray start` still runs, and the end of each one's log (for a failure)."""
+        lines = []
+        for name, proc in self.nodes.items():
+            log = (self.root / f"{name}.log").read_text(errors="replace")[-1500:]
+            lines.append(f"--- node {name}: {'running' if proc.poll() is None else f'exited {proc.returncode}'}\n{log}")
+        return "\n".join(lines)
+
     def close(self) -> list[psutil.Process]:
         """Kill every node, workers first; returns what was killed, for the caller to check."""
         killed = []
@@ -152,9 +166,11 @@ def cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": "",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "RAY_TRAIN_V2_ENABLED": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",
-           # the GCS declares a silent node dead after ~3 s instead of ~30 s
-           "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
-           "RAY_health_check_failure_threshold": "4"}
+           # The GCS declares a killed node dead after ~10 s (10 refused checks a second apart)
+           # instead of ~30 s, yet a live raylet starved of CPU by a loaded machine must miss 10 checks
+           # of 5 s each: with 0.5 s x 4 a busy machine killed healthy nodes before training began.
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000",
+           "RAY_health_check_failure_threshold": "10"}
     c = LocalCluster(root, env)
     try:
         c.start("head", head=True, num_cpus=0, worker_ports=(21000, 21099))
@@ -216,7 +232,7 @@ def test_training_survives_losing_a_worker_node(cluster, tiny_dataset, tmp_path)
             driver.wait(timeout=30)
     finished = time.monotonic()
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert driver.returncode == 0 and lines, out[-6000:]
+    assert driver.returncode == 0 and lines, out[-6000:] + "\n" + cluster.report()
     assert "checkpoint" in seen, f"no checkpoint of a 2-worker group before the run ended: {seen.get('sizes')}"
     killed_at = int(seen["checkpoint"].removeprefix("checkpoint-step"))
     assert seen["processes"] >= 3  # ray start, the raylet and the training rank at least
