@@ -135,6 +135,9 @@ class TrainConfig(_Section):
     # torch.compile the model (GPU): text padded to fixed lengths (model.max_text_len, max_answer_len)
     # so that every batch has one shape and nothing recompiles.
     compile: bool = False
+    # Recompute each transformer block's activations in the backward instead of keeping them
+    # (torch's composable activation checkpointing): less memory, about one more forward per step.
+    activation_checkpointing: bool = False
 
 
 class ScalingConfig(_Section):

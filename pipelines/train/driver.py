@@ -217,6 +217,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
         eval_batch_size=cfg.eval.batch_size, init_from=init_dir, run_path=None if "://" in path else path,
         use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         strategy=cfg.scaling.strategy, fsdp_reduce_dtype=cfg.scaling.fsdp_reduce_dtype, compile=t.compile,
+        activation_checkpointing=t.activation_checkpointing,
         run_uri=path, max_nonfinite_steps=t.max_nonfinite_steps, nonfinite_at_steps=list(t.nonfinite_at_steps),
         fail_at_step=t.fail_at_step, fail_marker=f"{path}/.fail-at-step-{t.fail_at_step}" if t.fail_at_step is not None else None,
         mlflow_uri=mlflow_tracking_uri(cfg), mlflow_experiment=cfg.registry.experiment,

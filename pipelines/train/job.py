@@ -39,6 +39,7 @@ class TrainJob:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     compile: bool = False  # torch.compile, with text padded to static lengths (`steps.sample_codec`)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
     strategy: str = "ddp"  # ddp | fsdp (`pipelines.train.sharding`)
     fsdp_reduce_dtype: str = "float32"  # FSDP on GPU: the dtype gradients are reduced in
     run_path: str | None = None  # the run's storage folder when local (shared) storage, else None

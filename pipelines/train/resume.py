@@ -14,7 +14,7 @@ from pipelines.core.checkpoints import NonFiniteError, nonfinite_tensors
 from pipelines.train import state as train_state
 from pipelines.train.job import TrainJob
 from pipelines.train.optim import build_optimizer
-from pipelines.train.sharding import load_optimizer_state, shard_model
+from pipelines.train.sharding import checkpoint_activations, load_optimizer_state, shard_model
 from pipelines.train.worker import Worker, say, unwrap
 
 
@@ -125,6 +125,8 @@ def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
     for resume_dir in [*resume_dirs, None]:
         try:
             model = initial_model(job, resume_dir).to(worker.device)
+            if job.activation_checkpointing:
+                checkpoint_activations(model)
             if job.strategy == "fsdp":  # before the optimiser, which must hold the shards
                 model = shard_model(model, worker.device, job.fsdp_reduce_dtype)
             optimizer, scheduler = build_optimizer(
