@@ -68,6 +68,9 @@ class DataConfig(_Section):
     # list that grew) downloads only what it has not cleaned before; false: always download.
     url_cache: bool = True
     columns: dict[str, str] = Field(default_factory=dict)  # csv/parquet column names
+    # Size of the WordPiece tokenizer ingest trains on the train split and stores in the version
+    # (`<version>/tokenizer/`); every training run on the version uses it.
+    vocab_size: int = Field(1000, ge=16)
 
     @field_validator("split_fractions")
     @classmethod
@@ -93,7 +96,7 @@ class ModelConfig(_Section):
     fusion: Literal["cross_attention", "gated", "concat"] | None = None  # None = the preset's
     image_encoder: str | None = None  # e.g. resnet18, resnet50, vit; None = the preset's
     image_size: int | None = None  # model input resolution; None = the preset's
-    vocab_size: int = 1000  # size of the locally trained WordPiece tokenizer
+    vocab_size: int = 1000  # tokenizer size for a dataset version without one of its own (old ingest)
     max_text_len: int = 32
     max_answer_len: int = 8
     tokenizer: str | None = None  # local dir of a pretrained tokenizer; None = train one
