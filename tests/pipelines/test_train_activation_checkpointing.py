@@ -116,3 +116,18 @@ def test_gradients_match_under_fsdp_on_two_gloo_ranks(tmp_path):
         assert facts["names"] and facts["n"] > 50
         assert facts["loss"][0] == pytest.approx(facts["loss"][1], rel=1e-6)
         assert facts["close"], facts
+
+
+def test_validation_and_generation_under_no_grad_are_unchanged():
+    """Validation and serving run the same model without gradients: the hooks change nothing."""
+    plain = debug_model().eval()
+    ckpt = copy.deepcopy(plain)
+    checkpoint_activations(ckpt)
+    batch = pretrain_batch(plain, seed=3)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = plain(batch, "pretrain")
+        torch.manual_seed(1)
+        b = ckpt(batch, "pretrain")
+        assert torch.equal(a.image_emb, b.image_emb) and torch.equal(a.lm_logits, b.lm_logits)
+        assert torch.equal(plain.generate(batch["image"], 5), ckpt.generate(batch["image"], 5))
