@@ -251,9 +251,10 @@ def write_shards(folder: Path, num: int, per_shard: int) -> list[str]:
 
 def part_loader(args, device, out: Path, model_rate: float | None) -> dict:
     """Samples/s the training loader delivers (as a Ray Train worker runs it) vs the model's rate."""
-    from mmcore.data import special_token_ids, train_tokenizer
+    from mmcore.data import SampleConfig, special_token_ids, train_tokenizer
     from mmcore.model import model_config
-    from pipelines.train.job import TrainJob
+    from pipelines.config import TrainConfig
+    from pipelines.train.job import DataSpec, RunSpec, TrainJob
     from pipelines.train.steps import build_train_loader
     from pipelines.train.worker import Worker
 
@@ -262,10 +263,9 @@ def part_loader(args, device, out: Path, model_rate: float | None) -> dict:
     tok = train_tokenizer([f"a {c} {s} number {i}" for i in range(200) for c in ("red", "blue", "green")
                            for s in ("circle", "square")], vocab_size=300)
     mcfg = model_config(args.preset, vocab_size=len(tok), **special_token_ids(tok))
-    job = TrainJob(run_name="bench-loader", task="pretrain", tasks=["pretrain"], total_steps=1, train_urls=urls,
-                   val_urls=[], model_config=mcfg.to_dict(), tokenizer=tok, batch_size=args.batch,
-                   sample_config={"image_size": mcfg.image.image_size, "max_text_len": args.text_len, "max_answer_len": 8},
-                   loader_workers=args.loader_workers, shuffle_buffer=256)
+    sample = SampleConfig(image_size=mcfg.image.image_size, max_text_len=args.text_len, max_answer_len=8)
+    job = TrainJob(RunSpec("bench-loader", "pretrain", ["pretrain"], total_steps=1), DataSpec(urls, [], tok, sample),
+                   mcfg, train=TrainConfig(batch_size=args.batch, loader_workers=args.loader_workers, shuffle_buffer=256))
     worker = Worker(rank=0, world_size=1, device=device, amp_dtype=None)
     it = iter(build_train_loader(job, worker, start_step=0))
     for _ in range(2 * max(args.loader_workers, 1)):  # start-up: forks, first shards opened

@@ -66,18 +66,18 @@ def baseline(job, steps: int, threads: int) -> float:
 
     torch.set_num_threads(threads)
     decode, collate = sample_codec(job, train=True)
-    raw = itertools.islice((s for u in job.train_urls for s in read_shard(u)), 8 * job.batch_size)
+    raw = itertools.islice((s for u in job.data.train_urls for s in read_shard(u)), 8 * job.train.batch_size)
     samples = [decode(s) for s in raw]
-    batches = [collate(samples[i : i + job.batch_size]) for i in range(0, len(samples) - job.batch_size + 1, job.batch_size)]
+    batches = [collate(samples[i : i + job.train.batch_size]) for i in range(0, len(samples) - job.train.batch_size + 1, job.train.batch_size)]
     model = initial_model(job, None)
-    opt, sched = build_optimizer(model, job.lr, job.weight_decay, job.warmup_steps, steps, job.min_lr_ratio)
-    loss_fn = build_losses(job, 1, gather=False)[job.tasks[0]]
+    opt, sched = build_optimizer(model, job.run.lr, job.train.weight_decay, job.train.warmup_steps, steps, job.train.min_lr_ratio)
+    loss_fn = build_losses(job, 1, gather=False)[job.run.tasks[0]]
     warm = 3
     for i in range(steps + warm):
         if i == warm:
             t0 = time.perf_counter()
-        train_step(model, loss_fn, [batches[i % len(batches)]], job.tasks[0], opt, sched, job.grad_clip)
-    return steps * job.batch_size / (time.perf_counter() - t0)
+        train_step(model, loss_fn, [batches[i % len(batches)]], job.run.tasks[0], opt, sched, job.train.grad_clip)
+    return steps * job.train.batch_size / (time.perf_counter() - t0)
 
 
 def loader_alone(job, batches: int) -> float:
@@ -91,7 +91,7 @@ def loader_alone(job, batches: int) -> float:
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return batches * job.batch_size / (time.perf_counter() - t0)
+    return batches * job.train.batch_size / (time.perf_counter() - t0)
 
 
 def steady_rate(history: list[dict]) -> float:

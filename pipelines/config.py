@@ -79,6 +79,9 @@ class DataConfig(_Section):
     # The synthetic set also speaks each caption and asks each question by voice (espeak-ng):
     # `synthesize(..., audio=cfg.data.synth_audio)`; `mmfusion data synth --audio`.
     synth_audio: bool = False
+    # Size of the WordPiece tokenizer ingest trains on the train split and stores in the version
+    # (`<version>/tokenizer/`); every training run on the version uses it.
+    vocab_size: int = Field(1000, ge=16)
 
     @field_validator("split_fractions")
     @classmethod
@@ -104,7 +107,7 @@ class ModelConfig(_Section):
     fusion: Literal["cross_attention", "gated", "concat"] | None = None  # None = the preset's
     image_encoder: str | None = None  # e.g. resnet18, resnet50, vit; None = the preset's
     image_size: int | None = None  # model input resolution; None = the preset's
-    vocab_size: int = 1000  # size of the locally trained WordPiece tokenizer
+    vocab_size: int = 1000  # tokenizer size for a dataset version without one of its own (old ingest)
     max_text_len: int = 32
     max_answer_len: int = 8
     tokenizer: str | None = None  # local dir of a pretrained tokenizer; None = train one
@@ -150,12 +153,19 @@ class TrainConfig(_Section):
     # torch.compile the model (GPU): text padded to fixed lengths (model.max_text_len, max_answer_len)
     # so that every batch has one shape and nothing recompiles.
     compile: bool = False
+    # Recompute each transformer block's activations in the backward instead of keeping them
+    # (torch's composable activation checkpointing): less memory, about one more forward per step.
+    activation_checkpointing: bool = False
 
 
 class ScalingConfig(_Section):
     # An int, or [min, max]: elastic training (Ray Train), which runs on as many workers as the
     # cluster has, at least min, and continues smaller after losing a node instead of waiting.
     num_workers: int | tuple[int, int] = 2
+    # Elastic only: while the group runs, how often Ray Train asks whether the cluster now holds
+    # more workers, and if so restarts the group bigger from the last checkpoint. Ray's default
+    # (60 s) lets a group that started small (nodes still registering) stay small for a minute.
+    elastic_resize_s: float = Field(60.0, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0

@@ -5,6 +5,8 @@
 <root>/<version>/report.json       counts: seen, kept, rejected by reason, duplicates
 <root>/<version>/rejects.jsonl     one line per dropped input, with its reason
 <root>/<version>/{train,val,test}/shard-000000.tar
+<root>/<version>/tokenizer/        the version's WordPiece tokenizer, trained by ingest on its
+                                   train split; each file's sha256 in the manifest's `tokenizer`
 <root>/_index/<key>.json          a listing (names, sizes, mtimes) that made a version: see job.py
 <root>/_staging/<key>/            cleaned samples of a running ingest (removed when it ends)
 ```
@@ -32,6 +34,11 @@ REJECTS = "rejects.jsonl"
 SHARD_NAME = "shard-{index:06d}.tar"
 STAGING_DIR = "_staging"
 INDEX_DIR = "_index"
+TOKENIZER_DIR = "tokenizer"
+
+
+class DatasetError(ValueError):
+    """A dataset version that cannot be used as it is; the message names the file and the fix."""
 
 
 def shard_name(index: int) -> str:
@@ -123,3 +130,47 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
             yield sample
     finally:
         stream.close()
+
+
+def sample_texts(urls: list[str], limit: int | None = None) -> Iterator[str]:
+    """Every caption, question and answer in the shards (for training a tokenizer); no images decoded."""
+    from mmcore.data import parse_sample
+
+    for count, raw in enumerate(s for url in urls for s in read_shard(url)):
+        if limit is not None and count >= limit:
+            return
+        sample = parse_sample(raw)
+        yield from sample.captions
+        for qa in sample.qa:
+            yield qa.get("question", "")
+            yield from qa.get("answers", [])
+
+
+def tokenizer_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """The version's tokenizer files (name -> sha256) as its manifest lists them; `{}` for a
+    version ingested before versions carried their tokenizer."""
+    return dict((manifest.get("tokenizer") or {}).get("files", {}))
+
+
+def fetch_tokenizer(version_dir: str | os.PathLike, local_dir: str | os.PathLike) -> Path | None:
+    """The version's `tokenizer/` as a local folder whose every file matches its sha256 in the
+    manifest: the version's own folder when local, else a copy in `local_dir`. None when the
+    version has no tokenizer; `DatasetError` naming the file when one is missing or altered."""
+    from pipelines.core.storage import as_path, is_remote, sha256_file
+
+    files = tokenizer_files(read_manifest(version_dir))
+    if not files:
+        return None
+    source = join(version_dir, TOKENIZER_DIR)
+    folder = Path(local_dir) if is_remote(str(version_dir)) else Path(as_path(source))
+    for name, digest in files.items():
+        if is_remote(str(version_dir)) and not (folder / name).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            fs, path = get_fs(join(source, name))
+            fs.get_file(path, str(folder / name))
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
+            raise DatasetError(
+                f"{join(source, name)} is missing or does not match its sha256 in {MANIFEST} ({digest[:12]}...): "
+                "the dataset version is damaged. Re-run the ingest into a new root, or restore the file."
+            )
+    return folder

@@ -341,7 +341,30 @@ def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
     manifest = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
                 "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()},
-                "media": media_counts(result.kept)}
+                "media": media_counts(result.kept),
+                "tokenizer": write_tokenizer(vdir, [storage.join(vdir, e["path"]) for e in splits["train"]], cfg)}
     storage.write_json_atomic(storage.join(vdir, dataset.MANIFEST), manifest)
 
 
+def write_tokenizer(vdir: str, train_urls: list[str], cfg: DataConfig) -> dict[str, Any] | None:
+    """Train the version's WordPiece tokenizer (`data.vocab_size`) on its train shards' texts and
+    write it to `<version>/tokenizer/`; returns the manifest entry (each file's sha256), or None
+    when the train split has no text. Training breaks frequency ties in hash order, so a second
+    training could give other ids: the version carries the one every run on it uses."""
+    import tempfile
+
+    from mmcore.data import train_tokenizer
+
+    texts = list(dataset.sample_texts(train_urls))
+    if not texts:
+        return None
+    t0 = time.time()
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {name: storage.sha256_file(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        for name in files:
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes_atomic(storage.join(vdir, dataset.TOKENIZER_DIR, name), f.read())
+    log(f"trained a {len(tokenizer)}-token tokenizer on {len(texts)} train texts in {time.time() - t0:.1f}s")
+    return {"path": dataset.TOKENIZER_DIR, "vocab_size": len(tokenizer), "files": files}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.core.dataset import read_shard
+from pipelines.core.dataset import read_shard, sample_texts  # noqa: F401 (re-exported)
 
 Sample = dict[str, Any]
 
@@ -272,17 +272,3 @@ def val_batches(
             chunk = []
     if chunk:
         yield collate(chunk)
-
-
-def sample_texts(urls: list[str], limit: int | None = None) -> Iterator[str]:
-    """Every caption, question and answer in the shards (for training a tokenizer); no images decoded."""
-    from mmcore.data import parse_sample
-
-    for count, raw in enumerate(s for url in urls for s in read_shard(url)):
-        if limit is not None and count >= limit:
-            return
-        sample = parse_sample(raw)
-        yield from sample.captions
-        for qa in sample.qa:
-            yield qa.get("question", "")
-            yield from qa.get("answers", [])

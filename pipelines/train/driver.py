@@ -25,7 +25,7 @@ from pipelines.config import Config, home_dir, mlflow_tracking_uri, train_storag
 from pipelines.core.checkpoints import CONFIG, CONFIG_FILES, TRAINER_STATE, WEIGHTS, is_checkpoint_dir
 from pipelines.core.dataset import version_id
 from pipelines.core.mlflow import artifact_location, create_experiment
-from pipelines.train.job import TrainJob
+from pipelines.train.job import DataSpec, RunSpec, Tracking, TrainJob
 
 log = logging.getLogger("pipelines.train")
 
@@ -114,19 +114,38 @@ def run_dir(cfg: Config, run_name: str) -> str:
     return f"{storage.rstrip('/')}/{run_name}"
 
 
-def dataset_tokenizer(cfg: Config, train_urls: list[str], version: str):
-    """The WordPiece tokenizer of a dataset version, trained once on its train split and kept
-    under `$MMFUSION_HOME/tokenizers/`: training breaks frequency ties in hash order, so training
-    again could give other ids, and every run on one version must share them."""
+def dataset_tokenizer(cfg: Config, data_dir: str):
+    """The dataset version's WordPiece tokenizer: the one ingest trained and stored in the version
+    (`<version>/tokenizer/`, checked against its sha256 in the manifest). A version ingested before
+    versions carried one gets one trained here on its train split, once, kept under
+    `$MMFUSION_HOME/tokenizers/` (training breaks frequency ties in hash order, so training again
+    could give other ids, and every run on one version must share them)."""
+    from mmcore.data import load_tokenizer
+    from pipelines.core.dataset import DatasetError, fetch_tokenizer
+
+    version = version_id(data_dir)
+    try:
+        folder = fetch_tokenizer(data_dir, home_dir(cfg) / "tokenizers" / f"{version}-ingested")
+    except DatasetError as e:
+        raise TrainingError(str(e)) from e
+    if folder is not None:
+        return load_tokenizer(folder)
+    return legacy_tokenizer(cfg, data_dir, version)
+
+
+def legacy_tokenizer(cfg: Config, data_dir: str, version: str):
+    """For a version without `tokenizer/`: train one (`model.vocab_size`) on its train split, once."""
     from mmcore.data import load_tokenizer, train_tokenizer
-    from pipelines.train.data import sample_texts
+    from pipelines.core.dataset import sample_texts
 
     size = cfg.model.vocab_size
     cached = home_dir(cfg) / "tokenizers" / f"{version}-v{size}"
     if (cached / "tokenizer.json").is_file():
         return load_tokenizer(cached)
-    print(f"[train] training a {size}-token WordPiece tokenizer on the train split", flush=True)
-    tokenizer = train_tokenizer(sample_texts(train_urls), size)
+    print(f"[train] notice: dataset version {version} has no tokenizer/ (ingested before versions carried "
+          f"their tokenizer); training a {size}-token WordPiece tokenizer on its train split, kept in {cached}. "
+          "Re-ingest the data to have the version carry its own.", flush=True)
+    tokenizer = train_tokenizer(sample_texts(split_urls(data_dir, "train")), size)
     staging = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
     tokenizer.save_pretrained(str(staging))
     try:
@@ -136,30 +155,27 @@ def dataset_tokenizer(cfg: Config, train_urls: list[str], version: str):
     return load_tokenizer(cached)
 
 
-def tokenizer_and_model_config(
-    cfg: Config, train_urls: list[str], start_dir: str | None, version: str = "unversioned"
-):
-    """(tokenizer, FusionModelConfig dict). From a checkpoint (resume / fine-tune) when given,
-    else `model.tokenizer` or the dataset version's WordPiece tokenizer (`dataset_tokenizer`)."""
+def tokenizer_and_model_config(cfg: Config, data_dir: str, start_dir: str | None):
+    """(tokenizer, FusionModelConfig). From a checkpoint (resume / fine-tune) when given, else
+    `model.tokenizer` or the dataset version's WordPiece tokenizer (`dataset_tokenizer`)."""
     from mmcore.checkpoint import read_config
     from mmcore.data import load_tokenizer, special_token_ids
     from mmcore.model import model_config
 
     if start_dir:
         model_cfg, _ = read_config(start_dir)
-        tokenizer = load_tokenizer(start_dir)
-        return tokenizer, model_cfg.to_dict()
+        return load_tokenizer(start_dir), model_cfg
     m = cfg.model
     if m.tokenizer:
         tokenizer = load_tokenizer(m.tokenizer)
     else:
-        tokenizer = dataset_tokenizer(cfg, train_urls, version)
+        tokenizer = dataset_tokenizer(cfg, data_dir)
     model_cfg = model_config(
         m.preset, vocab_size=len(tokenizer), fusion=m.fusion, image_encoder=m.image_encoder,
         image_size=m.image_size, image_pretrained=m.image_pretrained, text_pretrained=m.text_pretrained,
         **special_token_ids(tokenizer), **m.overrides,
     )
-    return tokenizer, model_cfg.to_dict()
+    return tokenizer, model_cfg
 
 
 def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None:
@@ -187,6 +203,8 @@ def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None
 
 def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: str | None = None) -> TrainJob:
     """Resolve everything a worker needs: shards, tokenizer, model config, schedule, tracking."""
+    from mmcore.data import SampleConfig
+
     t = cfg.train
     tasks = resolve_tasks(cfg, task)
     init_dir = resolve_init(cfg, init_from)
@@ -198,34 +216,19 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     resume = existing_checkpoint(cfg, name, path)
     if resume:
         print(f"[train] run {name} exists; resuming from its latest checkpoint in {path}", flush=True)
-    tokenizer, model_cfg = tokenizer_and_model_config(cfg, train_urls, resume or init_dir, version)
-    text_positions = model_cfg["text"].get("max_positions") or cfg.model.max_text_len
+    tokenizer, model_cfg = tokenizer_and_model_config(cfg, data_dir, resume or init_dir)
     pretrain = task == "pretrain"
-    return TrainJob(
-        run_name=name, task=task, tasks=tasks,
-        total_steps=t.steps if pretrain else t.finetune_steps,
-        train_urls=train_urls, val_urls=val_urls, model_config=model_cfg, tokenizer=tokenizer,
-        sample_config={"image_size": model_cfg["image"]["image_size"],
-                       "max_text_len": min(cfg.model.max_text_len, text_positions),
-                       "max_answer_len": cfg.model.max_answer_len},
-        lr=t.lr if pretrain else t.finetune_lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-        min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, grad_accum=max(t.grad_accum, 1),
-        batch_size=t.batch_size,
-        loss_weights={"itc_weight": t.itc_weight, "itm_weight": t.itm_weight, "lm_weight": t.lm_weight,
-                      "token_itc_weight": t.token_itc_weight,
-                      "label_smoothing": t.label_smoothing},
-        checkpoint_every=t.checkpoint_every, eval_every=t.eval_every, log_every=t.log_every, seed=t.seed,
-        loader_workers=t.loader_workers, shuffle_buffer=t.shuffle_buffer, val_max_samples=t.val_max_samples,
-        eval_batch_size=cfg.eval.batch_size, init_from=init_dir, run_path=None if "://" in path else path,
-        use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
-        strategy=cfg.scaling.strategy, fsdp_reduce_dtype=cfg.scaling.fsdp_reduce_dtype, compile=t.compile,
-        run_uri=path, max_nonfinite_steps=t.max_nonfinite_steps, nonfinite_at_steps=list(t.nonfinite_at_steps),
-        fail_at_step=t.fail_at_step, fail_marker=f"{path}/.fail-at-step-{t.fail_at_step}" if t.fail_at_step is not None else None,
-        mlflow_uri=mlflow_tracking_uri(cfg), mlflow_experiment=cfg.registry.experiment,
-        mlflow_artifact_location=artifact_location(cfg),
-        lineage={"dataset_version": version, "data_dir": str(data_dir), "config_hash": cfg.hash(),
-                 "init_from": str(init_from) if init_from else None, "preset": cfg.model.preset},
-    )
+    run = RunSpec(name=name, task=task, tasks=tasks, total_steps=t.steps if pretrain else t.finetune_steps,
+                  lr=t.lr if pretrain else t.finetune_lr, uri=path, path=None if "://" in path else path,
+                  init_from=init_dir,
+                  lineage={"dataset_version": version, "data_dir": str(data_dir), "config_hash": cfg.hash(),
+                           "init_from": str(init_from) if init_from else None, "preset": cfg.model.preset})
+    text_positions = model_cfg.text.max_positions or cfg.model.max_text_len
+    sample = SampleConfig(image_size=model_cfg.image.image_size, max_answer_len=cfg.model.max_answer_len,
+                          max_text_len=min(cfg.model.max_text_len, text_positions))
+    data = DataSpec(train_urls, val_urls, tokenizer, sample, eval_batch_size=cfg.eval.batch_size)
+    tracking = Tracking(mlflow_tracking_uri(cfg), cfg.registry.experiment, artifact_location(cfg))
+    return TrainJob(run, data, model_cfg, train=t, scaling=cfg.scaling, tracking=tracking)
 
 
 def build_trainer(cfg: Config, job: TrainJob, callbacks: Sequence = ()):
@@ -240,14 +243,15 @@ def build_trainer(cfg: Config, job: TrainJob, callbacks: Sequence = ()):
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    storage = run_dir(cfg, job.run_name).rsplit("/", 1)[0]
+    storage = run_dir(cfg, job.run.name).rsplit("/", 1)[0]
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=s.elastic_resize_s),
         run_config=RunConfig(
-            name=job.run_name,
+            name=job.run.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1)),
@@ -288,15 +292,15 @@ def final_checkpoint_dir(cfg: Config, result, job: TrainJob) -> Path:
         # reports nothing: its final checkpoint is on disk.
         from pipelines.train.state import latest_checkpoint
 
-        found = latest_checkpoint(job.run_path) if job.run_path else None
-        if found and summary(Path(found)).get("step") == job.total_steps:
+        found = latest_checkpoint(job.run.path) if job.run.path else None
+        if found and summary(Path(found)).get("step") == job.run.total_steps:
             return Path(found)
-        raise TrainingError(f"run {job.run_name} finished without a checkpoint; see the log above")
+        raise TrainingError(f"run {job.run.name} finished without a checkpoint; see the log above")
     import pyarrow.fs
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(checkpoint.path)
-    local = home_dir(cfg) / "checkpoints" / job.run_name / Path(checkpoint.path).name
+    local = home_dir(cfg) / "checkpoints" / job.run.name / Path(checkpoint.path).name
     if not local.is_dir():
         checkpoint.to_directory(str(local))
     return local
@@ -317,10 +321,10 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
     job = build_job(cfg, str(data_dir), task, init_from, run_name)
     create_experiment(cfg, required=False)  # here, before Ray: workers only look it up
     try:
-        with run_lock(job.run_uri):
+        with run_lock(job.run.uri):
             return fit(cfg, job, callbacks)
     except RunInUseError as e:
-        raise TrainingError(f"run {job.run_name}: {e}") from e
+        raise TrainingError(f"run {job.run.name}: {e}") from e
 
 
 def fit(cfg: Config, job: TrainJob, callbacks: Sequence = ()) -> Path:
@@ -330,7 +334,7 @@ def fit(cfg: Config, job: TrainJob, callbacks: Sequence = ()) -> Path:
     from pipelines.runtime import init_ray
     from pipelines.train.guard import ABORT_FILE
 
-    abort_note = join(job.run_uri, ABORT_FILE)
+    abort_note = join(job.run.uri, ABORT_FILE)
     if exists(abort_note):  # from an earlier attempt of this run: this one decides afresh
         remove(abort_note)
     init_ray(cfg)
@@ -338,18 +342,18 @@ def fit(cfg: Config, job: TrainJob, callbacks: Sequence = ()) -> Path:
     trainer = build_trainer(cfg, job, callbacks)
     s = cfg.scaling
     workers = s.num_workers if isinstance(s.num_workers, int) else f"{s.min_workers}-{s.max_workers} (elastic)"
-    print(f"[train] {job.run_name}: {job.task} for {job.total_steps} steps on {workers} worker(s) "
-          f"({s.strategy}), storage {job.run_uri}", flush=True)
+    print(f"[train] {job.run.name}: {job.run.task} for {job.run.total_steps} steps on {workers} worker(s) "
+          f"({s.strategy}), storage {job.run.uri}", flush=True)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause and name the run
-        raise TrainingError(f"training run {job.run_name} failed: {e}") from e
+        raise TrainingError(f"training run {job.run.name} failed: {e}") from e
     if exists(abort_note):
         note = read_json(abort_note)
-        raise TrainingError(f"training run {job.run_name} stopped at step {note['step']}: {note['reason']}")
+        raise TrainingError(f"training run {job.run.name} stopped at step {note['step']}: {note['reason']}")
     path = final_checkpoint_dir(cfg, result, job)
     state = summary(path) if (path / TRAINER_STATE).is_file() else {}
-    print(f"[train] {job.run_name} done at step {state.get('step')}: {path} "
+    print(f"[train] {job.run.name} done at step {state.get('step')}: {path} "
           f"({state.get('samples_per_s', 0.0):.1f} samples/s)", flush=True)
     return path
 

@@ -11,8 +11,8 @@ from pipelines.train.worker import Worker
 
 
 def maybe_fail(job: TrainJob, worker: Worker, step: int) -> None:
-    """Test device: the last rank dies (hard, like a lost node) once, at `job.fail_at_step`."""
-    if job.fail_at_step is None or step != job.fail_at_step or worker.rank != worker.world_size - 1:
+    """Test device: the last rank dies (hard, like a lost node) once, at `job.train.fail_at_step`."""
+    if job.train.fail_at_step is None or step != job.train.fail_at_step or worker.rank != worker.world_size - 1:
         return
     marker = Path(job.fail_marker or "")
     if not job.fail_marker or marker.exists():
@@ -24,9 +24,9 @@ def maybe_fail(job: TrainJob, worker: Worker, step: int) -> None:
 
 
 def maybe_poison(job: TrainJob, worker: Worker, step: int, loss_fn: Callable) -> Callable:
-    """Test device: on the last rank, the loss of the steps in `job.nonfinite_at_steps` (numbered
+    """Test device: on the last rank, the loss of the steps in `job.train.nonfinite_at_steps` (numbered
     as logged: the first step is 1) becomes NaN, as a diverging run's would."""
-    if step + 1 not in job.nonfinite_at_steps or worker.rank != worker.world_size - 1:
+    if step + 1 not in job.train.nonfinite_at_steps or worker.rank != worker.world_size - 1:
         return loss_fn
 
     def poisoned(*args, **kwargs):

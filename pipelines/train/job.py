@@ -1,58 +1,109 @@
-"""TrainJob: everything a worker needs, resolved once on the driver and shipped as plain data."""
+"""TrainJob: everything a worker needs, resolved once on the driver and shipped to every worker.
+
+A job is composed of typed parts, each with one owner, never fields copied one by one:
+- `run` (`RunSpec`): what this run is: name, task, schedule length, peak learning rate, storage
+  folder, where it starts from, lineage;
+- `data` (`DataSpec`): the shards, the tokenizer, the `mmcore.data.SampleConfig`;
+- `model`: the model's own `mmcore.model.FusionModelConfig`;
+- `train` and `scaling`: the config's sections as loaded (`pipelines.config.TrainConfig`,
+  `ScalingConfig`);
+- `tracking` (`Tracking`): where MLflow is.
+Every part pickles (Ray Train ships the job to each worker). Paths are absolute: workers run in
+their own working directory.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from mmcore.data import SampleConfig
+from mmcore.model import FusionModelConfig
+from pipelines.config import ScalingConfig, TrainConfig
+
+LOSS_WEIGHTS = ("itc_weight", "itm_weight", "lm_weight", "token_itc_weight", "label_smoothing")  # of `train`
+
+
+@dataclass
+class RunSpec:
+    """What the run is, resolved from the task: pretraining uses `train.steps` / `train.lr`,
+    fine-tuning `train.finetune_steps` / `train.finetune_lr`."""
+
+    name: str
+    task: str  # pretrain | caption | vqa | retrieval | finetune
+    tasks: list[str]  # what each step trains: step s uses tasks[s % len(tasks)]
+    total_steps: int
+    lr: float = 1e-3  # the peak learning rate
+    uri: str | None = None  # the run's storage folder, local path or URI (the abort note goes there)
+    path: str | None = None  # the same folder when it is local (shared) storage, else None
+    init_from: str | None = None  # checkpoint dir whose weights start this run (fine-tuning)
+    lineage: dict[str, Any] = field(default_factory=dict)  # dataset version, config hash, init
+
+
+@dataclass
+class DataSpec:
+    """The dataset version's shards and how a sample becomes tensors."""
+
+    train_urls: list[str]
+    val_urls: list[str]
+    tokenizer: Any  # a PreTrainedTokenizerFast (pickles as its JSON)
+    sample: SampleConfig
+    eval_batch_size: int = 64  # validation batches (`eval.batch_size`)
+
+
+@dataclass
+class Tracking:
+    """Rank 0's MLflow run: the tracking URI (None: no tracking) and the experiment."""
+
+    uri: str | None = None
+    experiment: str = "mmfusion"
+    artifact_location: str | None = None  # the experiment's, when this run creates it
 
 
 @dataclass
 class TrainJob:
-    """One training run. Paths are absolute (Ray Train workers run in their own working dir)."""
+    """One training run (see the module docstring for its parts)."""
 
-    run_name: str
-    task: str  # pretrain | caption | vqa | retrieval | finetune
-    tasks: list[str]  # what each step trains: step s uses tasks[s % len(tasks)]
-    total_steps: int
-    train_urls: list[str]
-    val_urls: list[str]
-    model_config: dict[str, Any]  # FusionModelConfig.to_dict()
-    tokenizer: Any  # a PreTrainedTokenizerFast (pickles as its JSON)
-    sample_config: dict[str, int]  # mmcore.data.SampleConfig fields
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    batch_size: int = 32
-    loss_weights: dict[str, float] = field(default_factory=dict)  # itc/itm/lm weights, label_smoothing
-    checkpoint_every: int = 100
-    eval_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    loader_workers: int = 1
-    shuffle_buffer: int = 256
-    val_max_samples: int = 512
-    eval_batch_size: int = 64
-    init_from: str | None = None  # checkpoint dir whose weights start this run (fine-tuning)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    compile: bool = False  # torch.compile, with text padded to static lengths (`steps.sample_codec`)
-    strategy: str = "ddp"  # ddp | fsdp (`pipelines.train.sharding`)
-    fsdp_reduce_dtype: str = "float32"  # FSDP on GPU: the dtype gradients are reduced in
-    run_path: str | None = None  # the run's storage folder when local (shared) storage, else None
-    run_uri: str | None = None  # the run's storage folder, local path or URI (the abort note goes there)
-    fail_at_step: int | None = None
-    fail_marker: str | None = None
-    max_nonfinite_steps: int = 20  # non-finite steps in a row (all skipped) that stop the run; 0: never
-    nonfinite_at_steps: list[int] = field(default_factory=list)  # test device: NaN loss at these steps
-    mlflow_uri: str | None = None
-    mlflow_experiment: str = "mmfusion"
-    mlflow_artifact_location: str | None = None  # the experiment's, when this run creates it
-    lineage: dict[str, Any] = field(default_factory=dict)  # dataset version, config hash, init
+    run: RunSpec
+    data: DataSpec
+    model: FusionModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(num_workers=1))
+    tracking: Tracking = field(default_factory=Tracking)
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimiser step (`train.grad_accum`, at least 1)."""
+        return max(self.train.grad_accum, 1)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The loss modules' keyword arguments, from `train`."""
+        return {name: getattr(self.train, name) for name in LOSS_WEIGHTS}
+
+    @property
+    def fail_marker(self) -> str | None:
+        """Test device (`train.fail_at_step`): the file that says the planned failure happened."""
+        if self.train.fail_at_step is None or not self.run.uri:
+            return None
+        return f"{self.run.uri}/.fail-at-step-{self.train.fail_at_step}"
 
     def describe(self) -> dict[str, Any]:
-        """The loggable parameters (no tokenizer, no shard lists, no model config)."""
-        skip = {"tokenizer", "train_urls", "val_urls", "model_config", "mlflow_artifact_location"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        """The MLflow params of the run: flat names, as they have always been logged (no
+        tokenizer, no shard lists, no model config)."""
+        t, s, r = self.train, self.scaling, self.run
+        return {
+            "run_name": r.name, "task": r.task, "tasks": r.tasks, "total_steps": r.total_steps,
+            "sample_config": asdict(self.data.sample), "lr": r.lr, "weight_decay": t.weight_decay,
+            "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio, "grad_clip": t.grad_clip,
+            "grad_accum": self.grad_accum, "batch_size": t.batch_size, "loss_weights": self.loss_weights,
+            "checkpoint_every": t.checkpoint_every, "eval_every": t.eval_every, "log_every": t.log_every,
+            "seed": t.seed, "loader_workers": t.loader_workers, "shuffle_buffer": t.shuffle_buffer,
+            "val_max_samples": t.val_max_samples, "eval_batch_size": self.data.eval_batch_size,
+            "init_from": r.init_from, "use_gpu": s.use_gpu, "cpus_per_worker": s.cpus_per_worker,
+            "compile": t.compile, "activation_checkpointing": t.activation_checkpointing,
+            "strategy": s.strategy, "fsdp_reduce_dtype": s.fsdp_reduce_dtype, "run_path": r.path,
+            "run_uri": r.uri, "fail_at_step": t.fail_at_step, "fail_marker": self.fail_marker,
+            "max_nonfinite_steps": t.max_nonfinite_steps, "nonfinite_at_steps": list(t.nonfinite_at_steps),
+            "mlflow_uri": self.tracking.uri, "mlflow_experiment": self.tracking.experiment, "lineage": r.lineage,
+        }

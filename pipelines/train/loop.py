@@ -1,7 +1,7 @@
 """The per-worker training loop: `train_loop_per_worker`, and `run_steps` that it runs.
 
 Each Ray Train worker runs `train_loop_per_worker({"job": TrainJob})`. Every rank runs exactly
-`job.total_steps` optimiser steps (the data stream is endless, see `pipelines.train.data`), calls
+`job.run.total_steps` optimiser steps (the data stream is endless, see `pipelines.train.data`), calls
 `ray.train.report` at the same steps (a barrier), and rank 0 writes the checkpoints. The parts
 live beside it: `worker` (rank, device), `steps` (train/eval steps, losses, loader), `resume`
 (initial model, trainer state, checkpoints), `telemetry` (windows, speed, MLflow), `faults`.
@@ -56,13 +56,13 @@ class Run:
 
 
 def run_steps(run: Run) -> dict[str, Any]:
-    """Train from `state["step"]` to `job.total_steps`: log, validate, checkpoint, report.
+    """Train from `state["step"]` to `job.run.total_steps`: log, validate, checkpoint, report.
 
     A run the NaN/Inf guard stops (`pipelines.train.guard`) returns early on every rank at the
     same step, leaving its reason in the run folder for the driver."""
     job, worker, state = run.job, run.worker, run.state
-    if state["step"] >= job.total_steps:
-        say(worker, f"run {job.run_name} already at step {state['step']}/{job.total_steps}; nothing to do")
+    if state["step"] >= job.run.total_steps:
+        say(worker, f"run {job.run.name} already at step {state['step']}/{job.run.total_steps}; nothing to do")
         return state
     run.tracker = make_tracker(job, worker, state)
     try:
@@ -80,28 +80,28 @@ def train_steps(run: Run) -> None:
     loader = iter(build_train_loader(job, worker, state["step"]))
     loss_fns = build_losses(job, worker.world_size, gather=True)
     window, meter = Window(), Throughput()
-    global_batch = job.batch_size * job.grad_accum * worker.world_size
+    global_batch = job.train.batch_size * job.grad_accum * worker.world_size
     window_start, batches_read = state["step"], 0
     meter.start()
-    while state["step"] < job.total_steps:
+    while state["step"] < job.run.total_steps:
         step = state["step"]
         maybe_fail(job, worker, step)
-        task = job.tasks[step % len(job.tasks)]
+        task = job.run.tasks[step % len(job.run.tasks)]
         micro = [to_device(next(loader), worker.device) for _ in range(job.grad_accum)]
         batches_read += len(micro)
         if run.flops_per_sample is None and (worker.is_main or is_sharded(run.model)):  # FSDP: a collective
-            run.flops_per_sample = measure_flops(run.model, worker, micro[0], task, job.batch_size)
+            run.flops_per_sample = measure_flops(run.model, worker, micro[0], task, job.train.batch_size)
         seed_step(job, worker, step)  # after measure_flops, which draws random numbers too
         out = train_step(run.model, maybe_poison(job, worker, step, loss_fns[task]), micro, task, run.optimizer,
-                         run.scheduler, job.grad_clip, worker.autocast)
+                         run.scheduler, job.train.grad_clip, worker.autocast)
         state["step"] = done = step + 1
-        track_nonfinite(state, out, done, job.max_nonfinite_steps)
+        track_nonfinite(state, out, done, job.train.max_nonfinite_steps)
         if not float(out.pop("skipped")):  # a skipped step's NaN would poison the window's means
             window.add(task, out)
-        final = done == job.total_steps
-        at_eval = (job.eval_every > 0 and done % job.eval_every == 0) or final
-        at_ckpt = (job.checkpoint_every > 0 and done % job.checkpoint_every == 0) or final
-        if not (done % max(job.log_every, 1) == 0 or at_eval or at_ckpt):
+        final = done == job.run.total_steps
+        at_eval = (job.train.eval_every > 0 and done % job.train.eval_every == 0) or final
+        at_ckpt = (job.train.checkpoint_every > 0 and done % job.train.checkpoint_every == 0) or final
+        if not (done % max(job.train.log_every, 1) == 0 or at_eval or at_ckpt):
             continue
         if worker.device.type == "cuda":
             torch.cuda.synchronize(worker.device)
@@ -122,11 +122,11 @@ def train_steps(run: Run) -> None:
 def abort(run: Run, reason: str) -> None:
     """Stop the run for `reason`: rank 0 logs it and leaves `guard.ABORT_FILE` in the run folder."""
     job, worker, state = run.job, run.worker, run.state
-    say(worker, f"{job.run_name} stopped at step {state['step']}: {reason}")
+    say(worker, f"{job.run.name} stopped at step {state['step']}: {reason}")
     if run.tracker is not None:
         run.tracker.log_metrics({"nonfinite_steps": float(state.get("nonfinite_steps", 0))}, step=state["step"])
-    if worker.is_main and job.run_uri:
-        write_json_atomic(join(job.run_uri, ABORT_FILE), {"step": state["step"], "reason": reason})
+    if worker.is_main and job.run.uri:
+        write_json_atomic(join(job.run.uri, ABORT_FILE), {"step": state["step"], "reason": reason})
 
 
 def validate(run: Run) -> dict[str, float]:
@@ -149,7 +149,7 @@ def log_point(run: Run, metrics: dict[str, float], at_ckpt: bool, meter: Through
         state["mlflow_run_id"] = run.tracker.wait_run_id(timeout=0.0) or state.get("mlflow_run_id")
         run.tracker.log_metrics(metrics, step=state["step"])
     shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
-    say(worker, f"{job.run_name} step {state['step']}/{job.total_steps} {shown}")
+    say(worker, f"{job.run.name} step {state['step']}/{job.run.total_steps} {shown}")
     saved = dict(state)
     save = None
     if at_ckpt:
@@ -179,7 +179,7 @@ def report(worker: Worker, metrics: dict[str, float], save: Callable[[Path], Non
 def seed_step(job: TrainJob, worker: Worker, step: int) -> None:
     """Dropout and ITM negative sampling depend on (seed, rank, step) only, so a resumed run
     draws the same random numbers as an uninterrupted one."""
-    torch.manual_seed(stable_seed(job.seed, "step", worker.rank, step))
+    torch.manual_seed(stable_seed(job.train.seed, "step", worker.rank, step))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ray_dir:
         model, optimizer, scheduler, state = build_state(job, worker, resume_candidates(job, ray_dir))
-    say(worker, f"{job.run_name}: task {job.task} ({'+'.join(job.tasks)}), steps {state['step']}->{job.total_steps}, "
-                f"{worker.world_size} worker(s) on {worker.device}, batch {job.batch_size}x{job.grad_accum}/rank")
+    say(worker, f"{job.run.name}: task {job.run.task} ({'+'.join(job.run.tasks)}), steps {state['step']}->{job.run.total_steps}, "
+                f"{worker.world_size} worker(s) on {worker.device}, batch {job.train.batch_size}x{job.grad_accum}/rank")
     model = wrap(speed_up(model, job, worker.device), job, worker)
     return run_steps(Run(job, worker, model, optimizer, scheduler, state))

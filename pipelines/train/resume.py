@@ -14,34 +14,34 @@ from pipelines.core.checkpoints import NonFiniteError, nonfinite_tensors
 from pipelines.train import state as train_state
 from pipelines.train.job import TrainJob
 from pipelines.train.optim import build_optimizer
-from pipelines.train.sharding import load_optimizer_state, shard_model
+from pipelines.train.sharding import checkpoint_activations, load_optimizer_state, shard_model
 from pipelines.train.worker import Worker, say, unwrap
 
 
 def initial_model(job: TrainJob, resume_dir: str | None) -> nn.Module:
     """The resumed weights, else the fine-tuning start (`init_from`), else a fresh seeded model."""
     from mmcore.checkpoint import load_checkpoint
-    from mmcore.model import FusionModelConfig, build_model
+    from mmcore.model import build_model
 
-    start = resume_dir or job.init_from
+    start = resume_dir or job.run.init_from
     if start:
         model, _, _ = load_checkpoint(start)
         return model.train()
-    torch.manual_seed(job.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    return build_model(FusionModelConfig.from_dict(job.model_config)).train()
+    torch.manual_seed(job.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    return build_model(job.model).train()
 
 
 def fresh_state(job: TrainJob, worker: Worker) -> dict[str, Any]:
     return {
         "step": 0,
-        "total_steps": job.total_steps,
-        "run_name": job.run_name,
-        "task": job.task,
-        "tasks": job.tasks,
+        "total_steps": job.run.total_steps,
+        "run_name": job.run.name,
+        "task": job.run.task,
+        "tasks": job.run.tasks,
         "metrics": {},
         "val_history": [],
         "resumes": [],
-        "lineage": job.lineage,
+        "lineage": job.run.lineage,
         "mlflow_run_id": None,
         "world_size": worker.world_size,
     }
@@ -52,13 +52,13 @@ def data_position(job: TrainJob, worker: Worker, step: int) -> dict[str, Any]:
     batches = step * job.grad_accum
     return {
         "batches_per_rank": batches,
-        "samples_seen": batches * job.batch_size * worker.world_size,
-        "batch_size": job.batch_size,
+        "samples_seen": batches * job.train.batch_size * worker.world_size,
+        "batch_size": job.train.batch_size,
         "grad_accum": job.grad_accum,
         "world_size": worker.world_size,
-        "loader_workers": job.loader_workers,
-        "seed": job.seed,
-        "num_train_shards": len(job.train_urls),
+        "loader_workers": job.train.loader_workers,
+        "seed": job.train.seed,
+        "num_train_shards": len(job.data.train_urls),
     }
 
 
@@ -91,8 +91,8 @@ def save_train_checkpoint(directory: Path, model: nn.Module, job: TrainJob, opti
     bad = nonfinite_tensors(weights.items())
     if bad:
         raise NonFiniteError(f"step {state['step']}: NaN/Inf in {', '.join(bad[:5])}; not writing {directory}")
-    extra = {"task": job.task, "step": state["step"], "run_name": job.run_name, "lineage": job.lineage}
-    save_checkpoint(directory, unwrap(model), job.tokenizer, extra=extra, state=weights)
+    extra = {"task": job.run.task, "step": state["step"], "run_name": job.run.name, "lineage": job.run.lineage}
+    save_checkpoint(directory, unwrap(model), job.data.tokenizer, extra=extra, state=weights)
     train_state.optimizer_to_files(optimizer, directory, optim)
     train_state.scheduler_to_file(scheduler, directory)
     train_state.write_trainer_state(directory, state)
@@ -104,7 +104,7 @@ def resume_candidates(job: TrainJob, ray_dir: str | None) -> list[str]:
     covers a Ray 2.60 race: a checkpoint reported just before a worker dies can be left
     unregistered, so the restarted group (or a re-run) would otherwise redo those steps. The older
     ones are the fallbacks when the newest cannot be loaded (`build_state`)."""
-    found = {str(d) for d in (ray_dir, *(train_state.complete_checkpoints(job.run_path) if job.run_path else ()))
+    found = {str(d) for d in (ray_dir, *(train_state.complete_checkpoints(job.run.path) if job.run.path else ()))
              if d}
 
     def step(d) -> int:
@@ -125,10 +125,13 @@ def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
     for resume_dir in [*resume_dirs, None]:
         try:
             model = initial_model(job, resume_dir).to(worker.device)
-            if job.strategy == "fsdp":  # before the optimiser, which must hold the shards
-                model = shard_model(model, worker.device, job.fsdp_reduce_dtype)
+            if job.train.activation_checkpointing:
+                checkpoint_activations(model)
+            if job.scaling.strategy == "fsdp":  # before the optimiser, which must hold the shards
+                model = shard_model(model, worker.device, job.scaling.fsdp_reduce_dtype)
             optimizer, scheduler = build_optimizer(
-                model, job.lr, job.weight_decay, job.warmup_steps, job.total_steps, job.min_lr_ratio,
+                model, job.run.lr, job.train.weight_decay, job.train.warmup_steps, job.run.total_steps,
+                job.train.min_lr_ratio,
                 fused=worker.device.type == "cuda",
             )
             if resume_dir is None:

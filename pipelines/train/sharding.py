@@ -46,6 +46,24 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def checkpoint_activations(model: nn.Module) -> int:
+    """`train.activation_checkpointing`: each transformer block (the units of `shard_units`) keeps
+    only its inputs in the forward and recomputes its activations in the backward, trading one
+    more forward of each block for the memory of its activations. Composable
+    (`torch.distributed._composable.checkpoint`: forward hooks), so parameter names, state dicts
+    and checkpoints are unchanged, and it composes with DDP and with FSDP2 (apply it before
+    `shard_model`). The RNG state is replayed, so dropout masks are the same in the recompute.
+    ResNet stages are left out: recomputing a BatchNorm in training mode would update its running
+    statistics twice. Returns the number of blocks."""
+    from torch.distributed._composable import checkpoint
+
+    blocks = [u for u in shard_units(model)
+              if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in u.modules())]
+    for block in blocks:
+        checkpoint(block)
+    return len(blocks)
+
+
 def mixed_precision(device: torch.device, reduce_dtype: str = "float32"):
     """bf16 compute with `reduce_dtype` gradient reduction on GPU; full precision on CPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy

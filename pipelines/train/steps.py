@@ -55,7 +55,7 @@ def build_losses(job: TrainJob, world_size: int, gather: bool) -> dict[str, nn.M
     from mmcore.losses import build_loss
 
     gather_fn = gather_with_grad if gather and world_size > 1 else None
-    return {t: build_loss(t, gather_fn=gather_fn, **job.loss_weights) for t in sorted(set(job.tasks))}
+    return {t: build_loss(t, gather_fn=gather_fn, **job.loss_weights) for t in sorted(set(job.run.tasks))}
 
 
 def train_step(
@@ -127,7 +127,7 @@ def eval_step(model: nn.Module, loss_fns: dict[str, nn.Module], batch: Batch, au
 
 
 def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, collate) -> dict[str, float]:
-    """Val loss per task and retrieval R@1 over up to `job.val_max_samples` val samples, split across
+    """Val loss per task and retrieval R@1 over up to `job.train.val_max_samples` val samples, split across
     ranks and combined; every rank returns the same numbers. Under FSDP every rank runs every val
     batch instead (each forward gathers the shards: a collective that all ranks must join the same
     number of times, whatever their share of the val set) and nothing is combined."""
@@ -139,7 +139,8 @@ def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, 
     sums: dict[str, float] = {}
     images, texts, count = [], [], 0
     model.eval()
-    batches = data.val_batches(job.val_urls, rank, world, job.eval_batch_size, job.val_max_samples, decode, collate)
+    batches = data.val_batches(job.data.val_urls, rank, world, job.data.eval_batch_size, job.train.val_max_samples,
+                               decode, collate)
     for batch in batches:
         losses, image_emb, text_emb = eval_step(model, loss_fns, to_device(batch, worker.device), worker.autocast)
         n = len(image_emb)
@@ -168,17 +169,17 @@ def validation_metrics(model: nn.Module, job: TrainJob, worker: Worker, decode, 
 
 def sample_codec(job: TrainJob, train: bool):
     """(decode(raw, rng) -> sample dict, collate) for this job's tokenizer and input sizes. With
-    `job.compile` every batch is padded to the longest lengths allowed (`pad_static`)."""
-    from mmcore.data import SampleConfig, collate, decode_sample
+    `job.train.compile` every batch is padded to the longest lengths allowed (`pad_static`)."""
+    from mmcore.data import collate, decode_sample
 
-    cfg = SampleConfig(**job.sample_config)
-    pad_id = job.tokenizer.pad_token_id or 0
+    cfg = job.data.sample
+    pad_id = job.data.tokenizer.pad_token_id or 0
     lengths = {"caption": cfg.max_text_len, "question": cfg.max_text_len, "answer": cfg.max_answer_len}
 
     def decode(raw: dict, rng=None) -> dict:
-        return decode_sample(raw, job.tokenizer, cfg, train=train, rng=rng)
+        return decode_sample(raw, job.data.tokenizer, cfg, train=train, rng=rng)
 
-    if job.compile:
+    if job.train.compile:
         return decode, lambda samples: pad_static(collate(samples, pad_id=pad_id), lengths, pad_id)
     return decode, lambda samples: collate(samples, pad_id=pad_id)
 
@@ -201,13 +202,13 @@ def pad_static(batch: Batch, lengths: dict[str, int], pad_id: int) -> Batch:
 def build_train_loader(job: TrainJob, worker: Worker, start_step: int):
     decode, collate = sample_codec(job, train=True)
     stream = data.StreamConfig(
-        urls=tuple(job.train_urls),
+        urls=tuple(job.data.train_urls),
         rank=worker.rank,
         world_size=worker.world_size,
-        loader_workers=job.loader_workers,
-        batch_size=job.batch_size,
-        seed=job.seed,
-        shuffle_buffer=job.shuffle_buffer,
+        loader_workers=job.train.loader_workers,
+        batch_size=job.train.batch_size,
+        seed=job.train.seed,
+        shuffle_buffer=job.train.shuffle_buffer,
         start_batch=start_step * job.grad_accum,
     )
     return data.train_loader(stream, decode, collate, pin_memory=worker.device.type == "cuda")

@@ -42,13 +42,13 @@ class Window:
 
 
 def make_tracker(job: TrainJob, worker: Worker, state: dict[str, Any]) -> MlflowTracker | None:
-    if not worker.is_main or not job.mlflow_uri:
+    if not worker.is_main or not job.tracking.uri:
         return None
-    tracker = MlflowTracker(job.mlflow_uri, job.mlflow_experiment, job.run_name, state.get("mlflow_run_id"),
-                            artifact_location=job.mlflow_artifact_location)
+    tracker = MlflowTracker(job.tracking.uri, job.tracking.experiment, job.run.name, state.get("mlflow_run_id"),
+                            artifact_location=job.tracking.artifact_location)
     if state.get("mlflow_run_id") is None:  # params are write-once in MLflow: only on a fresh run
         tracker.log_params(job.describe())
-        tracker.set_tags({"task": job.task, **{f"lineage.{k}": v for k, v in job.lineage.items()}})
+        tracker.set_tags({"task": job.run.task, **{f"lineage.{k}": v for k, v in job.run.lineage.items()}})
     return tracker
 
 

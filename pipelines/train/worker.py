@@ -56,10 +56,10 @@ def setup_worker(job: TrainJob) -> Worker:
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(max(int(job.cpus_per_worker), 1))
+    torch.set_num_threads(max(int(job.scaling.cpus_per_worker), 1))
     quiet_ray_train_reports()
     ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -82,12 +82,12 @@ def quiet_ray_train_reports() -> None:
 def speed_up(model: nn.Module, job: TrainJob, device: torch.device) -> nn.Module:
     """The GPU knobs that keep a model's state dict as it is: `channels_last` for a ResNet image
     encoder on CUDA (cuDNN's NHWC convolutions skip a layout transpose per layer), and
-    `job.compile` (`nn.Module.compile`: in place, the parameter names unchanged, so checkpoints
+    `job.train.compile` (`nn.Module.compile`: in place, the parameter names unchanged, so checkpoints
     are the same; batches are padded to static shapes by `steps.sample_codec`)."""
     image = getattr(model, "image_encoder", None)
     if device.type == "cuda" and image is not None and image.cfg.arch.startswith("resnet"):
         image.to(memory_format=torch.channels_last)
-    if job.compile:
+    if job.train.compile:
         model.compile()
     return model
 
@@ -95,12 +95,12 @@ def speed_up(model: nn.Module, job: TrainJob, device: torch.device) -> nn.Module
 def wrap(model: nn.Module, job: TrainJob, worker: Worker) -> nn.Module:
     """DDP (gloo on CPU, NCCL on GPU: Ray Train set up the process group) when there are peers.
     Under `strategy: fsdp` the model is already sharded (`resume.build_state`): nothing to wrap."""
-    if worker.world_size == 1 or job.strategy == "fsdp":
+    if worker.world_size == 1 or job.scaling.strategy == "fsdp":
         return model
     import ray.train.torch
 
     # Caption / VQA steps leave the ITC/ITM heads unused; pretraining uses every parameter.
-    unused = any(t != "pretrain" for t in job.tasks)
+    unused = any(t != "pretrain" for t in job.run.tasks)
     return ray.train.torch.prepare_model(
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": unused}
     )

@@ -47,11 +47,10 @@ def prepare_dataset(cfg: Config) -> str:
 
 def prepare_tokenizer(cfg: Config, data_dir: str) -> None:
     """Train the dataset version's tokenizer once, before trials race to do it."""
-    from pipelines.core.dataset import version_id
-    from pipelines.train.driver import dataset_tokenizer, split_urls
+    from pipelines.train.driver import dataset_tokenizer
 
     if not cfg.model.tokenizer:
-        dataset_tokenizer(cfg, split_urls(data_dir, "train"), version_id(data_dir))
+        dataset_tokenizer(cfg, data_dir)
 
 
 def n_val_reports(cfg: Config) -> int:

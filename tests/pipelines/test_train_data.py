@@ -156,22 +156,6 @@ def test_latest_checkpoint_picks_highest_complete_step(tmp_path):
     assert S.latest_checkpoint(tmp_path / "missing") is None
 
 
-def test_dataset_tokenizer_is_trained_once_per_version(tiny_dataset, tmp_path):
-    """Every run on one dataset version shares one tokenizer (training again could renumber ids)."""
-    from pipelines.config import load_config
-    from pipelines.core.dataset import shard_paths
-    from pipelines.train.driver import dataset_tokenizer
-
-    cfg = load_config("debug", [f"services.home={tmp_path}"])
-    urls = [str(p) for p in shard_paths(tiny_dataset, "train")]
-    first = dataset_tokenizer(cfg, urls, tiny_dataset.name)
-    cached = tmp_path / "tokenizers" / f"{tiny_dataset.name}-v{cfg.model.vocab_size}" / "tokenizer.json"
-    stamp = cached.stat().st_mtime_ns
-    second = dataset_tokenizer(cfg, urls, tiny_dataset.name)
-    assert second.get_vocab() == first.get_vocab()
-    assert cached.stat().st_mtime_ns == stamp  # loaded, not trained and written again
-
-
 def test_each_stage_alternates_its_configured_tasks():
     """`pretrain` steps run train.pretrain_tasks in turn, `finetune` steps train.finetune_tasks; a
     task named directly trains alone, and a bad list names the key to fix."""

@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipelines.config import load_config
+from mmcore.data import SampleConfig
+from pipelines.config import TrainConfig, load_config
 from pipelines.core.checkpoints import OPTIMIZER_TENSORS, WEIGHTS
 from pipelines.train import TrainingError, read_trainer_state, run_training
 from pipelines.train import state as S
-from pipelines.train.job import TrainJob
+from pipelines.train.job import DataSpec, RunSpec, TrainJob
 from pipelines.train.optim import build_optimizer
 from pipelines.train.resume import build_state, resume_candidates, save_train_checkpoint
 from pipelines.train.steps import train_step
@@ -47,13 +48,12 @@ def job_factory():
     texts = [f"a {c} {s} on a {b} background" for c in ("red", "blue", "green") for s in ("circle", "square")
              for b in ("white", "black")]
     tok = train_tokenizer(texts, vocab_size=60)
-    mcfg = model_config("debug", vocab_size=len(tok), image_size=32, **special_token_ids(tok)).to_dict()
+    mcfg = model_config("debug", vocab_size=len(tok), image_size=32, **special_token_ids(tok))
 
     def make(run_path: Path) -> TrainJob:
-        return TrainJob(run_name=run_path.name, task="pretrain", tasks=["pretrain"], total_steps=10,
-                        train_urls=[], val_urls=[], model_config=mcfg, tokenizer=tok,
-                        sample_config={"image_size": 32, "max_text_len": 16, "max_answer_len": 4},
-                        warmup_steps=2, run_path=str(run_path))
+        return TrainJob(RunSpec(run_path.name, "pretrain", ["pretrain"], total_steps=10, path=str(run_path)),
+                        DataSpec([], [], tok, SampleConfig(image_size=32, max_text_len=16, max_answer_len=4)),
+                        mcfg, train=TrainConfig(warmup_steps=2))
 
     return make
 
@@ -68,7 +68,7 @@ def write_checkpoints(job: TrainJob, steps: list[int]) -> dict[int, Path]:
         optimizer.step()
         scheduler.step()
         state["step"] = step
-        out[step] = Path(job.run_path) / f"checkpoint-step{step:07d}"
+        out[step] = Path(job.run.path) / f"checkpoint-step{step:07d}"
         save_train_checkpoint(out[step], model, job, optimizer, scheduler, dict(state))
     return out
 
@@ -87,18 +87,18 @@ def test_latest_checkpoint_skips_a_checkpoint_with_any_file_missing_or_cut_short
                                                                                  damage):
     job = job_factory(tmp_path / "run")
     ckpts = write_checkpoints(job, [2, 4])
-    assert S.latest_checkpoint(job.run_path) == ckpts[4]
+    assert S.latest_checkpoint(job.run.path) == ckpts[4]
     bad = ckpts[4] / name
     if damage == "truncated":
         truncate(bad)
     else:
         bad.unlink()
-    assert S.latest_checkpoint(job.run_path) == ckpts[2]
+    assert S.latest_checkpoint(job.run.path) == ckpts[2]
     from pipelines.core.checkpoints import TRAINING_FILES, checkpoint_problems
 
     assert set(TRAINING_FILES) == set(NEEDED)
     assert any(str(bad) in p for p in checkpoint_problems(ckpts[4]))
-    assert checkpoint_problems(ckpts[2]) == [] and S.complete_checkpoints(job.run_path) == [ckpts[2]]
+    assert checkpoint_problems(ckpts[2]) == [] and S.complete_checkpoints(job.run.path) == [ckpts[2]]
 
 
 def test_truncated_optimizer_state_falls_back_to_the_previous_checkpoint(job_factory, tmp_path, capsys):
@@ -227,7 +227,7 @@ def test_a_nan_model_is_never_checkpointed_or_registered(job_factory, tmp_path, 
     from pipelines.core.checkpoints import NonFiniteError, check_finite
 
     # A NaN model saved by other means: the registry refuses it before touching MLflow.
-    nan_ckpt = save_checkpoint(tmp_path / "nan", model, job.tokenizer)
+    nan_ckpt = save_checkpoint(tmp_path / "nan", model, job.data.tokenizer)
     with pytest.raises(NonFiniteError, match=str(nan_ckpt / WEIGHTS)):
         check_finite(nan_ckpt)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -103,7 +103,7 @@ def test_gather_with_grad_matches_the_full_batch_forward_and_backward(tmp_path):
 def test_training_losses_gather_only_with_peers():
     from types import SimpleNamespace
 
-    job = SimpleNamespace(tasks=["pretrain"], loss_weights={})
+    job = SimpleNamespace(run=SimpleNamespace(tasks=["pretrain"]), loss_weights={})
     assert build_losses(job, world_size=2, gather=True)["pretrain"].itc.gather_fn is gather_with_grad
     assert build_losses(job, world_size=1, gather=True)["pretrain"].itc.gather_fn is None
     assert build_losses(job, world_size=2, gather=False)["pretrain"].itc.gather_fn is None

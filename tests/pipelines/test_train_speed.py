@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.train.job import TrainJob
+from mmcore.data import SampleConfig
+from pipelines.config import TrainConfig
+from pipelines.train.job import DataSpec, RunSpec, TrainJob
 from pipelines.train.steps import pad_static, sample_codec
 from pipelines.train.worker import speed_up
 
@@ -24,10 +26,10 @@ def tiny():
     return tok, mcfg, build_model(mcfg).eval()
 
 
-def job(tok, mcfg, **kw) -> TrainJob:
-    return TrainJob(run_name="t", task="pretrain", tasks=["pretrain"], total_steps=1, train_urls=[], val_urls=[],
-                    model_config=mcfg.to_dict(), tokenizer=tok,
-                    sample_config={"image_size": 32, "max_text_len": 16, "max_answer_len": 6}, **kw)
+def job(tok, mcfg, **train) -> TrainJob:
+    return TrainJob(RunSpec("t", "pretrain", ["pretrain"], total_steps=1),
+                    DataSpec([], [], tok, SampleConfig(image_size=32, max_text_len=16, max_answer_len=6)),
+                    mcfg, train=TrainConfig(**train))
 
 
 def test_static_padding_gives_one_shape_and_the_same_outputs(tiny):

@@ -1,0 +1,66 @@
+"""`TrainJob` is composed of typed parts and still ships to Ray workers and logs the same params.
+
+- It pickles (Ray Train ships it to every worker): every part comes back equal, the tokenizer
+  encodes the same ids.
+- `describe()`, the MLflow params of a run, keeps the flat names runs have always been logged
+  under, with values taken from the parts (the resolved learning rate, `grad_accum` at least 1).
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from mmcore.data import SampleConfig, special_token_ids, train_tokenizer
+from mmcore.model import FusionModelConfig, model_config
+from pipelines.config import load_config
+from pipelines.train.job import DataSpec, RunSpec, Tracking, TrainJob
+
+# The params every training run has logged to MLflow (before the job had parts), and the one added
+# with `train.activation_checkpointing`.
+PARAMS = [
+    "run_name", "task", "tasks", "total_steps", "sample_config", "lr", "weight_decay", "warmup_steps",
+    "min_lr_ratio", "grad_clip", "grad_accum", "batch_size", "loss_weights", "checkpoint_every", "eval_every",
+    "log_every", "seed", "loader_workers", "shuffle_buffer", "val_max_samples", "eval_batch_size", "init_from",
+    "use_gpu", "cpus_per_worker", "compile", "activation_checkpointing", "strategy", "fsdp_reduce_dtype",
+    "run_path", "run_uri", "fail_at_step", "fail_marker", "max_nonfinite_steps", "nonfinite_at_steps",
+    "mlflow_uri", "mlflow_experiment", "lineage",
+]
+
+
+@pytest.fixture(scope="module")
+def job() -> TrainJob:
+    tok = train_tokenizer([f"a {c} circle" for c in ("red", "green", "blue")], vocab_size=40)
+    cfg = load_config("debug", ["train.grad_accum=0", "train.finetune_lr=0.0002", "train.fail_at_step=3",
+                                "scaling.strategy=fsdp", "train.token_itc_weight=0.5"])
+    run = RunSpec("caption-x", "finetune", ["caption", "vqa"], total_steps=7, lr=cfg.train.finetune_lr,
+                  uri="/runs/caption-x", path="/runs/caption-x", lineage={"dataset_version": "v1"})
+    data = DataSpec(["/d/train/shard-000000.tar"], ["/d/val/shard-000000.tar"], tok,
+                    SampleConfig(image_size=64, max_text_len=16, max_answer_len=4), eval_batch_size=8)
+    model = model_config("debug", vocab_size=len(tok), **special_token_ids(tok))
+    return TrainJob(run, data, model, train=cfg.train, scaling=cfg.scaling,
+                    tracking=Tracking("sqlite:///m.db", "exp", "/art"))
+
+
+def test_job_pickles_with_every_part(job):
+    back = pickle.loads(pickle.dumps(job))
+    assert back.run == job.run and back.data.sample == job.data.sample and back.tracking == job.tracking
+    assert isinstance(back.model, FusionModelConfig) and back.model == job.model
+    assert back.train == job.train and back.scaling == job.scaling
+    assert back.data.tokenizer("a red circle")["input_ids"] == job.data.tokenizer("a red circle")["input_ids"]
+    assert back.describe() == job.describe()
+
+
+def test_describe_keeps_the_flat_mlflow_params(job):
+    params = job.describe()
+    assert list(params) == PARAMS
+    assert params["lr"] == 0.0002 and params["total_steps"] == 7 and params["tasks"] == ["caption", "vqa"]
+    assert params["grad_accum"] == 1  # train.grad_accum=0 means 1, as it always did
+    assert params["sample_config"] == {"image_size": 64, "max_text_len": 16, "max_answer_len": 4}
+    assert params["loss_weights"] == {"itc_weight": 1.0, "itm_weight": 1.0, "lm_weight": 1.0,
+                                      "token_itc_weight": 0.5, "label_smoothing": 0.1}
+    assert params["fail_marker"] == "/runs/caption-x/.fail-at-step-3"
+    assert params["strategy"] == "fsdp" and params["eval_batch_size"] == 8
+    assert (params["mlflow_uri"], params["mlflow_experiment"]) == ("sqlite:///m.db", "exp")
+    assert "mlflow_artifact_location" not in params and "tokenizer" not in params
