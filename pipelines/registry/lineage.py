@@ -29,19 +29,42 @@ def code_hash() -> str:
 
 
 def unchanged_since_champion(cfg: Config, dataset_version: str, config_hash: str, code: str) -> str | None:
-    """The reason to skip training when the champion was trained on this dataset version, with
-    this config and this code (its lineage tags say); None when anything differs or there is no
-    champion. An unreadable registry raises `RegistryError` (never a silent skip)."""
-    champ = champion_version(client(cfg), cfg.registry.model_name)
-    if champ is None:
+    """The reason to skip training when a version of the model was already trained on this
+    dataset version, with this config and this code (its lineage tags say): the champion, or a
+    challenger the gate kept out (training it again would give the same verdict). None when
+    anything differs or nothing is registered. An unreadable registry raises `RegistryError`."""
+    mlclient = client(cfg)
+    wanted = (dataset_version, config_hash, code)
+    champ = champion_version(mlclient, cfg.registry.model_name)
+    if champ is not None and _lineage_of(champ) == wanted:
+        return (f"nothing changed since champion {champ.name} v{champ.version} was trained: same dataset "
+                f"version {dataset_version}, config {config_hash} and code {code}; training skipped. "
+                "Add data, change the config or the code to train again.")
+    same = [v for v in _versions_on(mlclient, cfg.registry.model_name, dataset_version, config_hash)
+            if _lineage_of(v) == wanted]
+    if not same:
         return None
-    tags = champ.tags or {}
-    theirs = (tags.get("dataset_version"), tags.get("config_hash"), tags.get("lineage.code_hash"))
-    if theirs != (dataset_version, config_hash, code):
-        return None
-    return (f"nothing changed since champion {champ.name} v{champ.version} was trained: same dataset "
-            f"version {dataset_version}, config {config_hash} and code {code}; training skipped. "
-            "Add data, change the config or the code to train again.")
+    mv = max(same, key=lambda v: int(v.version))
+    return (f"{mv.name} v{mv.version} was already trained on dataset version {dataset_version} with config "
+            f"{config_hash} and code {code}, and not promoted ({(mv.tags or {}).get('gate.reason', 'no verdict')}); "
+            "training skipped. Add data, change the config or the code to train again.")
+
+
+def _lineage_of(mv) -> tuple[str | None, str | None, str | None]:
+    tags = mv.tags or {}
+    return tags.get("dataset_version"), tags.get("config_hash"), tags.get("lineage.code_hash")
+
+
+def _versions_on(mlclient, name: str, dataset_version: str, config_hash: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.core.mlflow import registry_error
+
+    query = f"name='{name}' and tags.dataset_version='{dataset_version}' and tags.config_hash='{config_hash}'"
+    try:
+        return list(mlclient.search_model_versions(query))
+    except MlflowException as e:
+        raise registry_error(mlclient, f"looking up {name} versions trained on {dataset_version}", e) from e
 
 
 def champion_checkpoint(cfg: Config) -> tuple[str, Path] | None:

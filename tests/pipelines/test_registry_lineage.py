@@ -10,8 +10,8 @@ import pytest
 from registry_support import hits, make_checkpoint, make_report
 
 from pipelines.config import load_config
-from pipelines.registry import register_and_gate
 from pipelines.registry import lineage as lineage_mod
+from pipelines.registry import register_and_gate
 
 
 @pytest.fixture
@@ -38,6 +38,15 @@ def test_training_is_skipped_only_when_data_config_and_code_all_match(cfg, tmp_p
     assert lineage_mod.unchanged_since_champion(cfg, "dsv2", cfg.hash(), code) is None  # new data
     assert lineage_mod.unchanged_since_champion(cfg, "dsv1", "othercfg", code) is None  # new config
     assert lineage_mod.unchanged_since_champion(cfg, "dsv1", cfg.hash(), "othercode") is None  # new code
+
+    # a challenger the gate kept out: training it again on the same inputs would change nothing
+    worse = register_and_gate(cfg, make_checkpoint(tmp_path, 2), make_report(tmp_path, hits(20), tag="w"),
+                              _lineage(cfg, dataset="dsv2"))
+    assert not worse["promoted"]
+    again = lineage_mod.unchanged_since_champion(cfg, "dsv2", cfg.hash(), code)
+    assert again is not None and f"v{worse['version']} was already trained on dataset version dsv2" in again
+    assert "not promoted" in again and "skipped" in again
+    assert lineage_mod.unchanged_since_champion(cfg, "dsv2", cfg.hash(), "othercode") is None
 
 
 def test_code_hash_follows_the_source_files(tmp_path, monkeypatch):
