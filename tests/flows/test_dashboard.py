@@ -96,3 +96,13 @@ def test_figures_and_per_step_curves_land_on_the_mlflow_run(tmp_path, monkeypatc
     loss = reader.get_metric_history(run_id, "pretrain/loss")
     assert sorted((m.step, m.value) for m in loss) == [(5, 1.0), (10, 0.5), (15, 5 / 15), (20, 0.25)]
     assert [m.step for m in reader.get_metric_history(run_id, "finetune/val_loss")] == [10]
+
+
+def test_the_printed_report_of_a_skipped_run_says_why():
+    from mmfusion.commands.run import format_report
+
+    text = format_report(load_config("debug"), {"data_dir": "/d/v1", "dataset_reused": True,
+                                                "skipped": "nothing changed since champion m v3 was trained"})
+    assert "nothing trained" in text and "/d/v1 (reused: unchanged)" in text
+    assert "skipped     nothing changed since champion m v3 was trained" in text
+
