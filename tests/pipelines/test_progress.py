@@ -71,3 +71,20 @@ def test_unknown_total_shows_count_and_rate_only():
     bar.close()
     bar.close()
     assert stream.getvalue() == "[train] steps: 8 steps, 2 steps/s, 4s elapsed\n"
+
+
+def test_ingest_reports_progress_through_it(ray_local, tiny_source, tmp_path, capsys):
+    """A real ingest (Ray Data) ends with the progress line of its cleaning step (stderr is not a
+    terminal here: plain lines)."""
+    import json
+
+    from pipelines.config import load_config
+    from pipelines.ingest import ingest
+
+    total = sum(1 for line in (tiny_source / "samples.jsonl").read_text().splitlines() if line.strip())
+    ingest(tiny_source, tmp_path / "datasets", load_config("debug").data)
+    err = capsys.readouterr().err
+    assert f"[ingest] cleaned: {total}/{total} samples (100%)" in err
+    assert "\r" not in err
+    assert json.loads((next((tmp_path / "datasets").glob("*/manifest.json"))).read_text())["splits"]
+
