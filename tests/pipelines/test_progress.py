@@ -18,6 +18,16 @@ class Clock:
         return self.now
 
 
+def read_all(fd: int) -> str:
+    """Everything written to the terminal so far (a pty hands it over in pieces)."""
+    import select
+
+    chunks = []
+    while select.select([fd], [], [], 1.0)[0]:
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks).decode()
+
+
 def test_format_duration():
     assert [format_duration(s) for s in (0, 42.4, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
 
@@ -32,7 +42,7 @@ def test_a_terminal_gets_one_line_redrawn_in_place_with_rate_and_time_left():
                 for _ in range(4):
                     clock.now += 1.0
                     bar.update(10)
-        out = os.read(master, 65536).decode()
+        out = read_all(master)
     finally:
         os.close(master)
         os.close(slave)
