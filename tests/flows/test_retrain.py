@@ -68,7 +68,7 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
     logged = client.list_artifacts(champion.run_id, "eval/attention")
     assert sorted(Path(a.path).name for a in logged) == sorted(Path(p).name for p in pictures)
     markdown = render_markdown(summary)
-    assert markdown.count("data:image/png;base64,") == len(pictures)
+    assert markdown.count("data:image/png;base64,") == len(pictures) + len(summary["figures"])
 
     # dashboards: the flow run's artifacts, the figures and curves on the MLflow run, the description
     check_dashboards(client, cfg, summary, champion, state.state_details.flow_run_id)
