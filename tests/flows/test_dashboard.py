@@ -12,7 +12,7 @@ from flows.dashboard import data_quality_markdown, gate_markdown, log_to_mlflow,
 from pipelines.config import load_config, mlflow_tracking_uri
 from pipelines.evaluate.report import curve_series, learning_curves, read_history
 
-HISTORY = [{"step": s, "loss": 5.0 / s, "itc_loss": 3.0 / s, "samples_per_s": 90.0,
+HISTORY = [{"step": s, "loss": 5.0 / s, "itc_loss": 3.0 / s, "samples_per_s": 90.0, "lr": 1e-3, "grad_norm": 2.0,
             **({"val_loss": 4.0 / s, "val_i2t_r1": s / 40} if s % 10 == 0 else {})} for s in (5, 10, 15, 20)]
 
 
@@ -26,7 +26,7 @@ def _checkpoint(tmp_path, history):
 def test_history_becomes_loss_and_validation_series(tmp_path):
     history = read_history(_checkpoint(tmp_path, HISTORY))
     series = curve_series(history)
-    assert sorted(series) == ["itc_loss", "loss", "val_i2t_r1", "val_loss"]  # not speed, not step
+    assert sorted(series) == ["itc_loss", "loss", "val_i2t_r1", "val_loss"]  # not speed, lr, grad norm, step
     assert series["loss"] == ([5, 10, 15, 20], [1.0, 0.5, 5 / 15, 0.25])
     assert series["val_i2t_r1"] == ([10, 20], [0.25, 0.5])
     assert read_history(tmp_path / "no-checkpoint") == []

@@ -108,8 +108,10 @@ def check_dashboards(client, cfg, summary, champion, flow_run_id) -> None:
 
     figures = sorted(a.path for a in client.list_artifacts(champion.run_id, "figures"))
     assert figures == ["figures/examples.png", "figures/learning_curves.png"]
-    assert len(client.get_metric_history(champion.run_id, "pretrain/loss")) > 1
-    assert len(client.get_metric_history(champion.run_id, "finetune/loss")) > 1
+    logged = client.get_run(champion.run_id).data.metrics
+    for stage in ("pretrain", "finetune"):  # e.g. pretrain/pretrain_loss, finetune/caption_loss
+        losses = [k for k in logged if k.startswith(f"{stage}/") and k.endswith("_loss")]
+        assert losses and all(len(client.get_metric_history(champion.run_id, k)) > 1 for k in losses), stage
     description = client.get_model_version(cfg.registry.model_name, champion.version).description
     assert description.startswith("**Champion**") and summary["data_report"]["version"] in description
     assert client.get_experiment_by_name(cfg.registry.experiment).tags["mlflow.experimentKind"] == \
