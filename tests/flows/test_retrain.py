@@ -110,7 +110,7 @@ def check_dashboards(client, cfg, summary, champion, flow_run_id) -> None:
     assert figures == ["figures/examples.png", "figures/learning_curves.png"]
     logged = client.get_run(champion.run_id).data.metrics
     for stage in ("pretrain", "finetune"):  # e.g. pretrain/pretrain_loss, finetune/caption_loss
-        losses = [k for k in logged if k.startswith(f"{stage}/") and k.endswith("_loss")]
+        losses = [k for k in logged if k.startswith(f"{stage}/") and k.endswith("_loss") and "/val_" not in k]
         assert losses and all(len(client.get_metric_history(champion.run_id, k)) > 1 for k in losses), stage
     description = client.get_model_version(cfg.registry.model_name, champion.version).description
     assert description.startswith("**Champion**") and summary["data_report"]["version"] in description
