@@ -73,7 +73,7 @@ def make_figures(cfg: Config, summary: dict[str, Any], out_dir: Path) -> tuple[d
     for name, fig in figures.items():
         out_dir.mkdir(parents=True, exist_ok=True)
         pngs[name] = out_dir / f"{name}.png"
-        fig.savefig(pngs[name], format="png", dpi=90)
+        fig.savefig(pngs[name], format="png", dpi=90, bbox_inches="tight")  # titles never clipped
     summary["histories"] = histories
     return figures, pngs
 
@@ -90,7 +90,7 @@ def log_to_mlflow(cfg: Config, run_id: str, figures: dict[str, Any], histories: 
     mlclient = client(cfg)
     try:
         for name, fig in figures.items():
-            mlclient.log_figure(run_id, fig, f"figures/{name}.png")
+            mlclient.log_figure(run_id, fig, f"figures/{name}.png", save_kwargs={"dpi": 90, "bbox_inches": "tight"})
     finally:
         for fig in figures.values():
             _pyplot().close(fig)

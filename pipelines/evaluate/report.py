@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-SKIP_KEYS = {"step", "samples_per_s", "train_tflops", "mfu", "nonfinite_steps", "lr", "grad_norm"}  # not curves of learning
+SKIP_KEYS = {"step", "samples_per_s", "train_tflops", "mfu", "nonfinite_steps", "lr", "grad_norm",
+             "val_samples", "val_chance_r1"}  # not curves of learning
 
 
 def _pyplot():
