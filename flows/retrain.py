@@ -6,8 +6,6 @@ orders them, retries the I/O-bound ones and leaves a report in Prefect's UI. No 
 
 from __future__ import annotations
 
-import base64
-import html
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +16,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.dashboard import md_text, publish, render_markdown  # noqa: F401 - render_markdown: the report, re-exported
+from flows.policy import failing_step, record_failure, with_step
 from pipelines.config import Config, datasets_root, home_dir, load_config, mlflow_tracking_uri
 from pipelines.core.mlflow import redact
+from pipelines.registry.lineage import describe_version
 from pipelines.registry.register import code_version
 from pipelines.runtime import init_ray, quiet_environment
 
@@ -75,24 +76,45 @@ def one_retrain_per_model(model_name: str, timeout_s: float | None = SLOT_TIMEOU
         ) from e
 
 
-@task(name="prepare-data", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def prepare_data(cfg: Config) -> str:
-    """Ingest the configured source (or a freshly synthesised set) into a dataset version."""
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(cfg: Config) -> dict[str, Any]:
+    """Ingest the configured source (or the synthesised set) into a dataset version. Unchanged
+    data is not redone: the ingest finds the version its inputs made before (its id is derived
+    from their content), and the synthesised set is written once per (num, seed).
+    Returns `{"dir", "version", "reused", "report"}`."""
+    from pipelines.core.dataset import read_report, version_id
     from pipelines.ingest import ingest
     from pipelines.ingest.synth import synthesize
 
     source, fmt = cfg.data.source, cfg.data.format
     if source is None:
         out = home_dir(cfg) / "raw" / f"synth-n{cfg.data.synth_num}-s{cfg.data.synth_seed}"
-        source, fmt = str(synthesize(out, cfg.data.synth_num, cfg.data.synth_seed)), "jsonl"
-        get_run_logger().info("synthesised %d samples into %s", cfg.data.synth_num, source)
-    version_dir = ingest(source, datasets_root(cfg), cfg.data, fmt=fmt)
-    return str(version_dir)
+        if not (out / "samples.jsonl").is_file():  # written last: its presence marks the set complete
+            synthesize(out, cfg.data.synth_num, cfg.data.synth_seed)
+            get_run_logger().info("synthesised %d samples into %s", cfg.data.synth_num, out)
+        source, fmt = str(out), "jsonl"
+    before = _complete_versions(datasets_root(cfg))
+    version_dir = str(ingest(source, datasets_root(cfg), cfg.data, fmt=fmt))
+    reused = Path(version_dir).name in before
+    if reused:
+        print(f"[retrain] dataset version {Path(version_dir).name} reused: {source} is unchanged since it was "
+              "ingested (nothing re-cleaned)", flush=True)
+    return {"dir": version_dir, "version": version_id(version_dir), "reused": reused,
+            "report": read_report(version_dir)}
+
+
+def _complete_versions(root: str) -> set[str]:
+    """Names of the complete dataset versions under a local `root` (empty for object storage)."""
+    path = Path(root)
+    if "://" in root or not path.is_dir():
+        return set()
+    return {p.name for p in path.iterdir() if (p / "manifest.json").is_file()}
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(cfg: Config, data_dir: str, stage: str, init_from: str | None = None) -> str:
-    """One Ray Train job; Ray Train itself restarts failed workers (train.max_failures)."""
+    """One Ray Train job; Ray Train itself restarts failed workers (train.max_failures), and a
+    retried task resumes the same run (its name is deterministic) from its last checkpoint."""
     from pipelines.train import run_training
 
     return str(run_training(cfg, data_dir, stage, init_from=init_from))
@@ -125,7 +147,7 @@ def evaluate_champion(cfg: Config, data_dir: str, benchmark: str) -> dict[str, A
     return {**run_evaluation(cfg, uri, data_dir), "version": version}
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="register", cache_policy=NO_CACHE)
 def register(
     cfg: Config,
     checkpoint: str,
@@ -138,14 +160,35 @@ def register(
     return register_and_gate(cfg, checkpoint, report, lineage, champion_report=champion_report)
 
 
-@flow(name="retrain", log_prints=True)
+@task(name="check-changes", cache_policy=NO_CACHE)
+def check_changes(cfg: Config, dataset_version: str) -> str | None:
+    """Why training can be skipped (nothing changed since the champion was trained), or None."""
+    from pipelines.registry.lineage import code_hash, unchanged_since_champion
+
+    return unchanged_since_champion(cfg, dataset_version, cfg.hash(), code_hash())
+
+
+@task(name="resolve-champion", cache_policy=NO_CACHE)
+def resolve_champion(cfg: Config) -> tuple[str, str] | None:
+    """(models:/ URI, local checkpoint dir) of the champion to fine-tune from, or None."""
+    from pipelines.registry.lineage import champion_checkpoint
+
+    found = champion_checkpoint(cfg)
+    return (found[0], str(found[1])) if found else None
+
+
+@flow(name="retrain", log_prints=True, on_failure=[record_failure])
 def retrain(
     config: str = "local", overrides: list[str] | None = None, slot_timeout_s: float | None = SLOT_TIMEOUT_S
 ) -> dict[str, Any]:
     """Scheduled/triggered retraining on one config; returns a summary of what it produced.
 
     One retrain per registered model at a time (`one_retrain_per_model`): a second one waits up
-    to `slot_timeout_s` seconds for the first to end, then fails with `RetrainBusyError`."""
+    to `slot_timeout_s` seconds for the first to end, then fails with `RetrainBusyError`.
+    Steps retry transient failures and time out as the config's `flow` section says; a failed
+    run leaves a `retrain-failure` artifact and a failed MLflow run naming the step and error.
+    When data, config and code are unchanged since the champion was trained, nothing trains and
+    the summary's `skipped` says why (also a `retrain-skipped` artifact)."""
     quiet_environment()
     cfg = load_config(config, overrides or [])
     with one_retrain_per_model(cfg.registry.model_name, slot_timeout_s):
@@ -154,31 +197,52 @@ def retrain(
 
 def _run_steps(cfg: Config) -> dict[str, Any]:
     init_ray(cfg)
-    data_dir = prepare_data(cfg)
-    pretrained = train(cfg, data_dir, "pretrain")
-    finetuned = train(cfg, data_dir, "finetune", init_from=pretrained)
-    report = evaluate(cfg, finetuned, data_dir)
-    champion_report = evaluate_champion(cfg, data_dir, report["benchmark"])
-    lineage = {
-        "dataset_version": report["dataset_version"],
-        "dataset_dir": data_dir,
-        "config_hash": cfg.hash(),
-        "code_version": code_version(),
-        "parent_checkpoint": pretrained,
-    }
-    registration = register(cfg, finetuned, report, lineage, champion_report)
+    data = with_step(prepare_data, cfg, "ingest")(cfg)
+    data_dir = data["dir"]
+    skipped = with_step(check_changes, cfg, "register")(cfg, data["version"])
+    if skipped:
+        print(f"[retrain] {skipped}", flush=True)
+        create_markdown_artifact(key="retrain-skipped", markdown=f"# retrain skipped\n\n{md_text(skipped)}\n",
+                                 description="nothing changed since the champion was trained")
+        return {"data_dir": data_dir, "dataset_reused": data["reused"], "skipped": skipped,
+                "data_report": data["report"]}
+    pretrained, start = _start_weights(cfg, data_dir)
+    finetuned = with_step(train, cfg, "train")(cfg, data_dir, "finetune", init_from=start)
+    report = with_step(evaluate, cfg, "evaluate")(cfg, finetuned, data_dir)
+    champion_report = with_step(evaluate_champion, cfg, "evaluate")(cfg, data_dir, report["benchmark"])
+    lineage = _lineage(cfg, report, data_dir, pretrained or start)
+    registration = with_step(register, cfg, "register")(cfg, finetuned, report, lineage, champion_report)
     summary = {
-        "data_dir": data_dir,
-        "pretrain_checkpoint": pretrained,
-        "checkpoint": finetuned,
-        "report": report,
-        "registration": registration,
-        "tracking_uri": redact(mlflow_tracking_uri(cfg)),
-        "home": str(home_dir(cfg)),
-        "ray_dashboard": _dashboard_url(),
+        "data_dir": data_dir, "dataset_reused": data["reused"], "data_report": data["report"],
+        "pretrain_checkpoint": pretrained, "init_from": start, "checkpoint": finetuned, "report": report,
+        "registration": registration, "lineage": lineage, "tracking_uri": redact(mlflow_tracking_uri(cfg)),
+        "home": str(home_dir(cfg)), "ray_dashboard": _dashboard_url(),
     }
-    create_markdown_artifact(key="retrain-report", markdown=render_markdown(summary))
+    with failing_step("dashboards"):
+        describe_version(cfg, registration, report, lineage, data["report"])
+        publish(cfg, summary)
     return summary
+
+
+def _start_weights(cfg: Config, data_dir: str) -> tuple[str | None, str]:
+    """`(pretrain checkpoint or None, checkpoint the fine-tune starts from)`: the champion's
+    weights when `train.init_from: champion` and there is one, else a fresh pretraining run."""
+    if cfg.train.init_from == "champion":
+        champion = with_step(resolve_champion, cfg, "register")(cfg)
+        if champion is not None:
+            print(f"[retrain] fine-tuning from the champion {champion[0]} ({champion[1]}); no pretraining",
+                  flush=True)
+            return None, champion[1]
+        print("[retrain] train.init_from=champion, but there is no champion yet: pretraining first", flush=True)
+    pretrained = with_step(train, cfg, "train")(cfg, data_dir, "pretrain")
+    return pretrained, pretrained
+
+
+def _lineage(cfg: Config, report: dict[str, Any], data_dir: str, parent: str) -> dict[str, str]:
+    from pipelines.registry.lineage import code_hash
+
+    return {"dataset_version": report["dataset_version"], "dataset_dir": data_dir, "config_hash": cfg.hash(),
+            "code_version": code_version(), "code_hash": code_hash(), "parent_checkpoint": parent}
 
 
 def _dashboard_url() -> str | None:
@@ -192,43 +256,3 @@ def _dashboard_url() -> str | None:
     if not url:
         return None
     return url if url.startswith("http") else f"http://{url}"
-
-
-def render_markdown(summary: dict[str, Any]) -> str:
-    """The run's report as Markdown for Prefect's artifact view."""
-    metrics = summary["report"].get("metrics", {})
-    reg = summary["registration"]
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float))
-    examples = "\n".join(
-        f"| {md_text(e['key'])} | {md_text(e['generated'])} | {md_text(e['references'][0] if e['references'] else '')} |"
-        for e in summary["report"].get("examples", [])
-    )
-    return (
-        f"# retrain\n\nModel **{reg.get('name')}** version **{reg.get('version')}**; "
-        f"promoted: **{reg.get('promoted')}** ({reg.get('reason')})\n\n"
-        f"- data: `{summary['data_dir']}`\n- checkpoint: `{summary['checkpoint']}`\n\n"
-        f"| metric | value |\n|---|---|\n{rows}\n\n"
-        f"| sample | generated | reference |\n|---|---|---|\n{examples}\n"
-        f"{_attention_section(summary['report'].get('explanations', []))}"
-    )
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # what could open a link, code, emphasis or a cell
-
-
-def md_text(value: Any) -> str:
-    """Data (captions, generated text, keys) as literal text in a Markdown table cell: HTML
-    escaped (`<script>` is shown, never run), Markdown's own marks backslash-escaped, one line."""
-    text = html.escape(str(value), quote=False)
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(text.split()))
-
-
-def _attention_section(pictures: list[str]) -> str:
-    """The attention pictures inline (PNG data URIs: the artifact needs no file server), with paths."""
-    if not pictures:
-        return ""
-    parts = ["\n## Where the model looks\n\nDecoder cross-attention over the image for each generated word.\n"]
-    for path in pictures:
-        data = base64.b64encode(Path(path).read_bytes()).decode()
-        parts.append(f"\n`{path}`\n\n![attention](data:image/png;base64,{data})\n")
-    return "".join(parts)

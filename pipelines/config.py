@@ -2,7 +2,7 @@
 
 Every entry point (CLI command, Prefect flow, test) calls `load_config` once and passes the
 typed sections down. Sections map one-to-one to YAML top-level keys:
-`data`, `model`, `train`, `scaling`, `eval`, `registry`, `services`.
+`data`, `model`, `train`, `scaling`, `eval`, `registry`, `flow`, `services`.
 """
 
 from __future__ import annotations
@@ -156,6 +156,9 @@ class TrainConfig(_Section):
     # Recompute each transformer block's activations in the backward instead of keeping them
     # (torch's composable activation checkpointing): less memory, about one more forward per step.
     activation_checkpointing: bool = False
+    # "champion": the retrain flow fine-tunes the registered champion's weights on the new data
+    # (no pretraining); None, or no champion yet: pretrain, then fine-tune.
+    init_from: Literal["champion"] | None = None
 
 
 class ScalingConfig(_Section):
@@ -212,6 +215,20 @@ class RegistryConfig(_Section):
     experiment: str = "mmfusion"
 
 
+class FlowConfig(_Section):
+    """How the Prefect flows run their steps: timeouts in seconds (None = no limit), and retries
+    with exponential backoff on transient failures (I/O, MLflow, Ray job submission)."""
+
+    ingest_timeout_s: float | None = Field(4 * 3600.0, gt=0)
+    train_timeout_s: float | None = Field(24 * 3600.0, gt=0)  # each of pretrain and fine-tune
+    evaluate_timeout_s: float | None = Field(4 * 3600.0, gt=0)
+    register_timeout_s: float | None = Field(1800.0, gt=0)
+    retries: int = Field(3, ge=0)  # ingest, evaluate, register: their I/O is idempotent
+    train_retries: int = Field(1, ge=0)  # a retried training run resumes from its last checkpoint
+    retry_backoff_s: float = Field(10.0, ge=0)  # the first retry's delay; each next one doubles
+    retry_jitter: float = Field(0.2, ge=0)  # delays vary randomly by about this fraction; 0: exact
+
+
 class ServicesConfig(_Section):
     """Service addresses. None means: the usual variable if set, else the embedded default."""
 
@@ -229,6 +246,7 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
 def format_report(cfg: Config, summary: dict[str, Any]) -> str:
     """The short plain-text report printed at the end of `mmfusion run`."""
+    if summary.get("skipped"):  # nothing changed since a registered version was trained
+        return "\n".join(["", "=" * 72, "mmfusion run: nothing trained", "=" * 72,
+                          f"data        {summary['data_dir']}"
+                          f"{' (reused: unchanged)' if summary.get('dataset_reused') else ''}",
+                          f"skipped     {summary['skipped']}"])
     report, reg = summary["report"], summary["registration"]
     metrics = report.get("metrics", {})
     lines = ["", "=" * 72, "mmfusion run finished", "=" * 72]
@@ -71,6 +76,7 @@ def format_report(cfg: Config, summary: dict[str, Any]) -> str:
     for ex in report.get("examples", []):
         lines += [f"  [{ex['key']}]", f"    model: {ex['generated']}"]
         lines += [f"    truth: {ref}" for ref in ex["references"][:2]]
+    lines += ["", "figures:", *(f"  {name:<16} {path}" for name, path in summary.get("figures", {}).items())]
     lines += ["", "dashboards:", *dashboard_hints(cfg, summary)]
     return "\n".join(lines)
 

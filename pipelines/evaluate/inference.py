@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pipelines.core.progress import Progress
+
 
 @dataclass(frozen=True)
 class InferenceSettings:
@@ -134,18 +136,22 @@ def infer_shards(checkpoint_dir: str, urls: list[str], s: InferenceSettings, use
                  cpus_per_task: float = 1.0) -> list[dict]:
     """Outputs of every shard, in shard order (Ray tasks run them in parallel when `use_ray`)."""
     start = time.time()
-    if not use_ray:
-        outs = []
-        for i, url in enumerate(urls):
-            outs.append(infer_shard(checkpoint_dir, url, s))
-            print(f"[eval] shard {i + 1}/{len(urls)}: {len(outs[-1]['keys'])} samples "
-                  f"({time.time() - start:.1f}s)", flush=True)
-        return outs
-    import ray
+    with Progress("[eval] inference", total=len(urls), unit="shards") as bar:  # live on a TTY, else every 10 s
+        if not use_ray:
+            outs = []
+            for url in urls:
+                outs.append(infer_shard(checkpoint_dir, url, s))
+                bar.update()
+            return outs
+        import ray
 
-    task = ray.remote(num_cpus=cpus_per_task)(infer_shard)
-    threads = max(1, int(cpus_per_task))
-    refs = [task.remote(checkpoint_dir, url, s, threads) for url in urls]
+        task = ray.remote(num_cpus=cpus_per_task)(infer_shard)
+        threads = max(1, int(cpus_per_task))
+        refs = [task.remote(checkpoint_dir, url, s, threads) for url in urls]
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(ready))
     outs = ray.get(refs)
     print(f"[eval] {len(urls)} shards on Ray: {sum(len(o['keys']) for o in outs)} samples "
           f"({time.time() - start:.1f}s)", flush=True)

@@ -35,6 +35,7 @@ from typing import Any
 
 from pipelines.config import DataConfig
 from pipelines.core import dataset, storage
+from pipelines.core.progress import Progress
 from pipelines.ingest.dedup import deduplicate
 from pipelines.ingest.fingerprint import fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.shards import plan_shards, write_shard
@@ -180,14 +181,13 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     # ~0.1-0.2 s between tasks; without it every CPU runs a task from the start and back to back.
     ds.context.op_resource_reservation_enabled = False
     rows: list[dict] = []
-    t0 = last = time.time()
+    t0 = time.time()
     first: tuple[float, int] | None = None  # when the first task's rows came, and how many
-    for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows.extend(out.to_pylist())
-        first = first or (time.time(), len(rows))
-        if time.time() - last > 10:  # progress on long jobs, also when stderr is not a terminal
-            last = time.time()
-            log(f"cleaned {len(rows)}/{len(refs)} ({len(rows) / (last - t0):.0f} samples/s)")
+    with Progress("[ingest] cleaned", total=len(refs), unit="samples") as bar:  # live on a TTY, else every 10 s
+        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows.extend(out.to_pylist())
+            first = first or (time.time(), len(rows))
+            bar.update(out.num_rows)
     if first and len(rows) > first[1] and time.time() > first[0]:  # what start-up costs, and the pace after it
         log(f"first task done after {first[0] - t0:.1f}s (workers starting), then "
             f"{(len(rows) - first[1]) / (time.time() - first[0]):.0f} samples/s")
@@ -221,12 +221,11 @@ def _ensure_ray() -> None:
     if not ray.is_initialized():
         init_ray(None, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    if not ctx.enable_progress_bars:
-        # Our own progress lines stand in for the bars; Ray Data's per-execution INFO lines and
-        # its "progress bars disabled" warning would only be noise in a log.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Our own progress line (`Progress`: live on a terminal, periodic in a log) stands in for Ray
+    # Data's bars; its per-execution INFO lines and "progress bars disabled" warning are noise.
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:

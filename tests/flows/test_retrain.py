@@ -28,7 +28,8 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = [f"services.home={tmp_path / 'home'}", "data.synth_num=200"]
-    summary = retrain(config="debug", overrides=overrides)
+    state = retrain(config="debug", overrides=overrides, return_state=True)
+    summary = state.result()
 
     # the dataset version follows the contract
     data_dir = Path(summary["data_dir"])
@@ -67,4 +68,52 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
     logged = client.list_artifacts(champion.run_id, "eval/attention")
     assert sorted(Path(a.path).name for a in logged) == sorted(Path(p).name for p in pictures)
     markdown = render_markdown(summary)
-    assert markdown.count("data:image/png;base64,") == len(pictures)
+    assert markdown.count("data:image/png;base64,") == len(pictures) + len(summary["figures"])
+
+    # dashboards: the flow run's artifacts, the figures and curves on the MLflow run, the description
+    check_dashboards(client, cfg, summary, champion, state.state_details.flow_run_id)
+
+    # new data + train.init_from=champion: a new dataset version and a fine-tune of the champion
+    overrides2 = [*overrides, "data.synth_seed=1", "train.init_from=champion"]
+    second = retrain(config="debug", overrides=overrides2)
+    assert second["data_dir"] != summary["data_dir"] and not second["dataset_reused"]
+    assert second["pretrain_checkpoint"] is None  # no pretraining
+    champion_dir = Path(cfg.services.home) / "models" / cfg.registry.model_name / str(reg["version"])
+    assert second["init_from"] == str(champion_dir.resolve())
+    tags = client.get_model_version(cfg.registry.model_name, second["registration"]["version"]).tags
+    assert tags["parent_checkpoint"] == second["init_from"]
+    assert tags["dataset_version"] == Path(second["data_dir"]).name
+
+    # the same again: nothing changed since that version was trained, so nothing trains
+    third = retrain(config="debug", overrides=overrides2)
+    assert third["dataset_reused"] and third["data_dir"] == second["data_dir"]
+    assert f"v{second['registration']['version']}" in third["skipped"] and "training skipped" in third["skipped"]
+
+
+def check_dashboards(client, cfg, summary, champion, flow_run_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    assert sorted(summary["figures"]) == ["examples", "learning_curves"]
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    artifacts = {a.key: a for a in found}
+    report = artifacts["retrain-report"].data
+    for section in ("## Data quality", "## Report card", "## Gate: promote", "## Learning curves",
+                    "## Test images: generated and true captions"):
+        assert section in report, section
+    assert report.count("data:image/png;base64,") == 2 + len(summary["report"]["explanations"])
+    rows = artifacts["data-quality"].data
+    assert "kept" in rows and str(summary["data_report"]["kept"]) in rows
+
+    figures = sorted(a.path for a in client.list_artifacts(champion.run_id, "figures"))
+    assert figures == ["figures/examples.png", "figures/learning_curves.png"]
+    logged = client.get_run(champion.run_id).data.metrics
+    for stage in ("pretrain", "finetune"):  # e.g. pretrain/pretrain_loss, finetune/caption_loss
+        losses = [k for k in logged if k.startswith(f"{stage}/") and k.endswith("_loss") and "/val_" not in k]
+        assert losses and all(len(client.get_metric_history(champion.run_id, k)) > 1 for k in losses), stage
+    description = client.get_model_version(cfg.registry.model_name, champion.version).description
+    assert description.startswith("**Champion**") and summary["data_report"]["version"] in description
+    assert client.get_experiment_by_name(cfg.registry.experiment).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+

@@ -217,6 +217,18 @@ def _shoot(page, url: str | None, expect: list[str], name: str, click: str | Non
     return path
 
 
+def _loaded_images(page, src_prefix: str, at_least: int, min_width: int = 1) -> None:
+    """Wait until the page shows `at_least` decoded images whose src starts with `src_prefix`."""
+    page.wait_for_function(
+        "([p, n, w]) => [...document.images].filter(i => i.src.startsWith(p) && i.naturalWidth >= w).length >= n",
+        arg=[src_prefix, at_least, min_width], timeout=120_000)
+
+
+def _mlflow_api(base: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/{path}", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
 def test_a_browser_sees_the_completed_run_and_the_champion(stack):
     """Headless Chromium on the Prefect UI (the flow run, Completed, with its report artifact) and on
     the MLflow UI (the registered model with its `champion` alias, and the version's run)."""
@@ -235,9 +247,19 @@ def test_a_browser_sees_the_completed_run_and_the_champion(stack):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             _shoot(page, f"{prefect_ui}/runs/flow-run/{run['id']}", [run["name"], "Completed"], "prefect-flow-run")
             _shoot(page, None, ["retrain-report"], "prefect-flow-run-artifacts", click="Artifacts")
+            (report,) = _api(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["retrain-report"]},
+                                                                       "flow_run_id": {"any_": [run["id"]]}}})
+            _shoot(page, f"{prefect_ui}/artifacts/artifact/{report['id']}", ["Data quality", "Learning curves"],
+                   "prefect-retrain-report")
+            _loaded_images(page, "data:image/png", at_least=2)  # learning curves and example captions
             _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug", ["mmfusion-debug", "champion"], "mlflow-model")
-            _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug/versions/1", ["champion", "mmfusion-debug"],
+            _shoot(page, f"{mlflow_ui}/#/models/mmfusion-debug/versions/1", ["champion", "mmfusion-debug", "Lineage"],
                    "mlflow-model-version")
+            mv = _mlflow_api(mlflow_ui, "model-versions/get?name=mmfusion-debug&version=1")["model_version"]
+            exp = _mlflow_api(mlflow_ui, f"runs/get?run_id={mv['run_id']}")["run"]["info"]["experiment_id"]
+            _shoot(page, f"{mlflow_ui}/#/experiments/{exp}/runs/{mv['run_id']}/artifacts/figures/learning_curves.png",
+                   ["learning_curves.png"], "mlflow-run-figure")
+            _loaded_images(page, "", at_least=1, min_width=300)
         finally:
             browser.close()
     stack["times"]["browser screenshots"] = time.monotonic() - started
