@@ -88,9 +88,10 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
 
     source, fmt = cfg.data.source, cfg.data.format
     if source is None:
-        out = home_dir(cfg) / "raw" / f"synth-n{cfg.data.synth_num}-s{cfg.data.synth_seed}"
+        spoken = "-audio" if cfg.data.synth_audio else ""
+        out = home_dir(cfg) / "raw" / f"synth-n{cfg.data.synth_num}-s{cfg.data.synth_seed}{spoken}"
         if not (out / "samples.jsonl").is_file():  # written last: its presence marks the set complete
-            synthesize(out, cfg.data.synth_num, cfg.data.synth_seed)
+            synthesize(out, cfg.data.synth_num, cfg.data.synth_seed, audio=cfg.data.synth_audio)
             get_run_logger().info("synthesised %d samples into %s", cfg.data.synth_num, out)
         source, fmt = str(out), "jsonl"
     before = _complete_versions(datasets_root(cfg))

@@ -40,8 +40,9 @@ def prepare_dataset(cfg: Config) -> str:
 
     source, fmt = cfg.data.source, cfg.data.format
     if source is None:
-        out = home_dir(cfg) / "raw" / f"synth-n{cfg.data.synth_num}-s{cfg.data.synth_seed}"
-        source, fmt = str(synthesize(out, cfg.data.synth_num, cfg.data.synth_seed)), "jsonl"
+        spoken = "-audio" if cfg.data.synth_audio else ""
+        out = home_dir(cfg) / "raw" / f"synth-n{cfg.data.synth_num}-s{cfg.data.synth_seed}{spoken}"
+        source, fmt = str(synthesize(out, cfg.data.synth_num, cfg.data.synth_seed, audio=cfg.data.synth_audio)), "jsonl"
     return str(ingest(source, datasets_root(cfg), cfg.data, fmt=fmt))
 
 
