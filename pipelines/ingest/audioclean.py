@@ -30,16 +30,15 @@ import soundfile as sf
 import soxr
 
 from pipelines.config import DataConfig
+from pipelines.ingest.rejects import Reject
 
 BLOCK_FRAMES = 1 << 16  # decoded a block at a time: memory stays at the mono result, not every channel
 FULL_SCALE = 0.999  # |sample| at or above this counts as clipped (8-bit full scale is 127/128)
 MAX_CHANNELS = 64
 
 
-class AudioReject(ValueError):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+class AudioReject(Reject):
+    """An audio clip that cannot be kept."""
 
 
 @dataclass(frozen=True)

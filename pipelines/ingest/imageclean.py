@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from pipelines.ingest.phash import phash_many, thumbnail
+from pipelines.ingest.rejects import Reject
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a reject, never a padded image
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
@@ -27,10 +28,8 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {_LITERAL.sub('<bytes>', str(e))[:200]}"
 
 
-class ImageReject(ValueError):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+class ImageReject(Reject):
+    """An image that cannot be kept."""
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,16 @@ import math
 import re
 import unicodedata
 
+from pipelines.ingest.rejects import Reject
+
 # A tag: `<` then a name (or `/name`, `!--`, `!DOCTYPE`), to the next `>`. `x < 5 and y > 3` is
 # no tag: a `<` with a space or digit after it is text.
 _TAG = re.compile(r"<(?:/?[A-Za-z][A-Za-z0-9:-]*(?:[\s/][^<>]{0,500})?|!--[^<>]{0,500}?--|![A-Za-z][^<>]{0,500})>")
 _SPACE = re.compile(r"\s+")
 
 
-class TextReject(ValueError):
-    """A text that cannot be kept; `reason` is the report key."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+class TextReject(Reject):
+    """A caption or question that cannot be kept."""
 
 
 def strip_tags(text: str) -> str:

@@ -191,3 +191,18 @@ class ImageServer(LocalHTTPServer):
         handler = type("Handler", (_Handler,), {"image": image, "hits": {}})
         super().__init__(handler)
         self.hits = handler.hits
+
+
+def stage_rows(source, fmt: str, tmp_path: Path, cfg) -> list[dict]:
+    """The accounting rows of every input of `source` through the real cleaning step (one per Ref:
+    nothing is lost on the way)."""
+    import pyarrow as pa
+
+    from pipelines.ingest import stage
+    from pipelines.ingest.job import collect_refs
+
+    refs = collect_refs(str(source), fmt, cfg)
+    table = pa.table({"ref": pa.array([json.dumps(r) for r in refs], pa.string())})
+    rows = stage.process_batch(table, cfg.model_dump(mode="json"), str(tmp_path / "stage")).to_pylist()
+    assert [r["order"] for r in rows] == [r["order"] for r in refs]
+    return rows

@@ -11,19 +11,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import soundfile as sf
 import webdataset as wds
 from audio_corpus import bad_corpus, encode_audio, tone
-from ingest_corpus import encode, scene
+from ingest_corpus import encode, scene, stage_rows
 
 from pipelines.config import load_config
 from pipelines.core.dataset import SPLITS, read_manifest, read_report, shard_paths
-from pipelines.ingest import stage
 from pipelines.ingest.audioclean import AudioReject, AudioSpec, clean_audio
 from pipelines.ingest.dedup import deduplicate
-from pipelines.ingest.job import collect_refs
 from pipelines.ingest.sources import detect_format
 
 CFG = load_config("debug").data
@@ -122,12 +119,7 @@ def _reason(data: bytes, spec: AudioSpec) -> str:
 
 
 def process(source, fmt: str, tmp_path: Path, cfg=CFG) -> list[dict]:
-    """The accounting rows of every input (one per Ref), through the real cleaning step."""
-    refs = collect_refs(str(source), fmt, cfg)
-    table = pa.table({"ref": pa.array([json.dumps(r) for r in refs], pa.string())})
-    rows = stage.process_batch(table, cfg.model_dump(mode="json"), str(tmp_path / "stage")).to_pylist()
-    assert [r["order"] for r in rows] == [r["order"] for r in refs]
-    return rows
+    return stage_rows(source, fmt, tmp_path, cfg)
 
 
 def _staged(row: dict) -> dict:

@@ -16,12 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ingest_corpus import encode, scene
+from ingest_corpus import encode, scene, stage_rows
 
 from pipelines.config import ConfigError, load_config
 from pipelines.ingest import stage
 from pipelines.ingest.dedup import deduplicate
-from pipelines.ingest.job import collect_refs
 from pipelines.ingest.shards import plan_shards, write_shard
 from pipelines.ingest.textclean import clean_qa, normalize
 
@@ -30,12 +29,7 @@ CAPTION = "a scene with shapes"
 
 
 def process(source, fmt: str, tmp_path: Path, cfg=CFG) -> list[dict]:
-    """The accounting rows of every input of `source` (one per Ref: nothing is lost on the way)."""
-    refs = collect_refs(str(source), fmt, cfg)
-    table = pa.table({"ref": pa.array([json.dumps(r) for r in refs], pa.string())})
-    rows = stage.process_batch(table, cfg.model_dump(mode="json"), str(tmp_path / "stage")).to_pylist()
-    assert [r["order"] for r in rows] == [r["order"] for r in refs]
-    return rows
+    return stage_rows(source, fmt, tmp_path, cfg)
 
 
 def by_id(rows: list[dict]) -> dict[str, dict]:
