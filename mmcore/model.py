@@ -5,7 +5,8 @@ Tasks of `forward(batch, task)`:
 - `retrieval`: ITC embeddings and ITM (no LM).
 - `caption`: LM over the caption, the decoder cross-attending to the image tokens.
 - `vqa`: the question is encoded and fused with the image; the decoder generates the answer
-  cross-attending to [fused question tokens; image tokens].
+  cross-attending to [fused question tokens; image tokens]. A batch may ask several questions of
+  one image (`question_image`): the image is encoded once.
 Everything that needs gradients (ITM hard negatives included) happens inside forward, so that a
 DDP-wrapped model works unchanged. Tasks other than `pretrain` leave some parameters unused, so
 a DDP wrapper needs `find_unused_parameters=True` for them.
@@ -165,7 +166,8 @@ class FusionOutput:
     """What forward returns; fields a task does not compute are None.
 
     image_emb, text_emb `(B, E)` L2-normalised; logit_scale scalar (1/T);
-    itm_logits, itm_labels `(3B,)` (positives, image->hard-negative text, text->hard-negative image);
+    itm_logits, itm_labels `(3B + B',)` (positives, image->hard-negative text, text->hard-negative
+    image, then the batch's B' one-word-edited captions `edit_neg_ids` if it has them);
     lm_logits `(B, T-1, V)` and lm_labels `(B, T-1)` (-100 = ignore) for the caption / answer.
     patch_emb `(B, N, E)`, word_emb `(B, L, E)` L2-normalised and word_mask `(B, L)` (1 = a word:
     not padding, BOS or EOS) and token_scale (its loss's 1/T), for models with `token_embed`, in
@@ -258,6 +260,10 @@ class FusionModel(nn.Module):
         out = FusionOutput(task, self.heads.embed_image(image_pooled), self.heads.embed_text(text_pooled),
                            self.heads.scale())
         out.itm_logits, out.itm_labels = self._itm(image_tokens, text_tokens, ids, mask, out)
+        if "edit_neg_ids" in batch:
+            logits = self.itm_logits(image_tokens[batch["edit_neg_image"]], batch["edit_neg_ids"], batch["edit_neg_mask"])
+            out.itm_logits = torch.cat([out.itm_logits, logits])
+            out.itm_labels = torch.cat([out.itm_labels, torch.zeros_like(logits)])
         if self.heads.token_embed:
             out.patch_emb, out.word_emb = self.heads.embed_tokens(image_tokens[:, self._patch_start:], text_tokens)
             out.word_mask = mask.bool() & (ids != self.cfg.bos_id) & (ids != self.cfg.eos_id)
@@ -268,6 +274,8 @@ class FusionModel(nn.Module):
 
     def _forward_vqa(self, batch: dict[str, Any]) -> FusionOutput:
         image_tokens, _ = self.image_encoder(batch["image"])
+        if "question_image" in batch:  # several questions per image: each row asks about one image
+            image_tokens = image_tokens[batch["question_image"]]
         q_ids, q_mask = batch["question_ids"], batch["question_mask"]
         memory, memory_mask = self._vqa_memory(image_tokens, q_ids, q_mask)
         if self.cfg.question_prefix:

@@ -136,6 +136,12 @@ class TrainConfig(_Section):
     lm_weight: float = 1.0
     token_itc_weight: float = 1.0  # word-region (FILIP) loss, for models with model token_embed
     label_smoothing: float = 0.1
+    # Question-answer pairs per image in a VQA step, each its own row, the image encoded once: more
+    # answers learnt per step at a fraction of the cost of more steps.
+    qa_per_sample: int = Field(1, ge=1)
+    # ITM also trains on each caption with one word swapped for the word another caption of the
+    # batch has in its place, a negative as close as evaluation's hardest (mmcore.data.negatives).
+    itm_edit_negatives: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 100

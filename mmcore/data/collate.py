@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import zlib
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from mmcore.data.negatives import batch_edit_negatives
 
 
 def pad_ids(seqs: list[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -21,13 +25,39 @@ def pad_ids(seqs: list[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor]:
 
 def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     """Decoded samples -> batch: tensors `image (B, 3, S, S)`, `caption_ids/_mask`, `question_ids/_mask`,
-    `answer_ids/_mask` `(B, L*)`, `has_qa (B,)`; lists `key`, `captions`, `qa`."""
+    `answer_ids/_mask` `(B, L*)`, `has_qa (B,)`; lists `key`, `captions`, `qa`.
+
+    Samples with further QA pairs (`more_qa`) make the question rows longer than the batch: the
+    question, answer and `has_qa` tensors get `M > B` rows (each sample's first pair, then the
+    rest) and `question_image (M,)` says which image each row asks about. Samples that carry
+    `caption_variants` add `edit_neg_ids/_mask (B', L)` and `edit_neg_image (B',)`: one-word-edited
+    captions that match no caption of their image (`mmcore.data.negatives`), for the B' samples
+    that have one."""
     if not samples:
         raise ValueError("collate got an empty list of samples")
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
-    for name in ("caption", "question", "answer"):
-        batch[f"{name}_ids"], batch[f"{name}_mask"] = pad_ids([s[f"{name}_ids"] for s in samples], pad_id)
-    batch["has_qa"] = torch.tensor([bool(s["has_qa"]) for s in samples])
+    batch["caption_ids"], batch["caption_mask"] = pad_ids([s["caption_ids"] for s in samples], pad_id)
+    rows = [(b, s["question_ids"], s["answer_ids"], bool(s["has_qa"])) for b, s in enumerate(samples)]
+    rows += [(b, q, a, True) for b, s in enumerate(samples) for q, a in s.get("more_qa", ())]
+    batch["question_ids"], batch["question_mask"] = pad_ids([r[1] for r in rows], pad_id)
+    batch["answer_ids"], batch["answer_mask"] = pad_ids([r[2] for r in rows], pad_id)
+    batch["has_qa"] = torch.tensor([r[3] for r in rows])
+    if len(rows) > len(samples):
+        batch["question_image"] = torch.tensor([r[0] for r in rows])
+    if len(samples) > 1 and all("caption_variants" in s for s in samples):
+        _add_edit_negatives(batch, samples, pad_id)
     for name in ("key", "captions", "qa"):
         batch[name] = [s[name] for s in samples]
     return batch
+
+
+def _add_edit_negatives(batch: dict[str, Any], samples: list[dict[str, Any]], pad_id: int) -> None:
+    """`edit_neg_ids/_mask` and `edit_neg_image` into `batch`; the edits are drawn from a generator
+    seeded by the samples' keys, so a batch gets the same negatives every time it is built."""
+    rng = random.Random(zlib.crc32("\n".join(str(s["key"]) for s in samples).encode()))
+    captions = [s["caption_ids"].tolist() for s in samples]
+    negatives = batch_edit_negatives(captions, [s["caption_variants"] for s in samples], rng)
+    kept = [(b, torch.tensor(n)) for b, n in enumerate(negatives) if n is not None]
+    if kept:
+        batch["edit_neg_ids"], batch["edit_neg_mask"] = pad_ids([n for _, n in kept], pad_id)
+        batch["edit_neg_image"] = torch.tensor([b for b, _ in kept])

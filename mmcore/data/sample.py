@@ -19,6 +19,13 @@ class SampleConfig:
     image_size: int = 64
     max_text_len: int = 32  # caption / question tokens, [CLS] and [SEP] included
     max_answer_len: int = 8
+    # Training only: question-answer pairs drawn per sample (distinct, at most all it has), each its
+    # own row of the VQA batch with the image encoded once (`collate`'s `question_image`).
+    qa_per_sample: int = 1
+    # Training only: also encode every caption of the sample (`caption_variants`), so that the batch
+    # can build one-word-edited ITM negatives that no caption of the image reads like
+    # (`mmcore.data.negatives`).
+    caption_variants: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,15 +84,15 @@ def parse_sample(raw: dict) -> ShardSample:
     )
 
 
-def _choose_qa(pairs: list[dict], train: bool, rng) -> tuple[str, str] | None:
-    """Of answerable `pairs`: training takes a random pair and a random answer; evaluation the
-    first pair and its most common answer."""
+def _choose_qa(pairs: list[dict], train: bool, rng, k: int = 1) -> list[tuple[str, str]]:
+    """Of answerable `pairs`: training takes `k` distinct random pairs (fewer if it has fewer), each
+    with a random answer; evaluation the first pair and its most common answer. [] without pairs."""
     if not pairs:
-        return None
-    pair = rng.choice(pairs) if train else pairs[0]
-    answers = pair["answers"]
-    answer = rng.choice(answers) if train else Counter(answers).most_common(1)[0][0]
-    return pair["question"], answer
+        return []
+    if not train:
+        return [(pairs[0]["question"], Counter(pairs[0]["answers"]).most_common(1)[0][0])]
+    chosen = [rng.choice(pairs)] if k <= 1 else rng.sample(pairs, min(k, len(pairs)))
+    return [(p["question"], rng.choice(p["answers"])) for p in chosen]
 
 
 def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, train: bool, rng=None) -> dict[str, Any]:
@@ -94,6 +101,9 @@ def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, trai
     Raw members may be bytes or already decoded.
 
     Training picks a random caption (and QA pair); evaluation uses the primary caption (`txt`).
+    With `cfg.qa_per_sample` > 1, training adds `"more_qa"`: `[(question_ids, answer_ids), ...]`
+    for the further pairs drawn; with `cfg.caption_variants`, `"caption_variants"`: every caption's
+    ids as a tuple.
     """
     rng = rng or random
     if not isinstance(sample, ShardSample):
@@ -101,17 +111,23 @@ def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, trai
             raise KeyError(f"sample {sample.get('__key__', '')!r} has no 'jpg' member; members are {sorted(sample)}")
         sample = parse_sample(sample)
     caption = rng.choice(sample.captions) if train else sample.caption
-    chosen = _choose_qa(sample.answerable_qa, train, rng)
-    question, answer = chosen if chosen else ("", "")
+    chosen = _choose_qa(sample.answerable_qa, train, rng, cfg.qa_per_sample)
+    question, answer = chosen[0] if chosen else ("", "")
     img = load_image(sample.image)
     image = train_image(img, cfg.image_size, rng) if train else image_transform(cfg.image_size, False)(img)
-    return {
+    out = {
         "key": sample.key,
         "image": image,
         "caption_ids": torch.tensor(encode(tokenizer, caption, cfg.max_text_len)),
         "question_ids": torch.tensor(encode(tokenizer, question, cfg.max_text_len)),
         "answer_ids": torch.tensor(encode(tokenizer, answer, cfg.max_answer_len)),
-        "has_qa": chosen is not None,
+        "has_qa": bool(chosen),
         "captions": sample.captions,
         "qa": sample.qa,
     }
+    if len(chosen) > 1:
+        out["more_qa"] = [(torch.tensor(encode(tokenizer, q, cfg.max_text_len)),
+                           torch.tensor(encode(tokenizer, a, cfg.max_answer_len))) for q, a in chosen[1:]]
+    if train and cfg.caption_variants:
+        out["caption_variants"] = [tuple(encode(tokenizer, c, cfg.max_text_len)) for c in sample.captions]
+    return out

@@ -1,0 +1,55 @@
+"""One-word-edited captions as ITM negatives: the hardest text negatives a batch can give.
+
+A matching head trained only on other images' captions learns to reject texts that differ in
+several places; evaluation's hardest negative often differs from the true caption in one word (a
+size, a colour, "left" for "right"). An edited negative is the image's own caption with one token
+replaced by the token that another caption of the batch has at the aligned place, where the two
+differ by a replacement of equal length (a token-level diff, `difflib.SequenceMatcher`): "a small
+red circle on the left" and "a large blue square on the left" give "a small blue circle on the
+left". The swap comes from real captions, so it is a word of the same kind in the same role.
+
+A candidate that reads exactly like any of the image's own captions is not a negative (swapping
+"one" for "a" in "one small red circle" says the same thing) and is never used. NegCLIP (Yuksekgonul
+et al. 2023) builds such negatives by reordering words; this swaps them between captions instead,
+which needs no parser and works for any tokenizer.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+
+
+def edit_candidates(ids: Sequence[int], other: Sequence[int]) -> list[tuple[int, int]]:
+    """`(i, j)` pairs: position i of `ids` may take `other[j]`, from the equal-length replacements
+    of the token diff between the two (positions where the captions are aligned and differ)."""
+    matcher = difflib.SequenceMatcher(a=list(ids), b=list(other), autojunk=False)
+    return [(i1 + k, j1 + k) for tag, i1, i2, j1, j2 in matcher.get_opcodes()
+            if tag == "replace" and i2 - i1 == j2 - j1 for k in range(i2 - i1)]
+
+
+def edit_negative(ids: Sequence[int], others: Sequence[Sequence[int]], own: set[tuple[int, ...]],
+                  rng, tries: int = 4) -> tuple[int, ...] | None:
+    """`ids` with one token swapped in from one of `others` (tried in a random order, at most
+    `tries` of them), such that the result is none of `own`; None when no such edit exists."""
+    order = list(range(len(others)))
+    rng.shuffle(order)
+    for index in order[:tries]:
+        spots = edit_candidates(ids, others[index])
+        rng.shuffle(spots)
+        for i, j in spots:
+            edited = (*ids[:i], others[index][j], *ids[i + 1:])
+            if edited not in own:
+                return edited
+    return None
+
+
+def batch_edit_negatives(captions: Sequence[Sequence[int]], variants: Sequence[Sequence[Sequence[int]]],
+                         rng) -> list[tuple[int, ...] | None]:
+    """Per sample, an edited negative of its caption `captions[b]` from the batch's other captions,
+    never one of its own captions `variants[b]` (every caption of that image); None where none."""
+    out = []
+    for b, ids in enumerate(captions):
+        others = [c for k, c in enumerate(captions) if k != b]
+        out.append(edit_negative(tuple(ids), others, {tuple(v) for v in variants[b]} | {tuple(ids)}, rng))
+    return out
