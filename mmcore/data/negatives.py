@@ -6,7 +6,8 @@ size, a colour, "left" for "right"). An edited negative is the image's own capti
 replaced by the token that another caption of the batch has at the aligned place, where the two
 differ by a replacement of equal length (a token-level diff, `difflib.SequenceMatcher`): "a small
 red circle on the left" and "a large blue square on the left" give "a small blue circle on the
-left". The swap comes from real captions, so it is a word of the same kind in the same role.
+left". The partner is the batch's caption likest in form, so the swap is a word of the same kind
+in the same role and the negative reads as well as the positive.
 
 A candidate that reads exactly like any of the image's own captions is not a negative (swapping
 "one" for "a" in "one small red circle" says the same thing) and is never used. NegCLIP (Yuksekgonul
@@ -30,26 +31,37 @@ def edit_candidates(ids: Sequence[int], other: Sequence[int]) -> list[tuple[int,
 
 def edit_negative(ids: Sequence[int], others: Sequence[Sequence[int]], own: set[tuple[int, ...]],
                   rng, tries: int = 4) -> tuple[int, ...] | None:
-    """`ids` with one token swapped in from one of `others` (tried in a random order, at most
-    `tries` of them), such that the result is none of `own`; None when no such edit exists."""
-    order = list(range(len(others)))
-    rng.shuffle(order)
-    for index in order[:tries]:
-        spots = edit_candidates(ids, others[index])
+    """`ids` with one token swapped in from one of `others` (tried in the given order, at most
+    `tries` of them; a random aligned place in each), such that the result is none of `own`; None
+    when no such edit exists."""
+    for other in others[:tries]:
+        spots = edit_candidates(ids, other)
         rng.shuffle(spots)
         for i, j in spots:
-            edited = (*ids[:i], others[index][j], *ids[i + 1:])
+            edited = (*ids[:i], other[j], *ids[i + 1:])
             if edited not in own:
                 return edited
     return None
 
 
+def likeness(a: Sequence[int], b: Sequence[int]) -> int:
+    """How alike two captions are in form: the number of places where they hold the same token, if
+    they have the same length (the same template, as a rule), else -1. Editing a caption from its
+    likest partner swaps a word for one in the same role ("left" for "right"), so the negative stays
+    grammatical and only the image can tell it apart; a partner of another form gives edits such as
+    "in the left" that the text alone betrays."""
+    return sum(x == y for x, y in zip(a, b)) if len(a) == len(b) else -1
+
+
 def batch_edit_negatives(captions: Sequence[Sequence[int]], variants: Sequence[Sequence[Sequence[int]]],
                          rng) -> list[tuple[int, ...] | None]:
     """Per sample, an edited negative of its caption `captions[b]` from the batch's other captions,
-    never one of its own captions `variants[b]` (every caption of that image); None where none."""
+    likest first (ties in a random order), never one of its own captions `variants[b]` (every
+    caption of that image); None where none."""
     out = []
     for b, ids in enumerate(captions):
         others = [c for k, c in enumerate(captions) if k != b]
+        keys = {k: (likeness(ids, c), rng.random()) for k, c in enumerate(others)}
+        others = [others[k] for k in sorted(keys, key=keys.get, reverse=True)]
         out.append(edit_negative(tuple(ids), others, {tuple(v) for v in variants[b]} | {tuple(ids)}, rng))
     return out

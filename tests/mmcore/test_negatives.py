@@ -8,7 +8,7 @@ import random
 import torch
 
 from mmcore.data import SampleConfig, collate, decode_sample, decode_text
-from mmcore.data.negatives import batch_edit_negatives, edit_candidates, edit_negative
+from mmcore.data.negatives import batch_edit_negatives, edit_candidates, edit_negative, likeness
 from mmcore.losses import build_loss
 from mmcore.model import build_model
 from tests.mmcore.conftest import tiny_config
@@ -44,6 +44,17 @@ def test_batch_edit_negatives_one_per_sample_from_the_others():
     for cap, neg in zip(caps, negs, strict=True):
         assert neg is not None and neg != cap and len(neg) == len(cap)
         assert sum(x != y for x, y in zip(neg, cap, strict=True)) == 1
+
+
+def test_the_likest_caption_gives_the_edit():
+    cap = (2, 10, 11, 12, 20, 21, 3)  # [CLS] small red circle on left [SEP]
+    same_form = (2, 10, 11, 12, 20, 22, 3)  # ... on right: the only edit is left -> right
+    other_form = (2, 30, 11, 12, 25, 26, 3)  # [CLS] one red circle in middle [SEP]
+    assert likeness(cap, same_form) == 6 and likeness(cap, other_form) == 4 and likeness(cap, cap[:-1]) == -1
+    for seed in range(10):
+        negs = batch_edit_negatives([cap, other_form, same_form], [[cap], [other_form], [same_form]],
+                                    random.Random(seed))
+        assert negs[0] == same_form  # never "one"/"in"/"middle" from the other form
 
 
 def _train_items(samples, tokenizer, cfg, n=4):
