@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     shuffle_buffer: int = 256
     seed: int = 0
     log_every: int = 10
+    # Rank 0's progress line (step/total, task, loss, samples/s, time left): at most this often, in
+    # seconds, and at the last step; the driver relays it (the Prefect flow log). 0: every step.
+    progress_every_s: float = Field(10.0, ge=0)
     storage: str | None = None  # Ray Train storage path / URI; None = $MMFUSION_HOME/ray_results
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of the peak lr
     val_max_samples: int = 512  # validation reads at most this many val samples
