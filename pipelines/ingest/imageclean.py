@@ -7,11 +7,12 @@ import hashlib
 import io
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from pipelines.config import DataConfig
 from pipelines.ingest.phash import phash_many, thumbnail
 from pipelines.ingest.rejects import Reject
 
@@ -34,15 +35,20 @@ class ImageReject(Reject):
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """The image part of DataConfig that workers need."""
+    """The `DataConfig` fields that image cleaning reads, under their config names, and only
+    from a config (`of`): the config owns their values, defaults and checks."""
 
     image_size: int
-    resize_mode: str  # shorter | longer | center_crop | none
+    resize_mode: str
     jpeg_quality: int
     min_side: int
     max_aspect: float
     max_pixels: int
-    max_bytes: int = 64 * 1024 * 1024  # data.max_image_bytes
+    max_image_bytes: int
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> ImageSpec:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,8 @@ def _open(data: bytes, spec: ImageSpec) -> Image.Image:
     """Open lazily and check the header: format and pixel count, before any decoding."""
     if not data:
         raise ImageReject("empty_file", "0 bytes")
-    if len(data) > spec.max_bytes:
-        raise ImageReject("too_large", f"{len(data)} bytes > data.max_image_bytes = {spec.max_bytes}")
+    if len(data) > spec.max_image_bytes:
+        raise ImageReject("too_large", f"{len(data)} bytes > data.max_image_bytes = {spec.max_image_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
