@@ -7,6 +7,7 @@ typed sections down. Sections map one-to-one to YAML top-level keys:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,16 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SectionView:
+    """Base of a frozen dataclass that holds some fields of a config section, under the same
+    names, for code that should not see the rest (an ingest worker's image cleaning). Made only
+    by `of(section)`, so the section stays the one owner of their values, defaults and checks."""
+
+    @classmethod
+    def of(cls, section: _Section):
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
 class DataConfig(_Section):

@@ -7,12 +7,12 @@ import hashlib
 import io
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from pipelines.config import DataConfig
+from pipelines.config import SectionView
 from pipelines.ingest.phash import phash_many, thumbnail
 from pipelines.ingest.rejects import Reject
 
@@ -34,9 +34,8 @@ class ImageReject(Reject):
 
 
 @dataclass(frozen=True)
-class ImageSpec:
-    """The `DataConfig` fields that image cleaning reads, under their config names, and only
-    from a config (`of`): the config owns their values, defaults and checks."""
+class ImageSpec(SectionView):
+    """The `DataConfig` fields that image cleaning reads: `ImageSpec.of(cfg.data)`."""
 
     image_size: int
     resize_mode: str
@@ -45,10 +44,6 @@ class ImageSpec:
     max_aspect: float
     max_pixels: int
     max_image_bytes: int
-
-    @classmethod
-    def of(cls, cfg: DataConfig) -> ImageSpec:
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
