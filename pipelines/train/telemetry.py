@@ -112,11 +112,11 @@ class TrainProgress:
     time since this worker started (validation and checkpoints included), so the time left is
     what a person waits; samples/s is the global batch (all ranks) times that rate."""
 
-    def __init__(self, job: TrainJob, worker: Worker, start_step: int, stream=None):
+    def __init__(self, job: TrainJob, worker: Worker, start_step: int):
         self.job, self.worker = job, worker
         self.global_batch = job.train.batch_size * job.grad_accum * worker.world_size
         self.bar = Progress(f"[train] {job.run.name}", total=job.run.total_steps, unit="steps",
-                            stream=stream or sys.stdout, every_s=job.train.progress_every_s, tty=False,
+                            stream=sys.stdout, every_s=job.train.progress_every_s, tty=False,
                             initial=start_step)
         self.task, self.loss, self.loss_tensor = "", math.nan, None
 
