@@ -236,7 +236,7 @@ def main() -> None:
     print(f"input ready in {time.perf_counter() - t:.0f}s: {src1}; {os.cpu_count()} CPUs", flush=True)
     sets = [f"data.image_size={args.image_size}", "data.shard_samples=1000"]
     cfg = load_config("local", sets).data
-    spec = ImageSpec(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.min_side, cfg.max_aspect, cfg.max_pixels)
+    spec = ImageSpec.of(cfg)
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)

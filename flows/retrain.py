@@ -118,7 +118,8 @@ def train(cfg: Config, data_dir: str, stage: str, init_from: str | None = None) 
     retried task resumes the same run (its name is deterministic) from its last checkpoint."""
     from pipelines.train import run_training
 
-    return str(run_training(cfg, data_dir, stage, init_from=init_from))
+    # Rank 0's progress lines into this task's log (the flow run's page in the Prefect UI).
+    return str(run_training(cfg, data_dir, stage, init_from=init_from, on_progress=get_run_logger().info))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

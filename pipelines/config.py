@@ -7,6 +7,7 @@ typed sections down. Sections map one-to-one to YAML top-level keys:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,16 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SectionView:
+    """Base of a frozen dataclass that holds some fields of a config section, under the same
+    names, for code that should not see the rest (an ingest worker's image cleaning). Made only
+    by `of(section)`, so the section stays the one owner of their values, defaults and checks."""
+
+    @classmethod
+    def of(cls, section: _Section):
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
 class DataConfig(_Section):
@@ -150,6 +161,9 @@ class TrainConfig(_Section):
     shuffle_buffer: int = 256
     seed: int = 0
     log_every: int = 10
+    # Rank 0's progress line (step/total, task, loss, samples/s, time left): at most this often, in
+    # seconds, and at the last step; the driver relays it (the Prefect flow log). 0: every step.
+    progress_every_s: float = Field(10.0, ge=0)
     storage: str | None = None  # Ray Train storage path / URI; None = $MMFUSION_HOME/ray_results
     min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of the peak lr
     val_max_samples: int = 512  # validation reads at most this many val samples

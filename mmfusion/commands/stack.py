@@ -31,7 +31,9 @@ def register(subparsers) -> None:
     up.add_argument("--postgres", metavar="URL", help="use this PostgreSQL server (postgresql://user:pw@host:port/db) "
                     "instead of starting one; its databases `prefect` and `mlflow` are created when missing")
     up.add_argument("--artifacts", metavar="URI", help="the MLflow server's artifact root: a local path or "
-                    "s3://bucket/prefix (default: $MMFUSION_HOME/stack/mlflow-artifacts)")
+                    "s3://bucket/prefix (default: $MMFUSION_HOME/stack/mlflow-artifacts). For S3, the server reads "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and, for an S3-compatible server, "
+                    "MLFLOW_S3_ENDPOINT_URL from this command's environment")
     up.set_defaults(func=stack_up)
     sub.add_parser("status", help="each service's health and address (exit 1 unless all are healthy)"
                    ).set_defaults(func=stack_status)

@@ -29,50 +29,76 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts `done` of `total` (None: unknown) `unit`s since it was made."""
+    """Counts `done` of `total` (None: unknown) `unit`s; `initial` of them were done before it was
+    made (a resumed run), so the rate and the time left count only what this process did."""
 
     def __init__(self, label: str, total: int | None = None, unit: str = "items", stream: TextIO | None = None,
                  every_s: float = 10.0, refresh_s: float = 0.2, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, initial: int = 0) -> None:
         self.label, self.total, self.unit = label, total, unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
         self.every_s = refresh_s if self.tty else every_s
         self.clock = clock
         self.start = self.last = clock()
-        self.done = 0
+        self.initial = self.done = initial
+        self.note: Callable[[], str] | None = None
+        self.last_line: str | None = None  # the last line written
+        self.emitted_at: int | None = None  # `done` when it was written
         self.closed = False
 
+    def rate(self) -> float:
+        """Units per second since this object was made."""
+        return (self.done - self.initial) / max(self.clock() - self.start, 1e-9)
+
+    def seconds_left(self) -> float | None:
+        """At the rate so far; None without a total or before the first unit."""
+        rate = self.rate()
+        if not self.total or rate <= 0:
+            return None
+        return max(self.total - self.done, 0) / rate
+
     def line(self) -> str:
-        """`label: 30/120 shards (25%), 2.5 shards/s, 36s left` (no total: no share, no time left)."""
+        """`label: 30/120 shards (25%), 2.5 shards/s, 36s left, 12s elapsed` (no total: no share, no
+        time left), then `; <note>` when the caller gave one (`update(note=...)`)."""
         elapsed = max(self.clock() - self.start, 1e-9)
-        rate = self.done / elapsed
         count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        text = f"{self.label}: {count} {self.unit}{share}, {rate:.3g} {self.unit}/s"
+        text = f"{self.label}: {count} {self.unit}{share}, {self.rate():.3g} {self.unit}/s"
         if self.total and self.done < self.total:
-            left = (self.total - self.done) / rate if rate > 0 else None
+            left = self.seconds_left()
             text += f", {format_duration(left)} left" if left is not None else ", time left unknown"
-        return text + f", {format_duration(elapsed)} elapsed"
+        text += f", {format_duration(elapsed)} elapsed"
+        return text + (f"; {self.note()}" if self.note is not None else "")
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, note: Callable[[], str] | None = None) -> bool:
+        """Count `n` more; True when a line was written. `note` (called only when a line is
+        written, so it may be costly) adds the caller's own facts to the line."""
         self.done += n
+        if note is not None:
+            self.note = note
         now = self.clock()
         if now - self.last >= self.every_s:
             self.last = now
             self._emit(final=False)
+            return True
+        return False
 
     def close(self) -> None:
-        """The last line (the total time); idempotent."""
-        if not self.closed:
-            self.closed = True
+        """The last line (the total time); idempotent. In a log, none when the last line written
+        already showed the final count."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.tty or self.emitted_at != self.done:
             self._emit(final=True)
 
     def _emit(self, final: bool) -> None:
+        self.last_line, self.emitted_at = self.line(), self.done
         if self.tty:
-            self.stream.write("\r\x1b[2K" + self.line() + ("\n" if final else ""))
+            self.stream.write("\r\x1b[2K" + self.last_line + ("\n" if final else ""))
         else:
-            self.stream.write(self.line() + "\n")
+            self.stream.write(self.last_line + "\n")
         self.stream.flush()
 
     def __enter__(self) -> Progress:

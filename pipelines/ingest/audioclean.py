@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from pipelines.config import DataConfig
+from pipelines.config import SectionView
 from pipelines.ingest.rejects import Reject
 
 BLOCK_FRAMES = 1 << 16  # decoded a block at a time: memory stays at the mono result, not every channel
@@ -42,25 +42,20 @@ class AudioReject(Reject):
 
 
 @dataclass(frozen=True)
-class AudioSpec:
-    """The audio part of DataConfig that workers need."""
+class AudioSpec(SectionView):
+    """The `DataConfig` fields that audio cleaning reads: `AudioSpec.of(cfg.data)`."""
 
-    sample_rate: int = 16_000
-    min_s: float = 0.1
-    max_s: float = 60.0
-    max_bytes: int = 32 * 1024 * 1024
-    silence_dbfs: float = -60.0
-    max_clipped_fraction: float = 0.01
-
-    @classmethod
-    def of(cls, cfg: DataConfig) -> AudioSpec:
-        return cls(cfg.audio_sample_rate, cfg.min_audio_s, cfg.max_audio_s, cfg.max_audio_bytes,
-                   cfg.audio_silence_dbfs, cfg.max_clipped_fraction)
+    audio_sample_rate: int
+    min_audio_s: float
+    max_audio_s: float
+    max_audio_bytes: int
+    audio_silence_dbfs: float
+    max_clipped_fraction: float
 
 
 @dataclass(frozen=True)
 class CleanAudio:
-    flac: bytes  # mono, spec.sample_rate, 16-bit FLAC
+    flac: bytes  # mono, spec.audio_sample_rate, 16-bit FLAC
     duration_s: float  # of the cleaned audio
     sample_rate: int  # original
     channels: int  # original
@@ -72,8 +67,8 @@ class CleanAudio:
 def _info(data: bytes, spec: AudioSpec) -> sf._SoundFileInfo:
     if not data:
         raise AudioReject("empty_file", "0 bytes")
-    if len(data) > spec.max_bytes:
-        raise AudioReject("too_large", f"{len(data)} bytes > data.max_audio_bytes = {spec.max_bytes}")
+    if len(data) > spec.max_audio_bytes:
+        raise AudioReject("too_large", f"{len(data)} bytes > data.max_audio_bytes = {spec.max_audio_bytes}")
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - libsndfile raises LibsndfileError / RuntimeError for non-audio
@@ -89,16 +84,16 @@ def _check_header(info: sf._SoundFileInfo, spec: AudioSpec) -> None:
     if info.frames <= 0:
         raise AudioReject("empty_audio", f"{info.format} header with no samples (0 s)")
     seconds = info.frames / info.samplerate
-    if seconds > spec.max_s:
-        raise AudioReject("too_long", f"{seconds:.1f} s > data.max_audio_s = {spec.max_s}")
-    if seconds < spec.min_s:
-        raise AudioReject("too_short", f"{seconds:.3f} s < data.min_audio_s = {spec.min_s}")
+    if seconds > spec.max_audio_s:
+        raise AudioReject("too_long", f"{seconds:.1f} s > data.max_audio_s = {spec.max_audio_s}")
+    if seconds < spec.min_audio_s:
+        raise AudioReject("too_short", f"{seconds:.3f} s < data.min_audio_s = {spec.min_audio_s}")
 
 
 def _decode_mono(data: bytes, info: sf._SoundFileInfo, spec: AudioSpec) -> tuple[np.ndarray, int]:
     """(mono float32 samples, samples at full scale in any channel), a block at a time."""
     blocks, clipped = [], 0
-    limit = int(math.ceil(spec.max_s * info.samplerate)) + 1  # a header that lied: stop decoding there
+    limit = int(math.ceil(spec.max_audio_s * info.samplerate)) + 1  # a header that lied: stop decoding there
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             while sum(map(len, blocks)) < limit:
@@ -121,14 +116,14 @@ def _check_signal(mono: np.ndarray, clipped: int, info: sf._SoundFileInfo, spec:
     if bad:
         raise AudioReject("nonfinite_audio", f"{bad} of {len(mono)} samples are NaN or infinite")
     seconds = len(mono) / info.samplerate
-    if seconds > spec.max_s:
-        raise AudioReject("too_long", f"{seconds:.1f} s decoded > data.max_audio_s = {spec.max_s}")
-    if seconds < spec.min_s:
-        raise AudioReject("too_short", f"{seconds:.3f} s decoded < data.min_audio_s = {spec.min_s}")
+    if seconds > spec.max_audio_s:
+        raise AudioReject("too_long", f"{seconds:.1f} s decoded > data.max_audio_s = {spec.max_audio_s}")
+    if seconds < spec.min_audio_s:
+        raise AudioReject("too_short", f"{seconds:.3f} s decoded < data.min_audio_s = {spec.min_audio_s}")
     peak = float(np.abs(mono).max())
     dbfs = 20 * math.log10(peak) if peak > 0 else -math.inf
-    if dbfs < spec.silence_dbfs:
-        raise AudioReject("silent_audio", f"peak {dbfs:.1f} dBFS < data.audio_silence_dbfs = {spec.silence_dbfs}")
+    if dbfs < spec.audio_silence_dbfs:
+        raise AudioReject("silent_audio", f"peak {dbfs:.1f} dBFS < data.audio_silence_dbfs = {spec.audio_silence_dbfs}")
     fraction = clipped / len(mono)
     if fraction > spec.max_clipped_fraction:
         raise AudioReject("clipped_audio", f"{fraction:.1%} of samples at full scale > "
@@ -153,12 +148,12 @@ def clean_audio(data: bytes, spec: AudioSpec) -> CleanAudio:
     _check_header(info, spec)
     mono, clipped = _decode_mono(data, info, spec)
     _check_signal(mono, clipped, info, spec)
-    if info.samplerate != spec.sample_rate:
-        mono = soxr.resample(mono, info.samplerate, spec.sample_rate, quality="HQ").astype(np.float32)
+    if info.samplerate != spec.audio_sample_rate:
+        mono = soxr.resample(mono, info.samplerate, spec.audio_sample_rate, quality="HQ").astype(np.float32)
     pcm = to_pcm16(mono)
     return CleanAudio(
-        flac=to_flac(pcm, spec.sample_rate),
-        duration_s=round(len(mono) / spec.sample_rate, 4),
+        flac=to_flac(pcm, spec.audio_sample_rate),
+        duration_s=round(len(mono) / spec.audio_sample_rate, 4),
         sample_rate=int(info.samplerate),
         channels=int(info.channels),
         format=str(info.format),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from pipelines.config import SectionView
 from pipelines.ingest.phash import phash_many, thumbnail
 from pipelines.ingest.rejects import Reject
 
@@ -33,16 +34,16 @@ class ImageReject(Reject):
 
 
 @dataclass(frozen=True)
-class ImageSpec:
-    """The image part of DataConfig that workers need."""
+class ImageSpec(SectionView):
+    """The `DataConfig` fields that image cleaning reads: `ImageSpec.of(cfg.data)`."""
 
     image_size: int
-    resize_mode: str  # shorter | longer | center_crop | none
+    resize_mode: str
     jpeg_quality: int
     min_side: int
     max_aspect: float
     max_pixels: int
-    max_bytes: int = 64 * 1024 * 1024  # data.max_image_bytes
+    max_image_bytes: int
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ def _open(data: bytes, spec: ImageSpec) -> Image.Image:
     """Open lazily and check the header: format and pixel count, before any decoding."""
     if not data:
         raise ImageReject("empty_file", "0 bytes")
-    if len(data) > spec.max_bytes:
-        raise ImageReject("too_large", f"{len(data)} bytes > data.max_image_bytes = {spec.max_bytes}")
+    if len(data) > spec.max_image_bytes:
+        raise ImageReject("too_large", f"{len(data)} bytes > data.max_image_bytes = {spec.max_image_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

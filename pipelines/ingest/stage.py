@@ -53,11 +53,6 @@ def split_of(key: str, fractions: dict[str, float]) -> str:
     return list(fractions)[-1]
 
 
-def image_spec(cfg: DataConfig) -> ImageSpec:
-    return ImageSpec(cfg.image_size, cfg.resize_mode, cfg.jpeg_quality, cfg.min_side, cfg.max_aspect, cfg.max_pixels,
-                     cfg.max_image_bytes)
-
-
 log = logging.getLogger(__name__)
 
 
@@ -361,7 +356,7 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files:
     """
     quiet_loggers()
     cfg = DataConfig.model_validate(cfg_dict)
-    spec = image_spec(cfg)
+    spec = ImageSpec.of(cfg)
     cache = UrlCache(url_cache, spec) if url_cache and cfg.url_cache else None
     refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
     first = min(r["order"] for r in refs)

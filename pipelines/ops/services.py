@@ -118,7 +118,20 @@ def ray_worker_service(state: dict, sdir: Path) -> Service:
                    lambda: len(ray_nodes(ports["ray_dashboard"], token)) >= 2)
 
 
+def check_artifacts(uri: str) -> None:
+    """An `s3://` artifact root needs boto3 in the server's environment, which MLflow does not
+    bring; say so before the server fails on its first upload."""
+    import importlib.util
+
+    if uri.startswith("s3://") and importlib.util.find_spec("boto3") is None:
+        raise StackError(f"--artifacts {uri}: the MLflow server needs boto3 for s3:// artifacts; "
+                         f"`pip install boto3` in {sys.prefix}, or pass a local path")
+
+
 def mlflow_service(state: dict, sdir: Path) -> Service:
+    """Its backend store on PostgreSQL; artifacts proxied (`--serve-artifacts`) to `state["artifacts"]`,
+    a local path or an s3:// URI (an S3-compatible server: MLFLOW_S3_ENDPOINT_URL and the AWS_*
+    keys, from the environment of `mmfusion stack up`)."""
     port = state["ports"]["mlflow"]
     env = {**base_env(), "MLFLOW_BACKEND_STORE_URI": postgres.with_database(state["postgres_url"], "mlflow", "psycopg2")}
     argv = [tool("mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",

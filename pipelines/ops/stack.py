@@ -23,6 +23,7 @@ from pipelines.ops import postgres, procs
 from pipelines.ops.services import (
     Service,
     StackError,
+    check_artifacts,
     mlflow_service,
     postgres_service,
     prefect_server_service,
@@ -139,6 +140,7 @@ class Stack:
             state = self.fresh_state(state)
         elif self.postgres_url and self.postgres_url != state.get("external_postgres"):
             raise StackError("the stack already runs on another database; `mmfusion stack down` first")
+        check_artifacts(state["artifacts"])
         self.save(state)
         if state["external_postgres"]:
             postgres.ensure_databases(state["postgres_url"])

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,12 +308,15 @@ def final_checkpoint_dir(cfg: Config, result, job: TrainJob) -> Path:
 
 
 def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str | None = None,
-                 callbacks: Sequence = ()) -> Path:
+                 callbacks: Sequence = (), on_progress: Callable[[str], None] | None = None) -> Path:
     """Pretrain or fine-tune on a dataset version with Ray Train; returns the final checkpoint dir.
 
     `task`: pretrain | caption | vqa | retrieval | finetune (= `train.finetune_tasks`, alternated).
     `init_from`: a checkpoint directory or `models:/NAME@alias` to start from (fine-tuning).
     One live driver per run name (`pipelines.train.runlock`): a second one fails with TrainingError.
+    `on_progress`: called in this process with each of rank 0's progress lines (`telemetry.
+    TrainProgress`, every `train.progress_every_s`), e.g. a Prefect run logger; they reach the
+    console anyway, through Ray.
     """
     from pipelines.runtime import quiet_environment
     from pipelines.train.runlock import RunInUseError, run_lock
@@ -323,17 +326,20 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
     create_experiment(cfg, required=False)  # here, before Ray: workers only look it up
     try:
         with run_lock(job.run.uri):
-            return fit(cfg, job, callbacks)
+            return fit(cfg, job, callbacks, on_progress)
     except RunInUseError as e:
         raise TrainingError(f"run {job.run.name}: {e}") from e
 
 
-def fit(cfg: Config, job: TrainJob, callbacks: Sequence = ()) -> Path:
+def fit(cfg: Config, job: TrainJob, callbacks: Sequence = (),
+        on_progress: Callable[[str], None] | None = None) -> Path:
     """Run the job's TorchTrainer (the caller holds the run's lock); the final checkpoint dir.
-    A run the NaN/Inf guard stopped left a note in its folder: raise it as a TrainingError."""
+    A run the NaN/Inf guard stopped left a note in its folder: raise it as a TrainingError.
+    Rank 0's progress lines go to `on_progress` while it runs (`telemetry.relay_progress`)."""
     from pipelines.core.storage import exists, join, read_json, remove
     from pipelines.runtime import init_ray
     from pipelines.train.guard import ABORT_FILE
+    from pipelines.train.telemetry import relay_progress
 
     abort_note = join(job.run.uri, ABORT_FILE)
     if exists(abort_note):  # from an earlier attempt of this run: this one decides afresh
@@ -346,7 +352,8 @@ def fit(cfg: Config, job: TrainJob, callbacks: Sequence = ()) -> Path:
     print(f"[train] {job.run.name}: {job.run.task} for {job.run.total_steps} steps on {workers} worker(s) "
           f"({s.strategy}), storage {job.run.uri}", flush=True)
     try:
-        result = trainer.fit()
+        with relay_progress(job.run.uri, on_progress):
+            result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause and name the run
         raise TrainingError(f"training run {job.run.name} failed: {e}") from e
     if exists(abort_note):

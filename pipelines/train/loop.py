@@ -4,7 +4,8 @@ Each Ray Train worker runs `train_loop_per_worker({"job": TrainJob})`. Every ran
 `job.run.total_steps` optimiser steps (the data stream is endless, see `pipelines.train.data`), calls
 `ray.train.report` at the same steps (a barrier), and rank 0 writes the checkpoints. The parts
 live beside it: `worker` (rank, device), `steps` (train/eval steps, losses, loader), `resume`
-(initial model, trainer state, checkpoints), `telemetry` (windows, speed, MLflow), `faults`.
+(initial model, trainer state, checkpoints), `telemetry` (windows, speed, MLflow, the progress
+line), `faults`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipelines.train.steps import (
     train_step,
     validation_metrics,
 )
-from pipelines.train.telemetry import Window, make_tracker, measure_flops, rank_facts, speed
+from pipelines.train.telemetry import TrainProgress, Window, make_tracker, measure_flops, rank_facts, speed
 from pipelines.train.throughput import Throughput
 from pipelines.train.worker import Worker, say, setup_worker, speed_up, to_device, unwrap, wrap
 
@@ -79,7 +80,7 @@ def train_steps(run: Run) -> None:
     job, worker, state = run.job, run.worker, run.state
     loader = iter(build_train_loader(job, worker, state["step"]))
     loss_fns = build_losses(job, worker.world_size, gather=True)
-    window, meter = Window(), Throughput()
+    window, meter, progress = Window(), Throughput(), TrainProgress(job, worker, state["step"])
     global_batch = job.train.batch_size * job.grad_accum * worker.world_size
     window_start, batches_read = state["step"], 0
     meter.start()
@@ -95,6 +96,7 @@ def train_steps(run: Run) -> None:
         out = train_step(run.model, maybe_poison(job, worker, step, loss_fns[task]), micro, task, run.optimizer,
                          run.scheduler, job.train.grad_clip, worker.autocast)
         state["step"] = done = step + 1
+        progress.step(task, out)
         track_nonfinite(state, out, done, job.train.max_nonfinite_steps)
         if not float(out.pop("skipped")):  # a skipped step's NaN would poison the window's means
             window.add(task, out)
@@ -114,6 +116,8 @@ def train_steps(run: Run) -> None:
             state["ranks"] = rank_facts(job, worker, done, batches_read)
         if at_ckpt:
             check_parameters(unwrap(run.model), done)
+        if run.tracker is not None:  # the time left, as a curve in MLflow
+            run.tracker.log_metrics(progress.metrics(), step=done)
         log_point(run, metrics, at_ckpt, meter)
         window_start = done
         meter.start()

@@ -1,8 +1,16 @@
 """What a run tells the world: loss windows reduced over ranks, throughput and MFU, per-rank
-facts, and the MLflow tracker of rank 0."""
+facts, the MLflow tracker of rank 0, and rank 0's progress line, which the driver relays."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -10,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipelines.core.mlflow import MlflowTracker
+from pipelines.core.progress import Progress
+from pipelines.core.storage import exists, join, read_json, remove, write_json_atomic
 from pipelines.train.job import TrainJob
 from pipelines.train.throughput import Throughput, mfu, peak_flops, train_flops_per_sample
 from pipelines.train.worker import Batch, Worker, unwrap
@@ -85,3 +95,104 @@ def speed(meter: Throughput, worker: Worker, flops_per_sample: float | None) -> 
         if m is not None:
             out["mfu"] = m
     return out
+
+
+PROGRESS_FILE = "progress.json"  # in the run folder: rank 0's last progress line, for the driver
+
+log = logging.getLogger("pipelines.train")
+
+
+class TrainProgress:
+    """Rank 0's progress line, in its stdout (Ray forwards it to the driver's console) and in the
+    run folder's `PROGRESS_FILE` (`relay_progress` hands it to the driver's caller):
+
+        [train] NAME: 40/300 steps (13%), 1.9 steps/s, 2m17s left, 21s elapsed; task caption, loss 3.412, 61.2 samples/s
+
+    At most every `train.progress_every_s` seconds, and at the last step. The rate is wall-clock
+    time since this worker started (validation and checkpoints included), so the time left is
+    what a person waits; samples/s is the global batch (all ranks) times that rate."""
+
+    def __init__(self, job: TrainJob, worker: Worker, start_step: int):
+        self.job, self.worker = job, worker
+        self.global_batch = job.train.batch_size * job.grad_accum * worker.world_size
+        self.bar = Progress(f"[train] {job.run.name}", total=job.run.total_steps, unit="steps",
+                            stream=sys.stdout, every_s=job.train.progress_every_s, tty=False,
+                            initial=start_step)
+        self.task, self.loss, self.loss_tensor = "", math.nan, None
+
+    def step(self, task: str, out: dict[str, Tensor]) -> None:
+        """One optimiser step done (`out`: `steps.train_step`'s scalars, rank 0's own loss); may
+        write the line (reading the loss off the device only then)."""
+        if not self.worker.is_main:
+            return
+        self.task, self.loss_tensor = task, out["loss"]
+        written = self.bar.update(1, note=self.note)
+        if self.bar.done >= self.bar.total:
+            self.bar.close()  # writes the last line unless the update just did
+            written = True
+        if written and self.job.run.uri:
+            write_json_atomic(join(self.job.run.uri, PROGRESS_FILE), self.facts())
+
+    def note(self) -> str:
+        self.loss = float(self.loss_tensor) if self.loss_tensor is not None else math.nan
+        return f"task {self.task}, loss {self.loss:.4g}, {self.samples_per_s():.3g} samples/s"
+
+    def samples_per_s(self) -> float:
+        return self.bar.rate() * self.global_batch
+
+    def metrics(self) -> dict[str, float]:
+        """For MLflow at a log point: the time left (s) and the share done."""
+        left = self.bar.seconds_left()
+        out = {"progress": self.bar.done / self.bar.total}
+        if left is not None:
+            out["eta_s"] = left
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        return {"line": self.bar.last_line, "step": self.bar.done, "total": self.bar.total, "task": self.task,
+                "loss": self.loss, "samples_per_s": self.samples_per_s(), "eta_s": self.bar.seconds_left(),
+                "time": time.time()}
+
+
+@contextlib.contextmanager
+def relay_progress(run_uri: str | None, on_line: Callable[[str], None] | None,
+                   poll_s: float = 2.0) -> Iterator[None]:
+    """While the block runs (the driver's `trainer.fit()`), hand each new line of rank 0's
+    `PROGRESS_FILE` to `on_line`, and the last one after the block. The polling thread runs in a
+    copy of the caller's context, so `on_line` may log to the caller's Prefect run. A line from an
+    earlier attempt of the run is removed first; nothing happens without `on_line`."""
+    if on_line is None or not run_uri:
+        yield
+        return
+    note = join(run_uri, PROGRESS_FILE)
+    if exists(note):
+        remove(note)
+    seen: list[str | None] = [None]
+
+    def poll() -> None:
+        try:
+            line = read_json(note)["line"] if exists(note) else None
+        except (OSError, ValueError, KeyError, TypeError):  # being replaced: the next poll reads it
+            return
+        if line and line != seen[0]:
+            seen[0] = line
+            on_line(line)
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(poll_s):
+            try:
+                poll()
+            except Exception as e:  # the relay must never break the run it reports on
+                log.warning("progress relay: %s", e)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(loop,), daemon=True,
+                              name="mmfusion-progress-relay")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=poll_s + 10.0)
+        poll()

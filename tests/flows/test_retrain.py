@@ -72,6 +72,7 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
 
     # dashboards: the flow run's artifacts, the figures and curves on the MLflow run, the description
     check_dashboards(client, cfg, summary, champion, state.state_details.flow_run_id)
+    check_progress_logged(state.state_details.flow_run_id, cfg.train.steps)
 
     # new data + train.init_from=champion: a new dataset version and a fine-tune of the champion
     overrides2 = [*overrides, "data.synth_seed=1", "train.init_from=champion"]
@@ -117,3 +118,25 @@ def check_dashboards(client, cfg, summary, champion, flow_run_id) -> None:
     assert client.get_experiment_by_name(cfg.registry.experiment).tags["mlflow.experimentKind"] == \
         "custom_model_development"
 
+
+
+def check_progress_logged(flow_run_id, steps: int) -> None:
+    """The training progress lines of rank 0 are in the flow run's log (its page in the UI),
+    attributed to the train task runs, up to the last step."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the log worker sends in batches
+    logs: list = []
+    with get_client(sync_client=True) as client:
+        while not logs or len(logs) % 200 == 0:  # pages of the server's largest size
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                    offset=len(logs))
+            logs += page
+            if not page:
+                break
+    progress = [log for log in logs if log.message.startswith("[train] ") and " steps (" in log.message]
+    assert progress and all(log.task_run_id is not None for log in progress), [log.message for log in logs]
+    last = [log.message for log in progress if f"{steps}/{steps} steps (100%)" in log.message]
+    assert last and "; task " in last[0] and " samples/s" in last[0], [log.message for log in progress]

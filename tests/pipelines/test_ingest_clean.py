@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_size, scene
 from PIL import Image
 
-from pipelines.config import load_config
+from pipelines.config import DataConfig, load_config
 from pipelines.core.storage import sha256_file
 from pipelines.ingest import stage
 from pipelines.ingest.dedup import deduplicate
@@ -23,8 +24,8 @@ from pipelines.ingest.shards import archive_bytes, parse_members, plan_shards
 from pipelines.ingest.stage import split_of
 from pipelines.ingest.textclean import TextReject, clean_caption, normalize
 
-SPEC = ImageSpec(image_size=64, resize_mode="shorter", jpeg_quality=90, min_side=16, max_aspect=6.0,
-                 max_pixels=4_000_000)
+SPEC = ImageSpec.of(DataConfig(image_size=64, resize_mode="shorter", jpeg_quality=90, min_side=16, max_aspect=6.0,
+                                max_pixels=4_000_000))
 
 
 def _out(c) -> Image.Image:
@@ -71,7 +72,7 @@ def test_bad_images_are_rejected_with_reason(data, reason):
      ("center_crop", (200, 100), (64, 64)), ("none", (200, 100), (200, 100))],
 )
 def test_resize_modes(mode, size, expected):
-    spec = ImageSpec(64, mode, 90, 16, 6.0, 4_000_000)
+    spec = dataclasses.replace(SPEC, resize_mode=mode)
     assert _out(clean_image(encode(scene(3).resize(size)), spec)).size == expected
 
 
@@ -100,7 +101,7 @@ def test_phash_of_many_images_is_each_image_s_own_phash():
     assert [h for i in range(0, 45, 8) for h in phash_many(thumbs[i : i + 8])] == alone  # other groupings
     assert phash_many([]) == []
     # A cleaned image's hash is the hash of the resized image it was encoded from.
-    spec = ImageSpec(**{**SPEC.__dict__, "jpeg_quality": 100})
+    spec = dataclasses.replace(SPEC, jpeg_quality=100)
     cleaned = clean_image(encode(scene(3)), spec)
     lossless = clean_image(encode(scene(3), "PNG"), spec)
     assert lossless.phash == phash(resize(to_rgb(scene(3)), spec))
@@ -152,7 +153,7 @@ def test_a_cleaning_batch_gives_each_ref_the_row_and_tar_members_it_gets_alone(t
     assert [r["order"] for r in grouped] == list(range(n))
     assert {r["order"]: r["reason"] for r in grouped if r["reason"]} == bad
     assert grouped[3]["detail"] == "no image format recognises these 19 bytes"  # never the bytes themselves
-    spec = stage.image_spec(cfg)
+    spec = ImageSpec.of(cfg)
     for g, c, s in zip(grouped, capped, single, strict=True):
         assert {**g, "stage_file": ""} == {**c, "stage_file": ""} == {**s, "stage_file": ""}
         if g["reason"]:

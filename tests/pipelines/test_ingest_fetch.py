@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from ingest_corpus import LocalHTTPServer, QuietHandler, encode, scene
 
-from pipelines.config import load_config
+from pipelines.config import DataConfig, load_config
 from pipelines.ingest import fetch as fetch_mod
 from pipelines.ingest.fetch import FetchError, FetchLimits, fetch
 from pipelines.ingest.imageclean import ImageReject, ImageSpec, clean_image
@@ -246,7 +246,7 @@ def test_local_files_devices_and_tar_members_are_capped(tmp_path):
     assert e.value.reason == "too_large"
     ok = {"kind": "tar", "uri": str(tar), "offset": members["ok.jpg"].offset_data, "size": members["ok.jpg"].size}
     assert fetch(ok, limits=FetchLimits()) == IMAGE
-    spec = ImageSpec(64, "shorter", 90, 16, 6.0, 4_000_000, max_bytes=len(IMAGE) - 1)
+    spec = ImageSpec.of(DataConfig(image_size=64, max_image_bytes=len(IMAGE) - 1))
     with pytest.raises(ImageReject) as r:
         clean_image(IMAGE, spec)
     assert r.value.reason == "too_large"

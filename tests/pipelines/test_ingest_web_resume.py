@@ -22,8 +22,8 @@ from ingest_web_server import WebServer, distinct_jpegs
 from pipelines.config import load_config
 from pipelines.core import dataset
 from pipelines.ingest import ingest
+from pipelines.ingest.imageclean import ImageSpec
 from pipelines.ingest.job import PIPELINE_VERSION, URL_CACHE_DIR
-from pipelines.ingest.stage import image_spec
 from pipelines.ingest.urlcache import UrlCache
 
 pytestmark = pytest.mark.timeout(600)
@@ -44,7 +44,7 @@ def _csv(path: Path, srv: WebServer, n: int) -> Path:
 
 def _cached(out: Path, srv: WebServer, n: int = N) -> list[bool]:
     """Whether each URL's cleaned image is in the URL cache."""
-    cache = UrlCache(str(out / URL_CACHE_DIR / f"v{PIPELINE_VERSION}"), image_spec(load_config("debug", OVERRIDES).data))
+    cache = UrlCache(str(out / URL_CACHE_DIR / f"v{PIPELINE_VERSION}"), ImageSpec.of(load_config("debug", OVERRIDES).data))
     return [os.path.exists(cache.path(srv.url(f"/img/{i}.jpg"))) for i in range(n)]
 
 
