@@ -19,6 +19,9 @@ class SampleConfig:
     image_size: int = 64
     max_text_len: int = 32  # caption / question tokens, [CLS] and [SEP] included
     max_answer_len: int = 8
+    # Also decode the audio (a model with an audio encoder): the spoken caption and the chosen QA
+    # pair's spoken question, as waveforms the caller has decoded already (mmcore reads no FLAC).
+    audio: bool = False
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,9 @@ class ShardSample:
     None when the sample has none); `caption` the primary caption (`txt`, "" for a QA-only
     sample); `captions` all of them; `qa` the `{"question", "answers"}` pairs as stored; `meta`
     the whole `json` document (`id`, `split`, `source`, `width`, `height`, `meta`, ...);
-    `audio` the `flac` member as stored (mono 16 kHz FLAC bytes), None when the sample has none.
+    `audio` the `flac` member as stored (mono 16 kHz FLAC bytes, or a waveform a caller decoded
+    already), None when the sample has none: it speaks the primary caption; `spoken` the spoken
+    questions by member name (`q<k>.flac`, which the QA pair names as its `audio`), as stored.
     """
 
     key: str
@@ -39,6 +44,7 @@ class ShardSample:
     qa: list[dict]
     meta: dict = field(default_factory=dict)
     audio: Any = None
+    spoken: dict[str, Any] = field(default_factory=dict)
 
     @property
     def answerable_qa(self) -> list[dict]:
@@ -74,10 +80,12 @@ def parse_sample(raw: dict) -> ShardSample:
         qa=list(meta.get("qa") or []),
         meta=meta,
         audio=raw.get("flac"),
+        spoken={p["audio"]: raw[p["audio"]] for p in meta.get("qa") or []
+                if isinstance(p.get("audio"), str) and p["audio"] in raw},
     )
 
 
-def _choose_qa(pairs: list[dict], train: bool, rng) -> tuple[str, str] | None:
+def _choose_qa(pairs: list[dict], train: bool, rng) -> tuple[dict, str] | None:
     """Of answerable `pairs`: training takes a random pair and a random answer; evaluation the
     first pair and its most common answer."""
     if not pairs:
@@ -85,7 +93,28 @@ def _choose_qa(pairs: list[dict], train: bool, rng) -> tuple[str, str] | None:
     pair = rng.choice(pairs) if train else pairs[0]
     answers = pair["answers"]
     answer = rng.choice(answers) if train else Counter(answers).most_common(1)[0][0]
-    return pair["question"], answer
+    return pair, answer
+
+
+def waveform(audio) -> torch.Tensor:
+    """A decoded clip (float samples: a tensor, array or list; None = no audio) -> `(T,)` float32."""
+    if audio is None:
+        return torch.zeros(0)
+    if isinstance(audio, (bytes, bytearray)):
+        raise TypeError("audio members must be decoded to float samples before decode_sample "
+                        "(pipelines.core.audio.decode_audio_members); mmcore reads no FLAC")
+    return torch.as_tensor(audio, dtype=torch.float32).reshape(-1)
+
+
+def _audio_fields(sample: ShardSample, pair: dict | None, tokenizer, cfg: SampleConfig) -> dict[str, Any]:
+    """`audio (T,)` the spoken caption, `transcript_ids (L,)` the primary caption it speaks,
+    `question_audio (Tq,)` the chosen pair's spoken question; empty tensors where absent."""
+    spoken = sample.spoken.get(pair.get("audio")) if pair else None
+    return {
+        "audio": waveform(sample.audio), "has_audio": sample.audio is not None,
+        "transcript_ids": torch.tensor(encode(tokenizer, sample.caption, cfg.max_text_len)),
+        "question_audio": waveform(spoken), "has_question_audio": spoken is not None,
+    }
 
 
 def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, train: bool, rng=None) -> dict[str, Any]:
@@ -94,6 +123,8 @@ def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, trai
     Raw members may be bytes or already decoded.
 
     Training picks a random caption (and QA pair); evaluation uses the primary caption (`txt`).
+    With `cfg.audio`, also `audio`, `has_audio`, `transcript_ids`, `question_audio`,
+    `has_question_audio` (`_audio_fields`).
     """
     rng = rng or random
     if not isinstance(sample, ShardSample):
@@ -102,10 +133,13 @@ def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, trai
         sample = parse_sample(sample)
     caption = rng.choice(sample.captions) if train else sample.caption
     chosen = _choose_qa(sample.answerable_qa, train, rng)
-    question, answer = chosen if chosen else ("", "")
+    pair, answer = chosen if chosen else (None, "")
+    question = pair["question"] if pair else ""
     img = load_image(sample.image)
     image = train_image(img, cfg.image_size, rng) if train else image_transform(cfg.image_size, False)(img)
+    audio = _audio_fields(sample, pair, tokenizer, cfg) if cfg.audio else {}
     return {
+        **audio,
         "key": sample.key,
         "image": image,
         "caption_ids": torch.tensor(encode(tokenizer, caption, cfg.max_text_len)),
