@@ -171,6 +171,9 @@ def model_config(preset: str = "debug", audio_encoder: str | None = None, **over
         if value is None:
             continue
         path = _ALIASES.get(key, key).split(".")
+        if path[0] == "audio" and len(path) > 1 and cfg.audio is None:
+            raise ValueError(f"model override {key!r}: the model has no audio encoder; name an audio preset "
+                             "first (model_config(audio_encoder=...), model.audio_encoder in the YAML config)")
         target = cfg
         for part in path[:-1]:
             target = getattr(target, part, None)
