@@ -25,18 +25,7 @@ def register(subparsers) -> None:
     cap.add_argument("--beams", type=int, default=None, help="beam width (default: eval.num_beams)")
     cap.add_argument("--batch-size", type=int, default=16)
     cap.set_defaults(func=run_caption)
-    ans = subparsers.add_parser(
-        "answer", help="answer a typed or spoken question about an image",
-        description=('Visual question answering, the question typed or spoken (a model with an audio encoder):\n'
-                     '  mmfusion answer photo.jpg "what colour is the car?"\n'
-                     '  mmfusion answer photo.jpg --audio question.wav'),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(ans)
-    ans.add_argument("image", metavar="IMAGE")
-    ans.add_argument("question", metavar="QUESTION", nargs="?", default=None, help="the question as text")
-    ans.add_argument("--audio", default=None, metavar="QUESTION.wav",
-                     help="the question as speech (WAV, FLAC, MP3, Ogg, ...) instead of text")
-    ans.set_defaults(func=run_answer)
+    _register_answer(subparsers)
     ret = subparsers.add_parser(
         "retrieve", help="rank a folder of images (or audio clips) by similarity to a text",
         description=('Text-to-image or text-to-audio retrieval:\n'
@@ -50,17 +39,7 @@ def register(subparsers) -> None:
     ret.add_argument("--text", required=True)
     ret.add_argument("--top-k", type=int, default=5)
     ret.set_defaults(func=run_retrieve)
-    tr = subparsers.add_parser(
-        "transcribe", help="transcribe speech in audio files (a model with an audio encoder)",
-        description=("Speech recognition: print each file's transcript. Files are cleaned as ingest cleans "
-                     "them (any format libsndfile reads, mixed to mono, resampled to the model's rate).\n\n"
-                     "  mmfusion transcribe --model models:/mmfusion-audio@champion clip1.wav clip2.flac"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(tr)
-    tr.add_argument("audio", nargs="+", metavar="AUDIO")
-    tr.add_argument("--beams", type=int, default=None, help="beam width (default: eval.num_beams)")
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.set_defaults(func=run_transcribe)
+    _register_transcribe(subparsers)
     exp = subparsers.add_parser(
         "explain", help="draw where the model looks for each word it generates",
         description=("Caption an image (or answer --question about it) and draw, for every generated "
@@ -75,6 +54,35 @@ def register(subparsers) -> None:
     exp.add_argument("--out", default=None, metavar="FILE.png",
                      help="where to write the picture (default: IMAGE's name + '-attention.png' in the current directory)")
     exp.set_defaults(func=run_explain)
+
+
+def _register_answer(subparsers) -> None:
+    ans = subparsers.add_parser(
+        "answer", help="answer a typed or spoken question about an image",
+        description=('Visual question answering, the question typed or spoken (a model with an audio encoder):\n'
+                     '  mmfusion answer photo.jpg "what colour is the car?"\n'
+                     '  mmfusion answer photo.jpg --audio question.wav'),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(ans)
+    ans.add_argument("image", metavar="IMAGE")
+    ans.add_argument("question", metavar="QUESTION", nargs="?", default=None, help="the question as text")
+    ans.add_argument("--audio", default=None, metavar="QUESTION.wav",
+                     help="the question as speech (WAV, FLAC, MP3, Ogg, ...) instead of text")
+    ans.set_defaults(func=run_answer)
+
+
+def _register_transcribe(subparsers) -> None:
+    tr = subparsers.add_parser(
+        "transcribe", help="transcribe speech in audio files (a model with an audio encoder)",
+        description=("Speech recognition: print each file's transcript. Files are cleaned as ingest cleans "
+                     "them (any format libsndfile reads, mixed to mono, resampled to the model's rate).\n\n"
+                     "  mmfusion transcribe --model models:/mmfusion-audio@champion clip1.wav clip2.flac"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(tr)
+    tr.add_argument("audio", nargs="+", metavar="AUDIO")
+    tr.add_argument("--beams", type=int, default=None, help="beam width (default: eval.num_beams)")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.set_defaults(func=run_transcribe)
 
 
 def _predictor(args):
