@@ -12,9 +12,11 @@ class FusionHeads(nn.Module):
     """Projections of the pooled image/text states into the joint embedding space `E`, the learnable
     ITC temperature (as log of its inverse, CLIP style), and the ITM head on the fused [CLS] state.
     With `token_embed`, also per-token projections of image patches and caption tokens and their own
-    temperature, for the word-region (FILIP) contrastive loss."""
+    temperature, for the word-region (FILIP) contrastive loss. With `audio`, a projection of the
+    pooled audio into the same space and its own temperature, for audio-text contrastive learning."""
 
-    def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07, token_embed: bool = False):
+    def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07, token_embed: bool = False,
+                 audio: bool = False):
         super().__init__()
         self.image_proj = nn.Linear(dim, embed_dim)
         self.text_proj = nn.Linear(dim, embed_dim)
@@ -25,6 +27,9 @@ class FusionHeads(nn.Module):
             self.patch_proj = nn.Linear(dim, embed_dim)
             self.word_proj = nn.Linear(dim, embed_dim)
             self.token_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        if audio:  # only then: an image-text model's state dict is unchanged
+            self.audio_proj = nn.Linear(dim, embed_dim)
+            self.audio_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
     def embed_tokens(self, patches: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
         """Image patches `(B, N, D)` and text tokens `(B, L, D)` -> `(B, N, E)`, `(B, L, E)`, L2-normalised."""
@@ -42,6 +47,14 @@ class FusionHeads(nn.Module):
     def embed_text(self, pooled: Tensor) -> Tensor:
         """`(B, D) -> (B, E)`, L2-normalised."""
         return nn.functional.normalize(self.text_proj(pooled), dim=-1)
+
+    def embed_audio(self, pooled: Tensor) -> Tensor:
+        """Pooled audio `(B, D) -> (B, E)`, L2-normalised."""
+        return nn.functional.normalize(self.audio_proj(pooled), dim=-1)
+
+    def audio_scale(self) -> Tensor:
+        """Logit scale of the audio-text contrastive loss, clamped at 100 like `scale`."""
+        return self.audio_logit_scale.exp().clamp(max=100.0)
 
     def scale(self) -> Tensor:
         """ITC logit scale 1/T, clamped at 100 as in CLIP so training cannot blow it up."""

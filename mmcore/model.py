@@ -7,6 +7,12 @@ Tasks of `forward(batch, task)`:
 - `vqa`: the question is encoded and fused with the image; the decoder generates the answer
   cross-attending to [fused question tokens; image tokens]. A batch may ask several questions of
   one image (`question_image`): the image is encoded once.
+With an audio encoder (`cfg.audio`; None builds an image-text model whose parameters and
+checkpoints are those of a model without audio):
+- `asr`: the decoder transcribes the spoken primary caption, cross-attending to the audio tokens.
+- `audio_retrieval`: audio-text contrastive embeddings (pooled audio vs the transcript's text).
+- `spoken_vqa`: the spoken question's audio tokens are fused with the image, as a typed question is;
+  the decoder generates the answer cross-attending to [fused question tokens; image tokens].
 Everything that needs gradients (ITM hard negatives included) happens inside forward, so that a
 DDP-wrapped model works unchanged. Tasks other than `pretrain` leave some parameters unused, so
 a DDP wrapper needs `find_unused_parameters=True` for them.
@@ -22,12 +28,21 @@ import torch
 from torch import Tensor, nn
 
 from mmcore.decoders import DecoderConfig, TextDecoder, beam_search, greedy_search
-from mmcore.encoders import ImageEncoder, ImageEncoderConfig, TextEncoder, TextEncoderConfig
+from mmcore.encoders import (
+    AudioEncoder,
+    AudioEncoderConfig,
+    ImageEncoder,
+    ImageEncoderConfig,
+    TextEncoder,
+    TextEncoderConfig,
+    audio_encoder_config,
+)
 from mmcore.encoders.text import text_config_from_pretrained
-from mmcore.fusion import FusionConfig, build_fusion
+from mmcore.fusion import FusionConfig, build_fusion, join_modalities
 from mmcore.heads import FusionHeads
 
-TASKS = ("pretrain", "caption", "vqa", "retrieval")
+AUDIO_TASKS = ("asr", "audio_retrieval", "spoken_vqa")  # need `cfg.audio`
+TASKS = ("pretrain", "caption", "vqa", "retrieval", *AUDIO_TASKS)
 PRESETS = ("debug", "small", "base", "large")
 
 
@@ -39,6 +54,7 @@ class FusionModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    audio: AudioEncoderConfig | None = None  # None: no audio encoder (an image-text model)
     embed_dim: int = 128  # joint ITC embedding size E
     init_temperature: float = 0.07
     # Word-region alignment (FILIP, Yao et al. 2021): project every image patch and caption token
@@ -69,10 +85,10 @@ class FusionModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> FusionModelConfig:
         """Inverse of to_dict; an unknown key raises ValueError naming it."""
         parts = {"image": ImageEncoderConfig, "text": TextEncoderConfig,
-                 "fusion": FusionConfig, "decoder": DecoderConfig}
+                 "fusion": FusionConfig, "decoder": DecoderConfig, "audio": AudioEncoderConfig}
         kwargs = {}
         for key, value in d.items():
-            if key in parts:
+            if key in parts and value is not None:
                 kwargs[key] = _make(parts[key], value, key)
             elif key in {f.name for f in dataclasses.fields(cls)}:
                 kwargs[key] = value
@@ -143,15 +159,22 @@ _ALIASES = {
 }
 
 
-def model_config(preset: str = "debug", **overrides: Any) -> FusionModelConfig:
+def model_config(preset: str = "debug", audio_encoder: str | None = None, **overrides: Any) -> FusionModelConfig:
     """The preset's config with overrides applied. Keys are fields (`embed_dim=64`), dotted paths
-    into a part (`**{"decoder.num_layers": 3}`) or aliases (`vocab_size`, `image_size`, `fusion`,
-    `image_encoder`, `image_pretrained`, `text_pretrained`). None values are ignored."""
+    into a part (`**{"decoder.num_layers": 3}`, `"audio.num_layers"` once there is an audio
+    encoder) or aliases (`vocab_size`, `image_size`, `fusion`, `image_encoder`, `image_pretrained`,
+    `text_pretrained`). None values are ignored. `audio_encoder` names an audio preset (`debug` |
+    `small` | `base`, `mmcore.encoders.audio`) to add; None keeps the preset's (none)."""
     cfg = _preset(preset)
+    if audio_encoder is not None:
+        cfg.audio = audio_encoder_config(audio_encoder)
     for key, value in overrides.items():
         if value is None:
             continue
         path = _ALIASES.get(key, key).split(".")
+        if path[0] == "audio" and len(path) > 1 and cfg.audio is None:
+            raise ValueError(f"model override {key!r}: the model has no audio encoder; name an audio preset "
+                             "first (model_config(audio_encoder=...), model.audio_encoder in the YAML config)")
         target = cfg
         for part in path[:-1]:
             target = getattr(target, part, None)
@@ -168,7 +191,9 @@ class FusionOutput:
     image_emb, text_emb `(B, E)` L2-normalised; logit_scale scalar (1/T);
     itm_logits, itm_labels `(3B + B',)` (positives, image->hard-negative text, text->hard-negative
     image, then the batch's B' one-word-edited captions `edit_neg_ids` if it has them);
-    lm_logits `(B, T-1, V)` and lm_labels `(B, T-1)` (-100 = ignore) for the caption / answer.
+    lm_logits `(B, T-1, V)` and lm_labels `(B, T-1)` (-100 = ignore) for the caption / answer /
+    transcript. audio_retrieval: audio_emb and text_emb `(B', E)` of the B' samples that have
+    audio (row i of each is one pair), logit_scale the audio-text loss's.
     patch_emb `(B, N, E)`, word_emb `(B, L, E)` L2-normalised and word_mask `(B, L)` (1 = a word:
     not padding, BOS or EOS) and token_scale (its loss's 1/T), for models with `token_embed`, in
     pretrain and retrieval.
@@ -186,15 +211,20 @@ class FusionOutput:
     word_emb: Tensor | None = None
     word_mask: Tensor | None = None
     token_scale: Tensor | None = None
+    audio_emb: Tensor | None = None  # (B', E) L2-normalised, audio_retrieval: the samples with audio
 
 
 class FusionModel(nn.Module):
-    """Built from parts: `FusionModel(image_encoder, text_encoder, fusion, decoder, heads, cfg)`."""
+    """Built from parts: `FusionModel(image_encoder, text_encoder, fusion, decoder, heads, cfg,
+    audio_encoder=None)`."""
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, fusion: nn.Module,
-                 decoder: TextDecoder, heads: FusionHeads, cfg: FusionModelConfig):
+                 decoder: TextDecoder, heads: FusionHeads, cfg: FusionModelConfig,
+                 audio_encoder: AudioEncoder | None = None):
         super().__init__()
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        if audio_encoder is not None:  # registered only when present: no new state-dict keys otherwise
+            self.audio_encoder = audio_encoder
         self.fusion, self.decoder, self.heads = fusion, decoder, heads
         self.cfg = cfg
 
@@ -247,6 +277,8 @@ class FusionModel(nn.Module):
         """batch: the collated dict from `mmcore.data.collate` (tensors on the model's device)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+        if task in AUDIO_TASKS:
+            return self._forward_audio(batch, task)
         images = batch["image"]
         if task == "caption":
             image_tokens, _ = self.image_encoder(images)
@@ -324,6 +356,72 @@ class FusionModel(nn.Module):
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
         return logits, labels
 
+    # ---- audio ---------------------------------------------------------------------------
+    def _audio(self) -> AudioEncoder:
+        if not hasattr(self, "audio_encoder"):
+            raise ValueError("this model has no audio encoder (model config `audio` is None); build it with "
+                             "one (e.g. model.audio_encoder: debug in the YAML config) for audio tasks")
+        return self.audio_encoder
+
+    def encode_audio(self, waveform: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """waveform `(B, T)` at `cfg.audio.sample_rate`, lengths `(B,)` -> `(tokens (B, N, D), mask
+        (B, N) bool, emb (B, E) L2-normalised)`."""
+        enc = self._audio()(waveform, lengths)
+        return enc.tokens, enc.mask, self.heads.embed_audio(enc.pooled)
+
+    @torch.no_grad()
+    def transcribe(self, waveform: Tensor, lengths: Tensor | None, max_len: int, num_beams: int = 1) -> Tensor:
+        """Transcripts `(B, T)` of `(B, T_audio)` speech, as `generate` returns captions."""
+        enc = self._audio()(waveform, lengths)
+        return self._search(enc.tokens, enc.mask.long(), max_len, num_beams)
+
+    @torch.no_grad()
+    def answer_spoken(self, images: Tensor, q_audio: Tensor, q_lengths: Tensor | None, max_len: int,
+                      num_beams: int = 1) -> Tensor:
+        """Answers `(B, T)` to spoken questions `(B, T_audio)` about images `(B, 3, H, W)`."""
+        image_tokens, _ = self.image_encoder(images)
+        memory, memory_mask = self._spoken_vqa_memory(image_tokens, q_audio, q_lengths)
+        return self._search(memory, memory_mask, max_len, num_beams)
+
+    def _search(self, memory: Tensor, memory_mask: Tensor | None, max_len: int, num_beams: int) -> Tensor:
+        if not 1 <= max_len < self.cfg.decoder.max_len:
+            raise ValueError(f"max_len must be in [1, {self.cfg.decoder.max_len - 1}] (decoder.max_len - 1), got {max_len}")
+        c = self.cfg
+        if num_beams <= 1:
+            return greedy_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len)
+        return beam_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len, num_beams)
+
+    def _spoken_vqa_memory(self, image_tokens: Tensor, q_audio: Tensor, q_lengths: Tensor | None):
+        """Decoder memory for spoken VQA: the question's audio tokens fused with the image, then the
+        image tokens `(B, Nq + N, D)`, and its mask `(B, Nq + N)`."""
+        q = self._audio()(q_audio, q_lengths)
+        fused = self.fusion(q.tokens, q.mask, image_tokens)
+        memory, mask = join_modalities([(fused, q.mask), (image_tokens, None)])
+        return memory, mask.long()
+
+    def _forward_audio(self, batch: dict[str, Any], task: str) -> FusionOutput:
+        """The audio tasks (module docstring). Samples without the audio a task needs contribute
+        nothing: their labels are -100, or (audio_retrieval) their rows are left out."""
+        self._audio()
+        if task == "spoken_vqa":
+            image_tokens, _ = self.image_encoder(batch["image"])
+            memory, memory_mask = self._spoken_vqa_memory(image_tokens, batch["question_audio"],
+                                                          batch["question_audio_lengths"])
+            # The spoken question is each sample's first QA pair: the first B question rows.
+            b = image_tokens.shape[0]
+            logits, labels = self._lm(batch["answer_ids"][:b], batch["answer_mask"][:b], memory, memory_mask)
+            keep = batch["has_qa"][:b].bool() & batch["has_question_audio"].bool()
+            return FusionOutput(task, lm_logits=logits, lm_labels=labels.masked_fill(~keep[:, None], -100))
+        ids, mask = batch["transcript_ids"], batch["transcript_mask"]
+        enc = self._audio()(batch["audio"], batch["audio_lengths"])
+        has = batch["has_audio"].bool()
+        if task == "asr":
+            logits, labels = self._lm(ids, mask, enc.tokens, enc.mask.long())
+            return FusionOutput(task, lm_logits=logits, lm_labels=labels.masked_fill(~has[:, None], -100))
+        _, text_pooled = self.text_encoder(ids, mask)
+        return FusionOutput(task, text_emb=self.heads.embed_text(text_pooled)[has],
+                            audio_emb=self.heads.embed_audio(enc.pooled)[has], logit_scale=self.heads.audio_scale())
+
 
 @torch.no_grad()
 def _hard_negatives(image_emb: Tensor, text_emb: Tensor, scale: Tensor, ids: Tensor):
@@ -359,8 +457,9 @@ def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionM
         TextEncoder(cfg.text),
         build_fusion(cfg.fusion, cfg.dim),
         TextDecoder(cfg.decoder, cfg.dim, cfg.vocab_size),
-        FusionHeads(cfg.dim, cfg.embed_dim, cfg.init_temperature, cfg.token_embed),
+        FusionHeads(cfg.dim, cfg.embed_dim, cfg.init_temperature, cfg.token_embed, audio=cfg.audio is not None),
         cfg,
+        audio_encoder=AudioEncoder(cfg.audio, cfg.dim) if cfg.audio is not None else None,
     )
     if load_pretrained and cfg.image.pretrained:
         model.image_encoder.load_pretrained(cfg.image.pretrained)

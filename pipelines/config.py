@@ -124,6 +124,9 @@ class ModelConfig(_Section):
     tokenizer: str | None = None  # local dir of a pretrained tokenizer; None = train one
     image_pretrained: str | None = None  # torchvision state-dict file
     text_pretrained: str | None = None  # HF BERT directory
+    # An audio encoder (mmcore.encoders.audio preset) for the audio tasks (asr, audio_retrieval,
+    # spoken_vqa) on data with spoken captions/questions; None: an image-text model.
+    audio_encoder: Literal["debug", "small", "base"] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys into mmcore's config
 
 

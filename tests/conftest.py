@@ -120,6 +120,18 @@ def tiny_dataset(ray_local, tiny_source, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def spoken_dataset(ray_local, tmp_path_factory) -> Path:
+    """48 synthetic scenes with spoken captions and questions (espeak-ng), ingested with the
+    `debug` data config; returns the version directory."""
+    from pipelines.config import load_config
+    from pipelines.ingest import ingest
+    from pipelines.ingest.synth import synthesize
+
+    raw = synthesize(tmp_path_factory.mktemp("spoken") / "raw", num=48, seed=0, audio=True)
+    return ingest(raw, tmp_path_factory.mktemp("spoken-datasets"), load_config("debug").data)
+
+
+@pytest.fixture(scope="session")
 def coco_mini() -> Path:
     """The real COCO photos at ../shared/data/coco-mini; skips where that folder is absent."""
     path = SHARED_DATA / "coco-mini"

@@ -25,7 +25,8 @@ def pad_ids(seqs: list[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor]:
 
 def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     """Decoded samples -> batch: tensors `image (B, 3, S, S)`, `caption_ids/_mask`, `question_ids/_mask`,
-    `answer_ids/_mask` `(B, L*)`, `has_qa (B,)`; lists `key`, `captions`, `qa`.
+    `answer_ids/_mask` `(B, L*)`, `has_qa (B,)`; lists `key`, `captions`, `qa`; and the audio fields
+    of `collate_audio` when the samples carry audio.
 
     Samples with further QA pairs (`more_qa`) make the question rows longer than the batch: the
     question, answer and `has_qa` tensors get `M > B` rows (each sample's first pair, then the
@@ -46,6 +47,8 @@ def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
         batch["question_image"] = torch.tensor([r[0] for r in rows])
     if len(samples) > 1 and all("caption_variants" in s for s in samples):
         _add_edit_negatives(batch, samples, pad_id)
+    if "audio" in samples[0]:
+        batch.update(collate_audio(samples, pad_id))
     for name in ("key", "captions", "qa"):
         batch[name] = [s[name] for s in samples]
     return batch
@@ -61,3 +64,23 @@ def _add_edit_negatives(batch: dict[str, Any], samples: list[dict[str, Any]], pa
     if kept:
         batch["edit_neg_ids"], batch["edit_neg_mask"] = pad_ids([n for _, n in kept], pad_id)
         batch["edit_neg_image"] = torch.tensor([b for b, _ in kept])
+
+
+def pad_waves(waves: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Right-pad 1-D waveforms with zeros -> `(audio (B, T), lengths (B,))`; T >= 1."""
+    length = max(1, max(len(w) for w in waves))
+    audio = torch.zeros((len(waves), length))
+    for i, w in enumerate(waves):
+        audio[i, : len(w)] = w
+    return audio, torch.tensor([len(w) for w in waves], dtype=torch.long)
+
+
+def collate_audio(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
+    """`audio (B, T)`, `audio_lengths (B,)`, `has_audio (B,)`, `transcript_ids/_mask (B, L)`,
+    `question_audio (B, Tq)`, `question_audio_lengths (B,)`, `has_question_audio (B,)`."""
+    batch: dict[str, Tensor] = {}
+    for name in ("audio", "question_audio"):
+        batch[name], batch[f"{name}_lengths"] = pad_waves([s[name] for s in samples])
+        batch[f"has_{name}"] = torch.tensor([bool(s[f"has_{name}"]) for s in samples])
+    batch["transcript_ids"], batch["transcript_mask"] = pad_ids([s["transcript_ids"] for s in samples], pad_id)
+    return batch

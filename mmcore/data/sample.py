@@ -26,6 +26,9 @@ class SampleConfig:
     # can build one-word-edited ITM negatives that no caption of the image reads like
     # (`mmcore.data.negatives`).
     caption_variants: bool = False
+    # Also decode the audio (a model with an audio encoder): the spoken caption and the chosen QA
+    # pair's spoken question, as waveforms the caller has decoded already (mmcore reads no FLAC).
+    audio: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ class ShardSample:
     None when the sample has none); `caption` the primary caption (`txt`, "" for a QA-only
     sample); `captions` all of them; `qa` the `{"question", "answers"}` pairs as stored; `meta`
     the whole `json` document (`id`, `split`, `source`, `width`, `height`, `meta`, ...);
-    `audio` the `flac` member as stored (mono 16 kHz FLAC bytes), None when the sample has none.
+    `audio` the `flac` member as stored (mono 16 kHz FLAC bytes, or a waveform a caller decoded
+    already), None when the sample has none: it speaks the primary caption; `spoken` the spoken
+    questions by member name (`q<k>.flac`, which the QA pair names as its `audio`), as stored.
     """
 
     key: str
@@ -46,6 +51,7 @@ class ShardSample:
     qa: list[dict]
     meta: dict = field(default_factory=dict)
     audio: Any = None
+    spoken: dict[str, Any] = field(default_factory=dict)
 
     @property
     def answerable_qa(self) -> list[dict]:
@@ -81,18 +87,41 @@ def parse_sample(raw: dict) -> ShardSample:
         qa=list(meta.get("qa") or []),
         meta=meta,
         audio=raw.get("flac"),
+        spoken={p["audio"]: raw[p["audio"]] for p in meta.get("qa") or []
+                if isinstance(p.get("audio"), str) and p["audio"] in raw},
     )
 
 
-def _choose_qa(pairs: list[dict], train: bool, rng, k: int = 1) -> list[tuple[str, str]]:
+def _choose_qa(pairs: list[dict], train: bool, rng, k: int = 1) -> list[tuple[dict, str]]:
     """Of answerable `pairs`: training takes `k` distinct random pairs (fewer if it has fewer), each
     with a random answer; evaluation the first pair and its most common answer. [] without pairs."""
     if not pairs:
         return []
     if not train:
-        return [(pairs[0]["question"], Counter(pairs[0]["answers"]).most_common(1)[0][0])]
+        return [(pairs[0], Counter(pairs[0]["answers"]).most_common(1)[0][0])]
     chosen = [rng.choice(pairs)] if k <= 1 else rng.sample(pairs, min(k, len(pairs)))
-    return [(p["question"], rng.choice(p["answers"])) for p in chosen]
+    return [(p, rng.choice(p["answers"])) for p in chosen]
+
+
+def waveform(audio) -> torch.Tensor:
+    """A decoded clip (float samples: a tensor, array or list; None = no audio) -> `(T,)` float32."""
+    if audio is None:
+        return torch.zeros(0)
+    if isinstance(audio, (bytes, bytearray)):
+        raise TypeError("audio members must be decoded to float samples before decode_sample "
+                        "(pipelines.core.audio.decode_audio_members); mmcore reads no FLAC")
+    return torch.as_tensor(audio, dtype=torch.float32).reshape(-1)
+
+
+def _audio_fields(sample: ShardSample, pair: dict | None, tokenizer, cfg: SampleConfig) -> dict[str, Any]:
+    """`audio (T,)` the spoken caption, `transcript_ids (L,)` the primary caption it speaks,
+    `question_audio (Tq,)` the chosen pair's spoken question; empty tensors where absent."""
+    spoken = sample.spoken.get(pair.get("audio")) if pair else None
+    return {
+        "audio": waveform(sample.audio), "has_audio": sample.audio is not None,
+        "transcript_ids": torch.tensor(encode(tokenizer, sample.caption, cfg.max_text_len)),
+        "question_audio": waveform(spoken), "has_question_audio": spoken is not None,
+    }
 
 
 def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, train: bool, rng=None) -> dict[str, Any]:
@@ -104,6 +133,8 @@ def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, trai
     With `cfg.qa_per_sample` > 1, training adds `"more_qa"`: `[(question_ids, answer_ids), ...]`
     for the further pairs drawn; with `cfg.caption_variants`, `"caption_variants"`: every caption's
     ids as a tuple.
+    With `cfg.audio`, also `audio`, `has_audio`, `transcript_ids`, `question_audio`,
+    `has_question_audio` (`_audio_fields`).
     """
     rng = rng or random
     if not isinstance(sample, ShardSample):
@@ -112,10 +143,12 @@ def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, trai
         sample = parse_sample(sample)
     caption = rng.choice(sample.captions) if train else sample.caption
     chosen = _choose_qa(sample.answerable_qa, train, rng, cfg.qa_per_sample)
-    question, answer = chosen[0] if chosen else ("", "")
+    pair, answer = chosen[0] if chosen else (None, "")
+    question = pair["question"] if pair else ""
     img = load_image(sample.image)
     image = train_image(img, cfg.image_size, rng) if train else image_transform(cfg.image_size, False)(img)
     out = {
+        **(_audio_fields(sample, pair, tokenizer, cfg) if cfg.audio else {}),
         "key": sample.key,
         "image": image,
         "caption_ids": torch.tensor(encode(tokenizer, caption, cfg.max_text_len)),
@@ -126,8 +159,8 @@ def decode_sample(sample: dict | ShardSample, tokenizer, cfg: SampleConfig, trai
         "qa": sample.qa,
     }
     if len(chosen) > 1:
-        out["more_qa"] = [(torch.tensor(encode(tokenizer, q, cfg.max_text_len)),
-                           torch.tensor(encode(tokenizer, a, cfg.max_answer_len))) for q, a in chosen[1:]]
+        out["more_qa"] = [(torch.tensor(encode(tokenizer, p["question"], cfg.max_text_len)),
+                           torch.tensor(encode(tokenizer, a, cfg.max_answer_len))) for p, a in chosen[1:]]
     if train and cfg.caption_variants:
         out["caption_variants"] = [tuple(encode(tokenizer, c, cfg.max_text_len)) for c in sample.captions]
     return out

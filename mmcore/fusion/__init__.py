@@ -1,4 +1,6 @@
-"""Fusion modules, one interface: `fusion(text (B, L, D), text_mask (B, L), image (B, N, D)) -> (B, L, D)`."""
+"""Fusion modules, one interface: `fusion(query (B, L, D), query_mask (B, L), context (B, N, D),
+context_mask (B, N) | None) -> (B, L, D)`. The query is text (or a spoken question's audio tokens);
+the context is the image, the audio, or several modalities joined by `join_modalities`."""
 
 from torch import nn
 
@@ -6,6 +8,7 @@ from mmcore.fusion.concat import ConcatFusion
 from mmcore.fusion.config import FUSION_KINDS, FusionConfig
 from mmcore.fusion.cross_attention import CrossAttentionFusion
 from mmcore.fusion.gated import GatedFusion
+from mmcore.fusion.modalities import join_modalities, masked_mean
 
 _KINDS = {"cross_attention": CrossAttentionFusion, "gated": GatedFusion, "concat": ConcatFusion}
 
@@ -17,4 +20,5 @@ def build_fusion(cfg: FusionConfig, dim: int) -> nn.Module:
     return _KINDS[cfg.kind](dim, cfg)
 
 
-__all__ = ["FusionConfig", "CrossAttentionFusion", "GatedFusion", "ConcatFusion", "build_fusion"]
+__all__ = ["FusionConfig", "CrossAttentionFusion", "GatedFusion", "ConcatFusion", "build_fusion", "join_modalities",
+           "masked_mean"]

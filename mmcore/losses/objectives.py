@@ -89,7 +89,22 @@ class VQALoss(nn.Module):
         return {"loss": vqa, "vqa": vqa}
 
 
-LOSSES = {"pretrain": PretrainLoss, "caption": CaptionLoss, "vqa": VQALoss, "retrieval": RetrievalLoss}
+class AudioTextLoss(nn.Module):
+    """Audio-text contrastive loss (ITC over the audio and transcript embeddings, with the audio
+    head's own temperature). Keys: loss, atc."""
+
+    def __init__(self, gather_fn: GatherFn | None = None):
+        super().__init__()
+        self.atc = ContrastiveLoss(gather_fn)
+
+    def forward(self, output) -> dict[str, Tensor]:
+        _require(output, "audio_emb", "text_emb")
+        atc = self.atc(output.audio_emb, output.text_emb, output.logit_scale)
+        return {"loss": atc, "atc": atc}
+
+
+LOSSES = {"pretrain": PretrainLoss, "caption": CaptionLoss, "vqa": VQALoss, "retrieval": RetrievalLoss,
+          "asr": CaptionLoss, "audio_retrieval": AudioTextLoss, "spoken_vqa": VQALoss}
 
 
 def build_loss(task: str, **weights) -> nn.Module:

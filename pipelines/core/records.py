@@ -15,6 +15,15 @@ metric needs, so that a metric can be recomputed, and bootstrapped, from the fil
      "grounding": [tp, fp, fn] or None}  # object phrases of `generated` against the scene's
                                          # objects, where the sample lists them (synthetic set)
 
+and, for a model with an audio encoder (`pipelines.evaluate.audio`):
+
+     "asr": {"reference", "hypothesis", "errors": int, "words": int} or None,  # the spoken caption
+     "a2t_rank": int or None, "t2a_rank": int or None,  # audio-text retrieval among the clips
+     "spoken_vqa": [{"question", "answers", "predicted", "score", "type"}]    # spoken questions
+
+`asr_wer` is the word error rate: summed errors (substitutions, deletions, insertions) over summed
+reference words.
+
 Ratio metrics (recalls, VQA and ITM accuracy, CIDEr-D) are sums of per-sample numerators over
 sums of denominators, so a resampled subset is scored with two array sums. BLEU-4 is a corpus
 metric: summed n-gram statistics go through `mmcore.metrics.bleu4_from_stats`. Ranks are 0-based
@@ -36,7 +45,9 @@ PER_SAMPLE = "per_sample.jsonl"  # the file's name in an evaluation folder and i
 KS = (1, 5, 10)
 RETRIEVAL_METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS)
 VQA_TYPE_METRICS = tuple(f"vqa_{t}" for t in QUESTION_TYPES)
-RATIO_METRICS = RETRIEVAL_METRICS + ("vqa_acc", "itm_acc", "cider_d", "grounding_f1") + VQA_TYPE_METRICS
+AUDIO_METRICS = ("asr_wer", *(f"{d}_r{k}" for d in ("a2t", "t2a") for k in KS), "spoken_vqa_acc")
+RATIO_METRICS = (RETRIEVAL_METRICS + ("vqa_acc", "itm_acc", "cider_d", "grounding_f1") + VQA_TYPE_METRICS
+                 + AUDIO_METRICS)
 CORPUS_METRICS = ("bleu4",)
 ALL_METRICS = RATIO_METRICS + CORPUS_METRICS
 
@@ -61,9 +72,17 @@ def ratio_terms(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.nd
         k = int(metric[5:])
         num = [float(sum(rank < k for rank in r["t2i_ranks"])) for r in records]
         den = [float(len(r["t2i_ranks"])) for r in records]
-    elif metric == "vqa_acc":
-        num = [float(sum(q["score"] for q in r.get("vqa", []))) for r in records]
-        den = [float(len(r.get("vqa", []))) for r in records]
+    elif metric in ("vqa_acc", "spoken_vqa_acc"):
+        field = metric[: -len("_acc")]
+        num = [float(sum(q["score"] for q in r.get(field, []))) for r in records]
+        den = [float(len(r.get(field, []))) for r in records]
+    elif metric == "asr_wer":
+        num = [float(r["asr"]["errors"]) if r.get("asr") else 0.0 for r in records]
+        den = [float(r["asr"]["words"]) if r.get("asr") else 0.0 for r in records]
+    elif metric[:5] in ("a2t_r", "t2a_r"):
+        k, field = int(metric[5:]), f"{metric[:3]}_rank"
+        num = [float(r[field] < k) if r.get(field) is not None else 0.0 for r in records]
+        den = [1.0 if r.get(field) is not None else 0.0 for r in records]
     elif metric in VQA_TYPE_METRICS:
         kind = metric[4:]
         num = [float(sum(q["score"] for q in r.get("vqa", []) if q.get("type") == kind)) for r in records]

@@ -1,4 +1,5 @@
-"""Model outputs for the test shards: embeddings, generated captions, VQA answers.
+"""Model outputs for the test shards: embeddings, generated captions, VQA answers; for a model
+with an audio encoder also transcripts, audio embeddings and answers to the spoken questions.
 
 One shard is the unit of work, so the same function runs in-process or as one Ray task per
 shard, and batches never straddle shards: the outputs are identical either way.
@@ -23,6 +24,7 @@ class InferenceSettings:
     batch_size: int
     max_len: int  # caption generation length
     num_beams: int
+    audio_rate: int | None = None  # the audio encoder's sample rate; None: an image-text model
 
 
 def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
@@ -37,6 +39,7 @@ def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
         batch_size=cfg.eval.batch_size,
         max_len=cfg.eval.max_len,
         num_beams=cfg.eval.num_beams,
+        audio_rate=model_cfg.audio.sample_rate if model_cfg.audio is not None else None,
     )
 
 
@@ -44,12 +47,17 @@ def _decode(raw: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
     """A raw shard sample -> image tensor `(3, S, S)`, every caption's ids, every answerable QA
     pair's question ids (all read through `mmcore.data.parse_sample`)."""
     from mmcore.data import SampleConfig, decode_sample, encode, parse_sample
+    from pipelines.core.audio import decode_audio_members
     from pipelines.ingest.synth import scene_objects
 
+    if s.audio_rate:
+        raw = decode_audio_members(raw, s.audio_rate)
     sample = parse_sample(raw)
     item = decode_sample(sample, tokenizer, SampleConfig(s.image_size, s.max_text_len, s.max_answer_len), train=False)
     qa = sample.answerable_qa
+    audio = _audio_item(sample, qa, tokenizer, s) if s.audio_rate else {}
     return {
+        **audio,
         "key": sample.key,
         "image": item["image"],
         "captions": list(sample.captions),
@@ -58,6 +66,49 @@ def _decode(raw: dict, tokenizer, s: InferenceSettings) -> dict[str, Any]:
         "question_ids": [torch.tensor(encode(tokenizer, p["question"], s.max_text_len)) for p in qa],
         "objects": scene_objects(sample.meta),
     }
+
+
+def _audio_item(sample, qa: list[dict], tokenizer, s: InferenceSettings) -> dict[str, Any]:
+    """The spoken caption's waveform `(T,)` (None without), the primary caption it speaks (and its
+    ids), and each answerable QA pair's spoken question `(Tq,)` (None where it has none)."""
+    from mmcore.data import encode
+    from mmcore.data.sample import waveform
+
+    return {
+        "audio": waveform(sample.audio) if sample.audio is not None else None,
+        "spoken_caption": sample.caption,
+        "spoken_caption_ids": torch.tensor(encode(tokenizer, sample.caption, s.max_text_len)),
+        "question_audio": [waveform(sample.spoken[p["audio"]]) if p.get("audio") in sample.spoken else None
+                           for p in qa],
+    }
+
+
+@torch.no_grad()
+def infer_audio(model, tokenizer, items: list[dict], images, s: InferenceSettings) -> dict[str, Any]:
+    """`transcripts` (B, None without audio), `audio_emb (B, E)` (zeros without), `transcript_emb
+    (B, E)` of the spoken captions, `spoken_answers` (per item, per QA pair: str or None)."""
+    from mmcore.data import decode_text, pad_ids, pad_waves
+
+    have = [i for i, it in enumerate(items) if it["audio"] is not None]
+    transcripts: list[str | None] = [None] * len(items)
+    audio_emb = torch.zeros(len(items), model.cfg.embed_dim)
+    if have:
+        wave, lengths = pad_waves([items[i]["audio"] for i in have])
+        _, _, audio_emb[have] = model.encode_audio(wave, lengths)
+        said = decode_text(tokenizer, model.transcribe(wave, lengths, s.max_len, num_beams=s.num_beams))
+        for i, text in zip(have, said, strict=True):
+            transcripts[i] = text
+    ids, mask = pad_ids([it["spoken_caption_ids"] for it in items], model.cfg.pad_id)
+    _, transcript_emb = model.encode_text(ids, mask)
+    asked = [(i, k) for i, it in enumerate(items) for k, q in enumerate(it["question_audio"]) if q is not None]
+    answers: list[list[str | None]] = [[None] * len(it["question_audio"]) for it in items]
+    if asked:
+        wave, lengths = pad_waves([items[i]["question_audio"][k] for i, k in asked])
+        out = model.answer_spoken(images[[i for i, _ in asked]], wave, lengths, s.max_answer_len)
+        for (i, k), text in zip(asked, decode_text(tokenizer, out), strict=True):
+            answers[i][k] = text
+    return {"transcripts": transcripts, "audio_emb": audio_emb, "transcript_emb": transcript_emb,
+            "spoken_answers": answers, "spoken_captions": [it["spoken_caption"] for it in items]}
 
 
 @torch.no_grad()
@@ -82,7 +133,9 @@ def infer_batch(model, tokenizer, items: list[dict], s: InferenceSettings) -> di
         out = model.generate(images[q_owner], s.max_answer_len, prompt_ids=q_ids, prompt_mask=q_mask)
         for i, text in zip(q_owner, decode_text(tokenizer, out), strict=True):
             answers[i].append(text)
+    audio = infer_audio(model, tokenizer, items, images, s) if s.audio_rate else {}
     return {
+        **audio,
         "keys": [it["key"] for it in items],
         "image_emb": image_emb, "image_tokens": image_tokens, "text_emb": text_emb,
         "text_ids": [t.tolist() for t in text_ids], "text_owner": torch.tensor(owner, dtype=torch.long),
@@ -97,15 +150,18 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if not parts:
         raise ValueError("no model outputs to merge: the test split is empty")
     out: dict[str, Any] = {}
-    for name in ("image_emb", "image_tokens", "text_emb"):
-        out[name] = torch.cat([p[name] for p in parts])
+    for name in ("image_emb", "image_tokens", "text_emb", "audio_emb", "transcript_emb"):
+        if name in parts[0]:
+            out[name] = torch.cat([p[name] for p in parts])
     offsets, total = [], 0
     for p in parts:
         offsets.append(total)
         total += len(p["keys"])
     out["text_owner"] = torch.cat([p["text_owner"] + off for p, off in zip(parts, offsets, strict=True)])
-    for name in ("keys", "text_ids", "generated", "answers", "captions", "qa", "objects"):
-        out[name] = [x for p in parts for x in p[name]]
+    for name in ("keys", "text_ids", "generated", "answers", "captions", "qa", "objects",
+                 "transcripts", "spoken_answers", "spoken_captions"):
+        if name in parts[0]:
+            out[name] = [x for p in parts for x in p[name]]
     return out
 
 

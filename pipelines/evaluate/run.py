@@ -13,6 +13,7 @@ from pipelines.config import Config, home_dir
 from pipelines.core.checkpoints import weights_sha256
 from pipelines.core.dataset import benchmark_id
 from pipelines.core.records import compute_metrics, write_records
+from pipelines.evaluate.audio import audio_fields
 from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
 from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
 from pipelines.ingest.synth import PHRASE_VOCAB as SHAPES_VOCAB
@@ -47,13 +48,15 @@ def _grounding(generated: str, objects: list | None) -> list[int] | None:
 
 
 def build_records(model, merged: dict, cfg: Config) -> list[dict]:
-    """One per-sample record per test image (format in `pipelines.core.records`)."""
+    """One per-sample record per test image (format in `pipelines.core.records`), with the audio
+    fields (`pipelines.evaluate.audio.audio_fields`) for a model with an audio encoder."""
     ranks = retrieval_ranks(model, merged, cfg.eval.itm_rerank_k, cfg.eval.batch_size)
     itm = itm_logits(model, merged, cfg.eval.batch_size)
     bleu, cider = _caption_scores(merged)
     t2i: list[list[int]] = [[] for _ in merged["keys"]]
     for t, owner in enumerate(merged["text_owner"].tolist()):
         t2i[owner].append(int(ranks["t2i"][t]))
+    audio = audio_fields(merged, _vqa) if "transcripts" in merged else None
     records = []
     for i, key in enumerate(merged["keys"]):
         rec = {"key": key, "i2t_rank": int(ranks["i2t"][i]), "t2i_ranks": t2i[i],
@@ -65,6 +68,8 @@ def build_records(model, merged: dict, cfg: Config) -> list[dict]:
             pos, neg, neg_t = itm[i]
             rec["itm"] = {"pos_logit": pos, "neg_logit": neg, "neg_key": merged["keys"][int(merged["text_owner"][neg_t])],
                           "correct": int(pos > 0) + int(neg <= 0)}
+        if audio is not None:
+            rec.update(audio[i])
         records.append(rec)
     return records
 
@@ -75,10 +80,11 @@ def metric_code_version() -> str:
     records, the retrieval ranking): when it changes, earlier reports are not comparable."""
     import mmcore.metrics
     import pipelines.core.records
+    import pipelines.evaluate.audio
     import pipelines.evaluate.ranking
 
     files = sorted(Path(mmcore.metrics.__file__).parent.glob("*.py"))
-    files += [Path(pipelines.core.records.__file__), Path(pipelines.evaluate.ranking.__file__)]
+    files += [Path(m.__file__) for m in (pipelines.core.records, pipelines.evaluate.ranking, pipelines.evaluate.audio)]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -140,6 +146,8 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
         "dataset_version": version, "benchmark": benchmark, "protocol": protocol,
         "num_images": len(records), "num_captions": sum(len(r["t2i_ranks"]) for r in records),
         "num_questions": sum(len(r["vqa"]) for r in records),
+        "num_audio": sum(r.get("asr") is not None for r in records),
+        "num_spoken_questions": sum(len(r.get("spoken_vqa", [])) for r in records),
         "metrics": compute_metrics(records),
         "examples": [{"key": r["key"], "generated": r["generated"], "references": r["references"]}
                      for r in records[: cfg.eval.num_samples_shown]],

@@ -160,9 +160,3 @@ def clean_audio(data: bytes, spec: AudioSpec) -> CleanAudio:
         subtype=str(info.subtype),
         pcm_sha=hashlib.sha256(pcm.astype("<i2").tobytes()).hexdigest(),
     )
-
-
-def read_flac(data: bytes) -> tuple[np.ndarray, int]:
-    """A shard's `flac` member -> (float32 mono samples, sample rate)."""
-    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-    return samples, int(rate)

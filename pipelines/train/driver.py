@@ -52,6 +52,18 @@ def resolve_tasks(cfg: Config, task: str) -> list[str]:
     return tasks
 
 
+def check_audio_tasks(tasks: list[str], model_cfg, task: str) -> None:
+    """Audio tasks need a model with an audio encoder."""
+    from mmcore.model import AUDIO_TASKS
+
+    audio = [t for t in tasks if t in AUDIO_TASKS]
+    if audio and model_cfg.audio is None:
+        raise TrainingError(
+            f"training {task} runs the audio task(s) {', '.join(audio)}, but the model has no audio encoder; "
+            "set model.audio_encoder (e.g. debug) in the config, or leave the audio tasks out of "
+            "train.pretrain_tasks / train.finetune_tasks")
+
+
 def resolve_init(cfg: Config, init_from: str | os.PathLike | None) -> str | None:
     """A local checkpoint directory for `init_from`: a path, or `models:/NAME@alias|/VERSION`."""
     if init_from is None:
@@ -171,7 +183,7 @@ def tokenizer_and_model_config(cfg: Config, data_dir: str, start_dir: str | None
     else:
         tokenizer = dataset_tokenizer(cfg, data_dir)
     model_cfg = model_config(
-        m.preset, vocab_size=len(tokenizer), fusion=m.fusion, image_encoder=m.image_encoder,
+        m.preset, audio_encoder=m.audio_encoder, vocab_size=len(tokenizer), fusion=m.fusion, image_encoder=m.image_encoder,
         image_size=m.image_size, image_pretrained=m.image_pretrained, text_pretrained=m.text_pretrained,
         **special_token_ids(tokenizer), **m.overrides,
     )
@@ -217,6 +229,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     if resume:
         print(f"[train] run {name} exists; resuming from its latest checkpoint in {path}", flush=True)
     tokenizer, model_cfg = tokenizer_and_model_config(cfg, data_dir, resume or init_dir)
+    check_audio_tasks(tasks, model_cfg, task)
     pretrain = task == "pretrain"
     run = RunSpec(name=name, task=task, tasks=tasks, total_steps=t.steps if pretrain else t.finetune_steps,
                   lr=t.lr if pretrain else t.finetune_lr, uri=path, path=None if "://" in path else path,
@@ -225,7 +238,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
                            "init_from": str(init_from) if init_from else None, "preset": cfg.model.preset})
     text_positions = model_cfg.text.max_positions or cfg.model.max_text_len
     sample = SampleConfig(image_size=model_cfg.image.image_size, max_answer_len=cfg.model.max_answer_len,
-                          max_text_len=min(cfg.model.max_text_len, text_positions),
+                          max_text_len=min(cfg.model.max_text_len, text_positions), audio=model_cfg.audio is not None,
                           qa_per_sample=t.qa_per_sample, caption_variants=t.itm_edit_negatives)
     data = DataSpec(train_urls, val_urls, tokenizer, sample, eval_batch_size=cfg.eval.batch_size)
     tracking = Tracking(mlflow_tracking_uri(cfg), cfg.registry.experiment, artifact_location(cfg))

@@ -171,12 +171,15 @@ def sample_codec(job: TrainJob, train: bool):
     """(decode(raw, rng) -> sample dict, collate) for this job's tokenizer and input sizes. With
     `job.train.compile` every batch is padded to the longest lengths allowed (`pad_static`)."""
     from mmcore.data import collate, decode_sample
+    from pipelines.core.audio import decode_audio_members
 
     cfg = job.data.sample
     pad_id = job.data.tokenizer.pad_token_id or 0
     lengths = {"caption": cfg.max_text_len, "question": cfg.max_text_len, "answer": cfg.max_answer_len}
 
     def decode(raw: dict, rng=None) -> dict:
+        if cfg.audio:
+            raw = decode_audio_members(raw, job.model.audio.sample_rate)
         return decode_sample(raw, job.data.tokenizer, cfg, train=train, rng=rng)
 
     if job.train.compile:

@@ -57,7 +57,8 @@ def test_describe_keeps_the_flat_mlflow_params(job):
     assert list(params) == PARAMS
     assert params["lr"] == 0.0002 and params["total_steps"] == 7 and params["tasks"] == ["caption", "vqa"]
     assert params["grad_accum"] == 1  # train.grad_accum=0 means 1, as it always did
-    assert params["sample_config"] == {"image_size": 64, "max_text_len": 16, "max_answer_len": 4}
+    assert params["sample_config"] == {"image_size": 64, "max_text_len": 16, "max_answer_len": 4, "qa_per_sample": 1,
+                                       "caption_variants": False, "audio": False}
     assert params["loss_weights"] == {"itc_weight": 1.0, "itm_weight": 1.0, "lm_weight": 1.0,
                                       "token_itc_weight": 0.5, "label_smoothing": 0.1}
     assert params["fail_marker"] == "/runs/caption-x/.fail-at-step-3"

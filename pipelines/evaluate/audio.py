@@ -1,0 +1,76 @@
+"""The audio parts of evaluation: speech-recognition word errors (jiwer), audio-text retrieval
+ranks, spoken-VQA scores, and the fields they add to a per-sample record
+(`pipelines.core.records`).
+
+Transcripts are compared as words: lower case, punctuation dropped (`normalise`), so that "A red
+circle." and "a red circle" are the same sentence. The synthetic set's captions repeat, so in
+retrieval any text equal to a clip's transcript is a hit (and any clip speaking the text).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def normalise(text: str) -> str:
+    """Lower-cased words separated by single spaces, punctuation dropped."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def wer_counts(reference: str, hypothesis: str) -> tuple[int, int]:
+    """`(errors, reference words)` of a transcript: substitutions + deletions + insertions by
+    jiwer's word alignment, after `normalise`. An empty reference counts its insertions over 0 words."""
+    import jiwer
+
+    ref, hyp = normalise(reference), normalise(hypothesis)
+    if not ref:
+        return len(hyp.split()), 0
+    if not hyp:
+        return len(ref.split()), len(ref.split())
+    out = jiwer.process_words(ref, hyp)
+    return out.substitutions + out.deletions + out.insertions, len(ref.split())
+
+
+def _ranks(sim: Tensor, same: Tensor) -> Tensor:
+    """0-based rank per row of `sim (N, M)` of its best-scoring target (`same (N, M)` True)."""
+    best = sim.masked_fill(~same, -torch.inf).amax(dim=1, keepdim=True)
+    return (sim > best).sum(dim=1)
+
+
+def audio_text_ranks(audio_emb: Tensor, text_emb: Tensor, transcripts: list[str]) -> tuple[list[int], list[int]]:
+    """Ranks for audio->text and text->audio retrieval over N clips `(N, E)` and their transcripts'
+    embeddings `(N, E)`: a2t[i] the rank of the best text equal to clip i's transcript among all N
+    texts, t2a[i] the rank of the best clip speaking text i among all N clips."""
+    words = [normalise(t) for t in transcripts]
+    same = torch.tensor([[a == b for b in words] for a in words], dtype=torch.bool)
+    sim = audio_emb.float() @ text_emb.float().T
+    return _ranks(sim, same).tolist(), _ranks(sim.T, same).tolist()
+
+
+def audio_fields(merged: dict, vqa_scores) -> list[dict]:
+    """Per test sample: `asr` ({reference, hypothesis, errors, words} or None), `a2t_rank` and
+    `t2a_rank` (None without audio) and `spoken_vqa` (the scored spoken questions, through
+    `vqa_scores(qa, answers)`, the typed VQA's scorer)."""
+    has = [t is not None for t in merged["transcripts"]]
+    keep = [i for i, h in enumerate(has) if h]
+    a2t, t2a = ([], [])
+    if keep:
+        a2t, t2a = audio_text_ranks(merged["audio_emb"][keep], merged["transcript_emb"][keep],
+                                    [merged["spoken_captions"][i] for i in keep])
+    rank = {i: (a2t[j], t2a[j]) for j, i in enumerate(keep)}
+    out = []
+    for i, hyp in enumerate(merged["transcripts"]):
+        ref = merged["spoken_captions"][i]
+        asr = None
+        if hyp is not None:
+            errors, words = wer_counts(ref, hyp)
+            asr = {"reference": ref, "hypothesis": hyp, "errors": errors, "words": words}
+        spoken = [(p, a) for p, a in zip(merged["qa"][i], merged["spoken_answers"][i], strict=True) if a is not None]
+        out.append({"asr": asr, "a2t_rank": rank.get(i, (None, None))[0], "t2a_rank": rank.get(i, (None, None))[1],
+                    "spoken_vqa": vqa_scores([p for p, _ in spoken], [a for _, a in spoken])})
+    return out

@@ -1,0 +1,89 @@
+"""Inference on user audio files: transcripts, answers to spoken questions, audio retrieval by text.
+
+A file goes through ingest's cleaning (`pipelines.ingest.audioclean`: decoded by content, mixed
+down to mono, resampled to the model's rate), so what the model hears is what it was trained on;
+a file cleaning refuses raises `AudioReject` with the reason (`not_audio`, `silent_audio`, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipelines.serve.predict import Predictor, _images
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aif", ".aiff")  # what counts as an audio file
+MAX_SECONDS = 600.0  # a longer file is refused: the encoder attends over every 20 ms token
+
+
+def audio_files(folder) -> list[Path]:
+    """Audio files directly in `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--audio {folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"--audio {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)})")
+    return files
+
+
+def _sample_rate(p: Predictor) -> int:
+    if p.model.cfg.audio is None:
+        raise ValueError("this model has no audio encoder; train one with model.audio_encoder set "
+                         "(e.g. mmfusion run --config configs/audio.yaml) and pass it with --model")
+    return p.model.cfg.audio.sample_rate
+
+
+def load_waveform(path, sample_rate: int) -> torch.Tensor:
+    """An audio file -> `(T,)` float32 mono samples at `sample_rate`, cleaned as ingest cleans."""
+    from pipelines.core.audio import read_flac
+    from pipelines.ingest.audioclean import AudioReject, AudioSpec, clean_audio
+
+    try:
+        clean = clean_audio(Path(path).read_bytes(), AudioSpec(sample_rate=sample_rate, max_s=MAX_SECONDS))
+    except AudioReject as e:
+        raise AudioReject(e.reason, f"{path}: {e.detail}") from e
+    return torch.from_numpy(read_flac(clean.flac)[0])
+
+
+def _waves(p: Predictor, paths) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio files -> `(audio (B, T), lengths (B,))` on the predictor's device."""
+    from mmcore.data import pad_waves
+
+    rate = _sample_rate(p)
+    wave, lengths = pad_waves([load_waveform(path, rate) for path in paths])
+    return wave.to(p.device), lengths.to(p.device)
+
+
+@torch.no_grad()
+def transcribe(p: Predictor, paths, max_len: int = 24, num_beams: int = 1, batch_size: int = 8) -> list[str]:
+    from mmcore.data import decode_text
+
+    out: list[str] = []
+    for s in range(0, len(paths), batch_size):
+        wave, lengths = _waves(p, paths[s: s + batch_size])
+        out += decode_text(p.tokenizer, p.model.transcribe(wave, lengths, max_len, num_beams=num_beams))
+    return out
+
+
+@torch.no_grad()
+def answer_spoken(p: Predictor, image, question_audio, max_len: int = 8) -> str:
+    """The answer to the question spoken in `question_audio` about `image`."""
+    from mmcore.data import decode_text
+
+    wave, lengths = _waves(p, [question_audio])
+    return decode_text(p.tokenizer, p.model.answer_spoken(_images(p, [image]), wave, lengths, max_len))[0]
+
+
+@torch.no_grad()
+def retrieve_audio(p: Predictor, paths, text: str, top_k: int = 5, batch_size: int = 8) -> list[tuple[Path, float]]:
+    """The `top_k` clips most similar to `text` (cosine similarity of the audio-text embeddings)."""
+    from mmcore.data import encode
+
+    ids = torch.tensor([encode(p.tokenizer, text, p.max_text_len)], device=p.device)
+    _, t = p.model.encode_text(ids, torch.ones_like(ids))
+    embs = [p.model.encode_audio(*_waves(p, paths[s: s + batch_size]))[2] for s in range(0, len(paths), batch_size)]
+    sims = (torch.cat(embs) @ t[0]).float().cpu()
+    order = sims.argsort(descending=True)[:top_k]
+    return [(Path(paths[i]), float(sims[i])) for i in order.tolist()]
