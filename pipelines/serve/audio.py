@@ -37,11 +37,13 @@ def _sample_rate(p: Predictor) -> int:
 
 def load_waveform(path, sample_rate: int) -> torch.Tensor:
     """An audio file -> `(T,)` float32 mono samples at `sample_rate`, cleaned as ingest cleans."""
+    from pipelines.config import DataConfig
     from pipelines.core.audio import read_flac
     from pipelines.ingest.audioclean import AudioReject, AudioSpec, clean_audio
 
+    spec = AudioSpec.of(DataConfig(audio_sample_rate=sample_rate, max_audio_s=MAX_SECONDS))
     try:
-        clean = clean_audio(Path(path).read_bytes(), AudioSpec(sample_rate=sample_rate, max_s=MAX_SECONDS))
+        clean = clean_audio(Path(path).read_bytes(), spec)
     except AudioReject as e:
         raise AudioReject(e.reason, f"{path}: {e.detail}") from e
     return torch.from_numpy(read_flac(clean.flac)[0])
