@@ -11,21 +11,16 @@ from pathlib import Path
 
 import torch
 
-from pipelines.serve.predict import Predictor, _images
+from pipelines.serve.predict import Predictor, _images, media_files
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aif", ".aiff")  # what counts as an audio file
 MAX_SECONDS = 600.0  # a longer file is refused: the encoder attends over every 20 ms token
 
 
 def audio_files(folder) -> list[Path]:
-    """Audio files directly in `folder`, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--audio {folder}: not a directory")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"--audio {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)})")
-    return files
+    """Audio files (ingest's `AUDIO_SUFFIXES`) directly in `folder`, sorted by name."""
+    from pipelines.ingest.sources.common import AUDIO_SUFFIXES
+
+    return media_files(folder, AUDIO_SUFFIXES, "--audio", "audio")
 
 
 def _sample_rate(p: Predictor) -> int:

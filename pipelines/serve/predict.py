@@ -32,15 +32,21 @@ def load_predictor(cfg, uri, device: str | None = None) -> Predictor:
     return Predictor(model, tok, model.cfg.image.image_size, cfg.model.max_text_len, device)
 
 
-def image_files(folder) -> list[Path]:
-    """Image files directly in `folder`, sorted by name."""
+def media_files(folder, suffixes: tuple[str, ...], option: str = "--images", kind: str = "image") -> list[Path]:
+    """Files directly in `folder` whose suffix is one of `suffixes`, sorted by name; an error names
+    the command-line `option` when the folder is missing or holds no `kind` file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--images {folder}: not a directory")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        raise FileNotFoundError(f"{option} {folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
     if not files:
-        raise FileNotFoundError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(f"{option} {folder}: no {kind} files ({', '.join(suffixes)})")
     return files
+
+
+def image_files(folder) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
+    return media_files(folder, IMAGE_SUFFIXES)
 
 
 def _images(p: Predictor, paths) -> torch.Tensor:
