@@ -21,8 +21,8 @@ from mmcore.model import build_model, model_config
 from pipelines.ingest.synth import COLORS, SIZES, make_sample
 from pipelines.train.optim import build_optimizer
 
-TRAIN_SCENES, HELD_OUT = 600, 60
-STEPS, BATCH = 240, 32
+TRAIN_SCENES, HELD_OUT = 600, 120
+STEPS, BATCH = 360, 32
 
 
 def scenes(seed: int, n: int) -> list[dict]:
@@ -43,7 +43,7 @@ def trained():
     texts += [x for s in train for q in s["json"]["qa"] for x in (q["question"], *q["answers"])]
     tok = train_tokenizer(texts, 300)
     model = build_model(model_config("debug", vocab_size=len(tok)))
-    cfg = SampleConfig(model.cfg.image.image_size, 32, 8)
+    cfg = SampleConfig(model.cfg.image.image_size, 32, 8, qa_per_sample=5)
     losses = {t: build_loss(t, label_smoothing=0.0) for t in ("caption", "vqa")}
     opt, sched = build_optimizer(model, 2e-3, 0.05, 20, STEPS, 0.1)
     model.train()
