@@ -28,6 +28,8 @@ class ContrastiveLoss(nn.Module):
         if self.gather_fn is not None:
             image_emb, text_emb = self.gather_fn(image_emb), self.gather_fn(text_emb)
         logits = logit_scale * image_emb @ text_emb.T  # (N, N), N = global batch
+        if len(logits) == 0:  # nothing to contrast (e.g. no sample of the batch has audio): no signal
+            return logits.sum() + 0.0 * logit_scale
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 

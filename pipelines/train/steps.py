@@ -36,18 +36,24 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
-    """`(B, ...)` on each rank -> `(W*B, ...)` everywhere, gradients flowing back to each rank's part.
-    Every rank has the same B (fixed-size batches), which all_gather needs. Trailing dimensions may
-    differ between ranks (a batch's padded caption length): each is zero-padded at its end to the
-    largest on any rank, so per-token tensors and their 0/1 masks gather too."""
-    if x.dim() > 1:
-        sizes = torch.tensor(x.shape[1:], dtype=torch.long)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-        pad = [p for have, want in zip(reversed(x.shape[1:]), reversed(sizes.tolist()), strict=True)
-               for p in (0, want - have)]
-        if any(pad):
-            x = torch.nn.functional.pad(x, pad)
-    return _GatherWithGrad.apply(x)
+    """`(B_r, ...)` on rank r -> `(sum B_r, ...)` everywhere in rank order, gradients flowing back
+    to each rank's part. Ranks may hold different row counts (audio retrieval leaves out the samples
+    without audio) and different trailing sizes (a batch's padded caption length): every dimension is
+    zero-padded at its end to the largest on any rank for the all_gather, and the padding rows are
+    dropped again, so per-token tensors and their 0/1 masks gather too."""
+    shape = torch.tensor(x.shape, dtype=torch.long)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    largest = torch.stack(shapes).amax(dim=0).tolist()
+    pad = [p for have, want in zip(reversed(x.shape), reversed(largest), strict=True) for p in (0, want - have)]
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad)
+    out = _GatherWithGrad.apply(x)
+    if len(set(rows)) > 1:
+        keep = torch.cat([torch.arange(r * largest[0], r * largest[0] + n) for r, n in enumerate(rows)])
+        out = out[keep.to(out.device)]
+    return out
 
 
 def build_losses(job: TrainJob, world_size: int, gather: bool) -> dict[str, nn.Module]:

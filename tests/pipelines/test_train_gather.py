@@ -100,6 +100,48 @@ def test_gather_with_grad_matches_the_full_batch_forward_and_backward(tmp_path):
         assert torch.allclose(got["txt_grad"], WORLD * txt.grad[rows], atol=1e-6)
 
 
+ROWS = (3, 1)  # rank 1's batch had two samples without audio: audio retrieval left them out
+
+
+def _uneven_worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    img, txt = _data()
+    start = sum(ROWS[:rank])
+    local_img = img[start: start + ROWS[rank]].clone().requires_grad_()
+    local_txt = txt[start: start + ROWS[rank]].clone().requires_grad_()
+    loss = ContrastiveLoss(gather_with_grad)(local_img, local_txt, torch.tensor(10.0))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "img_grad": local_img.grad, "txt_grad": local_txt.grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ranks_with_different_row_counts_gather_their_rows_only(tmp_path):
+    mp.start_processes(_uneven_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method="spawn")
+    img, txt = _data()
+    n = sum(ROWS)
+    img, txt = img[:n].clone().requires_grad_(), txt[:n].clone().requires_grad_()
+    full = ContrastiveLoss()(img, txt, torch.tensor(10.0))  # the 4 real pairs, no padding rows
+    full.backward()
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        rows = slice(sum(ROWS[:rank]), sum(ROWS[: rank + 1]))
+        assert torch.allclose(got["loss"], full.detach(), atol=1e-6)
+        assert got["img_grad"].shape == (ROWS[rank], E)
+        assert torch.allclose(got["img_grad"], WORLD * img.grad[rows], atol=1e-6)
+        assert torch.allclose(got["txt_grad"], WORLD * txt.grad[rows], atol=1e-6)
+
+
+def test_contrastive_loss_of_no_pairs_is_zero_with_a_graph():
+    emb = torch.zeros(0, E, requires_grad=True)
+    loss = ContrastiveLoss()(emb, emb, torch.tensor(10.0, requires_grad=True))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+
+
 def test_training_losses_gather_only_with_peers():
     from types import SimpleNamespace
 
