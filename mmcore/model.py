@@ -13,6 +13,9 @@ checkpoints are those of a model without audio):
 - `audio_retrieval`: audio-text contrastive embeddings (pooled audio vs the transcript's text).
 - `spoken_vqa`: the spoken question's audio tokens are fused with the image, as a typed question is;
   the decoder generates the answer cross-attending to [fused question tokens; image tokens].
+- `audio_caption`: audio-conditioned captioning. The spoken description's audio tokens are fused
+  with the image the same way, and the decoder writes the caption it speaks (the primary caption),
+  cross-attending to [fused audio tokens; image tokens].
 Everything that needs gradients (ITM hard negatives included) happens inside forward, so that a
 DDP-wrapped model works unchanged. Tasks other than `pretrain` leave some parameters unused, so
 a DDP wrapper needs `find_unused_parameters=True` for them.
@@ -41,7 +44,7 @@ from mmcore.encoders.text import text_config_from_pretrained
 from mmcore.fusion import FusionConfig, build_fusion, join_modalities
 from mmcore.heads import FusionHeads
 
-AUDIO_TASKS = ("asr", "audio_retrieval", "spoken_vqa")  # need `cfg.audio`
+AUDIO_TASKS = ("asr", "audio_retrieval", "spoken_vqa", "audio_caption")  # need `cfg.audio`
 TASKS = ("pretrain", "caption", "vqa", "retrieval", *AUDIO_TASKS)
 PRESETS = ("debug", "small", "base", "large")
 
@@ -380,7 +383,16 @@ class FusionModel(nn.Module):
                       num_beams: int = 1) -> Tensor:
         """Answers `(B, T)` to spoken questions `(B, T_audio)` about images `(B, 3, H, W)`."""
         image_tokens, _ = self.image_encoder(images)
-        memory, memory_mask = self._spoken_vqa_memory(image_tokens, q_audio, q_lengths)
+        memory, memory_mask = self._audio_image_memory(image_tokens, q_audio, q_lengths)
+        return self._search(memory, memory_mask, max_len, num_beams)
+
+    @torch.no_grad()
+    def caption_with_audio(self, images: Tensor, waveform: Tensor, lengths: Tensor | None, max_len: int,
+                           num_beams: int = 1) -> Tensor:
+        """Captions `(B, T)` of images `(B, 3, H, W)` conditioned on a spoken description of each
+        `(B, T_audio)` (the `audio_caption` task)."""
+        image_tokens, _ = self.image_encoder(images)
+        memory, memory_mask = self._audio_image_memory(image_tokens, waveform, lengths)
         return self._search(memory, memory_mask, max_len, num_beams)
 
     def _search(self, memory: Tensor, memory_mask: Tensor | None, max_len: int, num_beams: int) -> Tensor:
@@ -391,10 +403,10 @@ class FusionModel(nn.Module):
             return greedy_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len)
         return beam_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len, num_beams)
 
-    def _spoken_vqa_memory(self, image_tokens: Tensor, q_audio: Tensor, q_lengths: Tensor | None):
-        """Decoder memory for spoken VQA: the question's audio tokens fused with the image, then the
-        image tokens `(B, Nq + N, D)`, and its mask `(B, Nq + N)`."""
-        q = self._audio()(q_audio, q_lengths)
+    def _audio_image_memory(self, image_tokens: Tensor, audio: Tensor, lengths: Tensor | None):
+        """Decoder memory for spoken VQA and audio captioning: the clip's audio tokens fused with the
+        image, then the image tokens `(B, Na + N, D)`, and its mask `(B, Na + N)`."""
+        q = self._audio()(audio, lengths)
         fused = self.fusion(q.tokens, q.mask, image_tokens)
         memory, mask = join_modalities([(fused, q.mask), (image_tokens, None)])
         return memory, mask.long()
@@ -405,7 +417,7 @@ class FusionModel(nn.Module):
         self._audio()
         if task == "spoken_vqa":
             image_tokens, _ = self.image_encoder(batch["image"])
-            memory, memory_mask = self._spoken_vqa_memory(image_tokens, batch["question_audio"],
+            memory, memory_mask = self._audio_image_memory(image_tokens, batch["question_audio"],
                                                           batch["question_audio_lengths"])
             # The spoken question is each sample's first QA pair: the first B question rows.
             b = image_tokens.shape[0]
@@ -413,8 +425,13 @@ class FusionModel(nn.Module):
             keep = batch["has_qa"][:b].bool() & batch["has_question_audio"].bool()
             return FusionOutput(task, lm_logits=logits, lm_labels=labels.masked_fill(~keep[:, None], -100))
         ids, mask = batch["transcript_ids"], batch["transcript_mask"]
-        enc = self._audio()(batch["audio"], batch["audio_lengths"])
         has = batch["has_audio"].bool()
+        if task == "audio_caption":
+            image_tokens, _ = self.image_encoder(batch["image"])
+            memory, memory_mask = self._audio_image_memory(image_tokens, batch["audio"], batch["audio_lengths"])
+            logits, labels = self._lm(ids, mask, memory, memory_mask)
+            return FusionOutput(task, lm_logits=logits, lm_labels=labels.masked_fill(~has[:, None], -100))
+        enc = self._audio()(batch["audio"], batch["audio_lengths"])
         if task == "asr":
             logits, labels = self._lm(ids, mask, enc.tokens, enc.mask.long())
             return FusionOutput(task, lm_logits=logits, lm_labels=labels.masked_fill(~has[:, None], -100))

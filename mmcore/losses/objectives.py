@@ -104,7 +104,8 @@ class AudioTextLoss(nn.Module):
 
 
 LOSSES = {"pretrain": PretrainLoss, "caption": CaptionLoss, "vqa": VQALoss, "retrieval": RetrievalLoss,
-          "asr": CaptionLoss, "audio_retrieval": AudioTextLoss, "spoken_vqa": VQALoss}
+          "asr": CaptionLoss, "audio_retrieval": AudioTextLoss, "spoken_vqa": VQALoss,
+          "audio_caption": CaptionLoss}
 
 
 def build_loss(task: str, **weights) -> nn.Module:

@@ -18,6 +18,7 @@ metric needs, so that a metric can be recomputed, and bootstrapped, from the fil
 and, for a model with an audio encoder (`pipelines.evaluate.audio`):
 
      "asr": {"reference", "hypothesis", "errors": int, "words": int} or None,  # the spoken caption
+     "audio_caption": {"generated", "bleu_stats"} or None,  # written from the image and the clip
      "a2t_rank": int or None, "t2a_rank": int or None,  # audio-text retrieval among the clips
      "spoken_vqa": [{"question", "answers", "predicted", "score", "type"}]    # spoken questions
 
@@ -26,7 +27,8 @@ reference words.
 
 Ratio metrics (recalls, VQA and ITM accuracy, CIDEr-D) are sums of per-sample numerators over
 sums of denominators, so a resampled subset is scored with two array sums. BLEU-4 is a corpus
-metric: summed n-gram statistics go through `mmcore.metrics.bleu4_from_stats`. Ranks are 0-based
+metric: summed n-gram statistics go through `mmcore.metrics.bleu4_from_stats` (`audio_caption_bleu4`
+the same over the records with an audio caption). Ranks are 0-based
 as in `mmcore.metrics.retrieval_ranks` (a hit at K means rank < K).
 """
 
@@ -45,10 +47,11 @@ PER_SAMPLE = "per_sample.jsonl"  # the file's name in an evaluation folder and i
 KS = (1, 5, 10)
 RETRIEVAL_METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS)
 VQA_TYPE_METRICS = tuple(f"vqa_{t}" for t in QUESTION_TYPES)
-AUDIO_METRICS = ("asr_wer", *(f"{d}_r{k}" for d in ("a2t", "t2a") for k in KS), "spoken_vqa_acc")
+AUDIO_RATIO_METRICS = ("asr_wer", *(f"{d}_r{k}" for d in ("a2t", "t2a") for k in KS), "spoken_vqa_acc")
+AUDIO_METRICS = (*AUDIO_RATIO_METRICS, "audio_caption_bleu4")  # None for a model without audio
 RATIO_METRICS = (RETRIEVAL_METRICS + ("vqa_acc", "itm_acc", "cider_d", "grounding_f1") + VQA_TYPE_METRICS
-                 + AUDIO_METRICS)
-CORPUS_METRICS = ("bleu4",)
+                 + AUDIO_RATIO_METRICS)
+CORPUS_METRICS = ("bleu4", "audio_caption_bleu4")
 ALL_METRICS = RATIO_METRICS + CORPUS_METRICS
 
 
@@ -103,13 +106,26 @@ def ratio_terms(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.nd
 
 
 def corpus_metric(records: Sequence[dict], metric: str) -> float:
-    """BLEU-4 of the generated captions from their per-sample n-gram statistics (mmcore's code)."""
+    """BLEU-4 of the generated captions (`audio_caption_bleu4`: of the captions written with the
+    spoken description) from their per-sample n-gram statistics (mmcore's code)."""
     from mmcore.metrics import bleu4_from_stats
 
     _check(metric)
-    if metric != "bleu4":
+    if metric not in CORPUS_METRICS:
         raise MetricError(f"{metric} is a ratio metric; use ratio_terms")
-    return bleu4_from_stats(np.asarray([r["bleu_stats"] for r in records], dtype=np.float64))
+    if metric == "audio_caption_bleu4" and not any(r.get("audio_caption") for r in records):
+        return None
+    return bleu4_from_stats(bleu_stats(records, metric))
+
+
+def bleu_stats(records: Sequence[dict], metric: str) -> np.ndarray:
+    """`(N, 10)` per-sample BLEU-4 statistics of a corpus metric; a record without the caption
+    (`audio_caption_bleu4` on a sample without audio) has a row of zeros, which adds nothing."""
+    if metric == "audio_caption_bleu4":
+        rows = [r["audio_caption"]["bleu_stats"] if r.get("audio_caption") else [0.0] * 10 for r in records]
+    else:
+        rows = [r["bleu_stats"] for r in records]
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 10)
 
 
 def metric_value(records: Sequence[dict], metric: str) -> float | None:

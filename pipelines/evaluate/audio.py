@@ -52,11 +52,25 @@ def audio_text_ranks(audio_emb: Tensor, text_emb: Tensor, transcripts: list[str]
     return _ranks(sim, same).tolist(), _ranks(sim.T, same).tolist()
 
 
+def audio_caption_fields(merged: dict) -> list[dict | None]:
+    """Per test sample, the caption written from the image and its spoken description:
+    `{"generated", "bleu_stats"}` (BLEU-4 statistics against all the image's captions), None
+    without audio (or from outputs that predate the task)."""
+    from mmcore.metrics import bleu4_stats
+
+    written = merged.get("audio_captions") or [None] * len(merged["keys"])
+    cands = {i: c for i, c in enumerate(written) if c is not None}
+    stats = bleu4_stats(cands, {i: list(merged["captions"][i]) for i in cands}) if cands else {}
+    return [{"generated": c, "bleu_stats": [float(x) for x in stats[i]]} if c is not None else None
+            for i, c in enumerate(written)]
+
+
 def audio_fields(merged: dict, vqa_scores) -> list[dict]:
-    """Per test sample: `asr` ({reference, hypothesis, errors, words} or None), `a2t_rank` and
-    `t2a_rank` (None without audio) and `spoken_vqa` (the scored spoken questions, through
-    `vqa_scores(qa, answers)`, the typed VQA's scorer)."""
+    """Per test sample: `asr` ({reference, hypothesis, errors, words} or None), `audio_caption`
+    (`audio_caption_fields`), `a2t_rank` and `t2a_rank` (None without audio) and `spoken_vqa` (the
+    scored spoken questions, through `vqa_scores(qa, answers)`, the typed VQA's scorer)."""
     has = [t is not None for t in merged["transcripts"]]
+    captions = audio_caption_fields(merged)
     keep = [i for i, h in enumerate(has) if h]
     a2t, t2a = ([], [])
     if keep:
@@ -71,6 +85,6 @@ def audio_fields(merged: dict, vqa_scores) -> list[dict]:
             errors, words = wer_counts(ref, hyp)
             asr = {"reference": ref, "hypothesis": hyp, "errors": errors, "words": words}
         spoken = [(p, a) for p, a in zip(merged["qa"][i], merged["spoken_answers"][i], strict=True) if a is not None]
-        out.append({"asr": asr, "a2t_rank": rank.get(i, (None, None))[0], "t2a_rank": rank.get(i, (None, None))[1],
+        out.append({"asr": asr, "audio_caption": captions[i], "a2t_rank": rank.get(i, (None, None))[0], "t2a_rank": rank.get(i, (None, None))[1],
                     "spoken_vqa": vqa_scores([p for p, _ in spoken], [a for _, a in spoken])})
     return out

@@ -85,19 +85,24 @@ def _audio_item(sample, qa: list[dict], tokenizer, s: InferenceSettings) -> dict
 
 @torch.no_grad()
 def infer_audio(model, tokenizer, items: list[dict], images, s: InferenceSettings) -> dict[str, Any]:
-    """`transcripts` (B, None without audio), `audio_emb (B, E)` (zeros without), `transcript_emb
-    (B, E)` of the spoken captions, `spoken_answers` (per item, per QA pair: str or None)."""
+    """`transcripts` (B, None without audio), `audio_captions` (B, the caption written from the
+    image and its spoken description; None without audio), `audio_emb (B, E)` (zeros without),
+    `transcript_emb (B, E)` of the spoken captions, `spoken_answers` (per item, per QA pair: str or
+    None)."""
     from mmcore.data import decode_text, pad_ids, pad_waves
 
     have = [i for i, it in enumerate(items) if it["audio"] is not None]
     transcripts: list[str | None] = [None] * len(items)
+    audio_captions: list[str | None] = [None] * len(items)
     audio_emb = torch.zeros(len(items), model.cfg.embed_dim)
     if have:
         wave, lengths = pad_waves([items[i]["audio"] for i in have])
         _, _, audio_emb[have] = model.encode_audio(wave, lengths)
         said = decode_text(tokenizer, model.transcribe(wave, lengths, s.max_len, num_beams=s.num_beams))
-        for i, text in zip(have, said, strict=True):
-            transcripts[i] = text
+        written = decode_text(tokenizer, model.caption_with_audio(images[have], wave, lengths, s.max_len,
+                                                                  num_beams=s.num_beams))
+        for i, text, caption in zip(have, said, written, strict=True):
+            transcripts[i], audio_captions[i] = text, caption
     ids, mask = pad_ids([it["spoken_caption_ids"] for it in items], model.cfg.pad_id)
     _, transcript_emb = model.encode_text(ids, mask)
     asked = [(i, k) for i, it in enumerate(items) for k, q in enumerate(it["question_audio"]) if q is not None]
@@ -107,7 +112,7 @@ def infer_audio(model, tokenizer, items: list[dict], images, s: InferenceSetting
         out = model.answer_spoken(images[[i for i, _ in asked]], wave, lengths, s.max_answer_len)
         for (i, k), text in zip(asked, decode_text(tokenizer, out), strict=True):
             answers[i][k] = text
-    return {"transcripts": transcripts, "audio_emb": audio_emb, "transcript_emb": transcript_emb,
+    return {"transcripts": transcripts, "audio_captions": audio_captions, "audio_emb": audio_emb, "transcript_emb": transcript_emb,
             "spoken_answers": answers, "spoken_captions": [it["spoken_caption"] for it in items]}
 
 
@@ -159,7 +164,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         total += len(p["keys"])
     out["text_owner"] = torch.cat([p["text_owner"] + off for p, off in zip(parts, offsets, strict=True)])
     for name in ("keys", "text_ids", "generated", "answers", "captions", "qa", "objects",
-                 "transcripts", "spoken_answers", "spoken_captions"):
+                 "transcripts", "audio_captions", "spoken_answers", "spoken_captions"):
         if name in parts[0]:
             out[name] = [x for p in parts for x in p[name]]
     return out

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipelines.core.records import CORPUS_METRICS, metric_value, ratio_terms
+from pipelines.core.records import CORPUS_METRICS, bleu_stats, metric_value, ratio_terms
 
 
 class GateError(ValueError):
@@ -63,8 +63,7 @@ def bootstrap_deltas(
     if metric in CORPUS_METRICS:  # BLEU-4: resample per-sample n-gram statistics
         from mmcore.metrics import bleu4_from_stats
 
-        sa = np.asarray([r["bleu_stats"] for r in challenger], dtype=np.float64)
-        sb = np.asarray([r["bleu_stats"] for r in champion], dtype=np.float64)
+        sa, sb = bleu_stats(challenger, metric), bleu_stats(champion, metric)
         return np.array([bleu4_from_stats(sa[rows]) - bleu4_from_stats(sb[rows]) for rows in idx])
     num_a, den = ratio_terms(challenger, metric)
     num_b, den_b = ratio_terms(champion, metric)

@@ -126,6 +126,8 @@ def test_samples_without_audio_contribute_nothing(tokenizer, audio_batch):
     batch["has_question_audio"] = torch.tensor([True, True, False, True])
     assert (model(batch, "asr").lm_labels[1] == -100).all()
     assert (model(batch, "spoken_vqa").lm_labels[2] == -100).all()
+    assert (model(batch, "audio_caption").lm_labels[1] == -100).all()
+    assert (model(batch, "audio_caption").lm_labels[0] != -100).any()
     out = model(batch, "audio_retrieval")
     assert out.audio_emb.shape[0] == out.text_emb.shape[0] == 3
 
@@ -168,3 +170,31 @@ def test_asr_and_spoken_vqa_overfit_tone_words(tokenizer, samples, vocab, sample
         loss.backward()
         opt.step()
     assert scores() == (8, 8)
+
+
+def test_audio_caption_reads_the_spoken_description(tokenizer, samples, vocab, sample_cfg):
+    """Audio-conditioned captioning with every image blanked: only the clip can tell the 8 captions
+    apart, so writing each one exactly means the caption follows what was said."""
+    cfg = type(sample_cfg)(**{**sample_cfg.__dict__, "audio": True})
+    batch = collate([decode_sample(s, tokenizer, cfg, train=False) for s in spoken(samples[:8], vocab)])
+    batch["image"] = torch.zeros_like(batch["image"])
+    model = _audio_model(tokenizer)
+    refs = [s["txt"].decode() for s in samples[:8]]
+    assert len(set(refs)) == 8
+
+    def written() -> int:
+        model.eval()
+        out = decode_text(tokenizer, model.caption_with_audio(batch["image"], batch["audio"],
+                                                              batch["audio_lengths"], max_len=10))
+        model.train()
+        return sum(w == r for w, r in zip(out, refs, strict=True))
+
+    assert written() == 0
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss_fn = build_loss("audio_caption", label_smoothing=0.0)
+    for _ in range(150):
+        loss = loss_fn(model(batch, "audio_caption"))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert written() == 8

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
+from mmcore.metrics import bleu4_from_stats
 from pipelines.config import load_config
 from pipelines.core.records import AUDIO_METRICS, compute_metrics, read_records
 from pipelines.evaluate import evaluate
@@ -81,7 +83,11 @@ def test_report_card_holds_the_audio_metrics(spoken_dataset, audio_checkpoint, t
         errors, words = errors + asr["errors"], words + asr["words"]
         assert [q["question"] for q in r["spoken_vqa"]] == [q["question"] for q in r["vqa"]]
         assert 0 <= r["a2t_rank"] < len(records) and 0 <= r["t2a_rank"] < len(records)
+        assert isinstance(r["audio_caption"]["generated"], str) and len(r["audio_caption"]["bleu_stats"]) == 10
     assert card["metrics"]["asr_wer"] == pytest.approx(errors / words)
+    stats = np.array([r["audio_caption"]["bleu_stats"] for r in records])
+    assert stats[:, 0].sum() > 0  # some words were written
+    assert card["metrics"]["audio_caption_bleu4"] == pytest.approx(bleu4_from_stats(stats))
     assert card["metrics"]["a2t_r10"] == pytest.approx(sum(r["a2t_rank"] < 10 for r in records) / len(records))
     assert card["metrics"]["asr_wer"] > 0.5  # untrained: it cannot transcribe
 
@@ -92,4 +98,4 @@ def test_an_image_text_model_has_no_audio_metrics(spoken_dataset, tmp_path, make
     card = evaluate(cfg, make_untrained_checkpoint(spoken_dataset, tmp_path / "ckpt"), spoken_dataset, tmp_path / "e")
     assert all(card["metrics"][m] is None for m in AUDIO_METRICS)
     assert card["metrics"]["vqa_acc"] is not None
-    assert all("asr" not in r for r in read_records(card["per_sample_path"]))
+    assert all("asr" not in r and "audio_caption" not in r for r in read_records(card["per_sample_path"]))

@@ -122,3 +122,20 @@ def test_caption_metrics_bootstrap_from_per_sample_terms():
     assert decide(a, b, "cider_d", samples=300).promote
     assert decide(a, b, "bleu4", samples=300).promote
     assert not decide(b, a, "bleu4", samples=300).promote
+
+
+def test_audio_caption_bleu_gates_on_the_samples_with_audio():
+    """`audio_caption_bleu4` reads each record's `audio_caption` statistics; a sample without audio
+    adds nothing to either model's corpus."""
+    good, poor = [3, 3, 3, 2, 1, 0, 3, 2, 1, 0], [3, 3, 3, 2, 1, 0, 1, 0, 0, 0]
+    a, b = records(np.ones(120, dtype=int)), records(np.ones(120, dtype=int))
+    for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
+        silent = i % 4 == 0
+        ra["audio_caption"] = None if silent else {"generated": "x", "bleu_stats": good}
+        rb["audio_caption"] = None if silent else {"generated": "x", "bleu_stats": poor if i % 2 else good}
+    assert metric_value(a, "audio_caption_bleu4") > metric_value(b, "audio_caption_bleu4") > 0
+    assert decide(a, b, "audio_caption_bleu4", samples=300).promote
+    assert not decide(b, a, "audio_caption_bleu4", samples=300).promote
+    # The plain caption BLEU is the same for both: the audio captions are not mixed into it.
+    assert metric_value(a, "bleu4") == metric_value(b, "bleu4")
+    assert metric_value(records(np.ones(3, dtype=int)), "audio_caption_bleu4") is None
