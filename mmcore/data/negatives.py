@@ -50,7 +50,7 @@ def likeness(a: Sequence[int], b: Sequence[int]) -> int:
     likest partner swaps a word for one in the same role ("left" for "right"), so the negative stays
     grammatical and only the image can tell it apart; a partner of another form gives edits such as
     "in the left" that the text alone betrays."""
-    return sum(x == y for x, y in zip(a, b)) if len(a) == len(b) else -1
+    return sum(x == y for x, y in zip(a, b, strict=True)) if len(a) == len(b) else -1
 
 
 def batch_edit_negatives(captions: Sequence[Sequence[int]], variants: Sequence[Sequence[Sequence[int]]],
