@@ -76,7 +76,10 @@ def stack():
         procs.terminate(other, procs.pids_with(other_temp))
         shutil.rmtree(other_temp, ignore_errors=True)
         shutil.rmtree(home_root, ignore_errors=True)
-        print("\nstep times (s):", json.dumps({k: round(v, 1) for k, v in ctx["times"].items()}))
+        times = {k: round(v, 1) for k, v in ctx["times"].items()}
+        print("\nstep times (s):", json.dumps(times))
+        # Beside the screenshots, so that a run without `-s` (CI) keeps them too.
+        (SCREENSHOTS.parent / "stack-e2e-times.json").write_text(json.dumps(times, indent=1) + "\n")
 
 
 def _state(ctx) -> dict:
