@@ -150,6 +150,7 @@ class TrainConfig(_Section):
     lm_weight: float = 1.0
     token_itc_weight: float = 1.0  # word-region (FILIP) loss, for models with model token_embed
     label_smoothing: float = 0.1
+    ctc_weight: float = Field(0.3, ge=0)  # asr's CTC loss beside the decoder's, for model.overrides asr_ctc
     # Question-answer pairs per image in a VQA step, each its own row, the image encoded once: more
     # answers learnt per step at a fraction of the cost of more steps.
     qa_per_sample: int = Field(1, ge=1)

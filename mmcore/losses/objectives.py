@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from mmcore.losses.itc import ContrastiveLoss, GatherFn, WordRegionLoss
 from mmcore.losses.itm import MatchingLoss
@@ -76,6 +77,28 @@ class CaptionLoss(nn.Module):
         return {"loss": lm, "lm": lm}
 
 
+class SpeechRecognitionLoss(nn.Module):
+    """The transcript's LM loss, plus `ctc_weight` x CTC over the audio tokens for a model with a
+    CTC head (`asr_ctc`; hybrid CTC/attention). Keys: loss, lm (, ctc)."""
+
+    def __init__(self, label_smoothing: float = 0.1, ctc_weight: float = 0.3):
+        super().__init__()
+        self.lm, self.ctc_weight = LanguageModelLoss(label_smoothing), ctc_weight
+
+    def forward(self, output) -> dict[str, Tensor]:
+        _require(output, "lm_logits")
+        lm = self.lm(output.lm_logits, output.lm_labels)
+        if output.ctc_log_probs is None:
+            return {"loss": lm, "lm": lm}
+        blank = output.ctc_log_probs.shape[-1] - 1
+        if output.ctc_targets.shape[0] == 0:  # no sample of the batch has audio
+            ctc = output.ctc_log_probs.sum() * 0.0
+        else:
+            ctc = F.ctc_loss(output.ctc_log_probs, output.ctc_targets, output.ctc_input_lengths,
+                             output.ctc_target_lengths, blank=blank, zero_infinity=True)
+        return {"loss": lm + self.ctc_weight * ctc, "lm": lm, "ctc": ctc}
+
+
 class VQALoss(nn.Module):
     """Answer-generation loss (LM over the answer tokens of samples that have a QA pair). Keys: loss, vqa."""
 
@@ -104,7 +127,7 @@ class AudioTextLoss(nn.Module):
 
 
 LOSSES = {"pretrain": PretrainLoss, "caption": CaptionLoss, "vqa": VQALoss, "retrieval": RetrievalLoss,
-          "asr": CaptionLoss, "audio_retrieval": AudioTextLoss, "spoken_vqa": VQALoss,
+          "asr": SpeechRecognitionLoss, "audio_retrieval": AudioTextLoss, "spoken_vqa": VQALoss,
           "audio_caption": CaptionLoss}
 
 

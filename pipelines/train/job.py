@@ -21,7 +21,7 @@ from mmcore.data import SampleConfig
 from mmcore.model import FusionModelConfig
 from pipelines.config import ScalingConfig, TrainConfig
 
-LOSS_WEIGHTS = ("itc_weight", "itm_weight", "lm_weight", "token_itc_weight", "label_smoothing")  # of `train`
+LOSS_WEIGHTS = ("itc_weight", "itm_weight", "lm_weight", "token_itc_weight", "label_smoothing", "ctc_weight")  # of `train`
 
 
 @dataclass

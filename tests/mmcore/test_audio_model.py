@@ -198,3 +198,34 @@ def test_audio_caption_reads_the_spoken_description(tokenizer, samples, vocab, s
         loss.backward()
         opt.step()
     assert written() == 8
+
+
+def test_ctc_targets_drop_bos_eos_and_padding():
+    from mmcore.model import _ctc_targets
+
+    ids = torch.tensor([[2, 7, 8, 9, 3, 0], [2, 5, 3, 0, 0, 0]])
+    targets, lengths = _ctc_targets(ids, (ids != 0).long(), bos_id=2, eos_id=3)
+    assert lengths.tolist() == [3, 1]
+    assert targets[0, :3].tolist() == [7, 8, 9] and targets[1, :1].tolist() == [5]
+    assert (targets[1, 1:] == 0).all()
+
+
+def test_asr_with_a_ctc_head_adds_the_ctc_loss(tokenizer, audio_batch):
+    """`asr_ctc`: a CTC head on the audio tokens (vocabulary + blank) beside the decoder; its loss is
+    weighted into asr's, samples without audio left out, and it trains the audio encoder."""
+    model = _audio_model(tokenizer, asr_ctc=True)
+    assert model.ctc_head.out_features == model.cfg.vocab_size + 1
+    batch = dict(audio_batch)
+    batch["has_audio"] = torch.tensor([True, False, True, True])
+    out = model(batch, "asr")
+    assert out.ctc_log_probs.shape[1] == out.ctc_targets.shape[0] == 3
+    assert (out.ctc_input_lengths >= out.ctc_target_lengths).all() and (out.ctc_target_lengths > 0).all()
+    parts = build_loss("asr", ctc_weight=0.5)(out)
+    assert torch.isfinite(parts["ctc"]) and parts["ctc"] > 0
+    assert torch.allclose(parts["loss"], parts["lm"] + 0.5 * parts["ctc"])
+    parts["loss"].backward()
+    assert model.ctc_head.weight.grad.abs().sum() > 0
+    assert model.audio_encoder.conv1.weight.grad.abs().sum() > 0
+    # without the flag: no head, no CTC term, the same state-dict keys as before
+    plain = _audio_model(tokenizer)
+    assert not hasattr(plain, "ctc_head") and "ctc" not in build_loss("asr")(plain(batch, "asr"))
