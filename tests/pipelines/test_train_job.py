@@ -60,7 +60,7 @@ def test_describe_keeps_the_flat_mlflow_params(job):
     assert params["sample_config"] == {"image_size": 64, "max_text_len": 16, "max_answer_len": 4, "qa_per_sample": 1,
                                        "caption_variants": False, "audio": False}
     assert params["loss_weights"] == {"itc_weight": 1.0, "itm_weight": 1.0, "lm_weight": 1.0,
-                                      "token_itc_weight": 0.5, "label_smoothing": 0.1}
+                                      "token_itc_weight": 0.5, "label_smoothing": 0.1, "ctc_weight": 0.3}
     assert params["fail_marker"] == "/runs/caption-x/.fail-at-step-3"
     assert params["strategy"] == "fsdp" and params["eval_batch_size"] == 8
     assert (params["mlflow_uri"], params["mlflow_experiment"]) == ("sqlite:///m.db", "exp")
