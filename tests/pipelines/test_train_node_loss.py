@@ -36,6 +36,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipelines.core.checkpoints import checkpoint_problems
+
 pytestmark = pytest.mark.timeout(1200)  # ~13 min seen on a 2-core machine at load 20-60
 
 # Enough steps after the first checkpoint that the run cannot end before the kill lands, even on
@@ -185,10 +187,15 @@ def cluster():
 
 
 def checkpoint_world_sizes(run_dir: Path) -> list[tuple[str, int]]:
-    """(checkpoint name, the world size it was written by) of the run's complete checkpoints."""
+    """(checkpoint name, the world size it was written by) of the run's complete checkpoints: every
+    file a resume needs is whole (`checkpoint_problems`), not only `trainer_state.json`. Rank 0 may
+    run on the node the test kills, and its upload writes the small JSON first: killing it then
+    would leave the first checkpoint unusable, and the group would rightly start again from step 0."""
     found = []
     for path in sorted(run_dir.glob("checkpoint-step*/trainer_state.json")):
-        with contextlib.suppress(OSError, ValueError, KeyError):  # being written: read it next time
+        if checkpoint_problems(path.parent):  # being written: look again next time
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError):
             found.append((path.parent.name, int(json.loads(path.read_text())["world_size"])))
     return found
 
@@ -244,7 +251,8 @@ def test_training_survives_losing_a_worker_node(cluster, tiny_dataset, tmp_path)
     # One restart after the kill (before it, a group that grew from 1 to 2 may have restarted once),
     # from the checkpoint the kill followed (or a later one, written while the kill landed).
     after = [r for r in state["resumes"] if r["time"] > seen["wall"]]
-    assert len(after) == 1, f"not one restart after the kill at {seen['wall']}: {state['resumes']}"
+    assert len(after) == 1, (f"not one restart after the kill at {seen['wall']} (checkpoint {seen['checkpoint']}): "
+                             f"{state['resumes']}\n{out[-4000:]}")
     assert after[0]["from_step"] % CKPT_EVERY == 0 and after[0]["from_step"] >= killed_at, (after, seen)
     assert [r["node_id"] for r in state["ranks"]] == [nodes[cluster.ports["a"]]["id"]]
     assert state["ranks"][0]["start_step"] == after[0]["from_step"]
