@@ -12,6 +12,11 @@
 Tolerance: the losses are per step, averaged over the 2 ranks; FSDP reduce-scatters where DDP
 all-reduces, so the fp32 sums are added in another order and drift apart by rounding only. Measured
 on this machine: at most 1.4e-7 relative over 20 steps; the test allows 1e-5 relative (+1e-6 absolute).
+These runs train with `train.itm_weight=0`: ITM's hard negatives are drawn in proportion to the ITC
+similarities (`torch.multinomial`), so a last-bit difference in one similarity can, now and then,
+draw another negative. That is a discrete change, not rounding (CI once saw 1.3e-4 at step 10), and
+with weight 0 the draw cannot steer the weights. The ITM loss is still computed, so its head and
+its pass through the fusion are still in every step's graph.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ TOLERANCE = {"rel": 1e-5, "abs": 1e-6}
 
 
 def config(home, *extra: str):
-    return tiny_config(home, f"train.steps={STEPS}", "train.log_every=1", *extra)
+    return tiny_config(home, f"train.steps={STEPS}", "train.log_every=1", "train.itm_weight=0", *extra)
 
 
 @pytest.fixture(scope="module")
