@@ -192,6 +192,28 @@ def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
     assert task_sizes(10_000, 2).count(512) >= 15  # long tasks while there is plenty left
 
 
+def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
+    """URL lists: every task ends with its slowest download, so no short tail tasks, each with
+    its own wait; equal tasks, a whole number per CPU, each at most REMOTE_TASK_MOST."""
+    from pipelines.ingest.job import REMOTE_TASK_MOST, _remote, ref_chunks, remote_task_sizes
+
+    assert remote_task_sizes(0, 2) == []
+    assert remote_task_sizes(1000, 2) == [500, 500]
+    assert remote_task_sizes(3, 4) == [1, 1, 1]  # fewer inputs than CPUs: no empty tasks
+    for n, cpus in [(1000, 2), (3001, 2), (10_000, 2), (123_457, 16), (5000, 1)]:
+        sizes = remote_task_sizes(n, cpus)
+        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and max(sizes) <= REMOTE_TASK_MOST
+        assert len(sizes) % cpus == 0
+    assert len(remote_task_sizes(10_000, 2)) == 6
+    url = {"image": {"kind": "url", "uri": "https://example.com/a.jpg"}, "audio": None}
+    s3 = {"image": {"kind": "path", "uri": "s3://bucket/a.jpg"}}
+    local = {"image": {"kind": "path", "uri": "/data/a.jpg"}, "audio": {"kind": "path", "uri": "/data/a.flac"}}
+    spoken = {"image": None, "audio": {"kind": "url", "uri": "http://example.com/a.flac"}}
+    assert [_remote(r) for r in (url, s3, local, spoken, {"image": None})] == [True, True, False, True, False]
+    refs = [{"order": i, **url} for i in range(1000)]
+    assert [len(c) for c in ref_chunks(refs, 2, sizes=remote_task_sizes(1000, 2))] == [500, 500]
+
+
 def test_refs_datasource_runs_one_task_per_chunk_and_hands_out_every_ref(ray_local):
     import os
 
