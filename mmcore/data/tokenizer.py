@@ -12,9 +12,8 @@ import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
+from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -59,6 +58,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             # A bare BERT vocabulary (older HF dirs): build the fast WordPiece tokenizer from it.
             tok = BertTokenizerFast(vocab=str(path / "vocab.txt"))
         else:
+            from transformers import AutoTokenizer  # imports torch: only where a tokenizer is loaded
+
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {path}: {e}") from e
@@ -120,7 +121,7 @@ def _direct_backend(tokenizer):
 
 def decode_text(tokenizer, ids) -> list[str]:
     """Generated ids `(B, T)` (tensor or lists) -> strings; stops at the first EOS ([SEP]), drops specials."""
-    if isinstance(ids, torch.Tensor):
+    if hasattr(ids, "tolist"):  # a tensor (torch is not imported here: ingest trains tokenizers without it)
         ids = ids.tolist()
     eos = tokenizer.sep_token_id
     cut = [row[: row.index(eos)] if eos in row else row for row in ids]
