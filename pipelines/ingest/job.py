@@ -210,9 +210,10 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
             rows.extend(out.to_pylist())
             first = first or (time.time(), len(rows))
             bar.update(out.num_rows)
-    if first and len(rows) > first[1] and time.time() > first[0]:  # what start-up costs, and the pace after it
-        log(f"first task done after {first[0] - t0:.1f}s (workers starting), then "
-            f"{(len(rows) - first[1]) / (time.time() - first[0]):.0f} samples/s")
+    if first:  # what start-up costs, and the pace after it (when enough came after it to say)
+        after = time.time() - first[0]
+        pace = f", then {(len(rows) - first[1]) / after:.0f} samples/s" if after >= 1.0 else ""
+        log(f"first task done after {first[0] - t0:.1f}s (workers starting){pace}")
     return sorted(rows, key=lambda r: r["order"])
 
 
