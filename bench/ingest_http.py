@@ -113,10 +113,10 @@ def write_list(path: Path, srv: PhotoServer, num: int, fail: float, captions: li
     return good
 
 
-def mmfusion_cmd(csv_path: Path, out: Path) -> list[str]:
+def mmfusion_cmd(csv_path: Path, out: Path, extra: list[str] = ()) -> list[str]:
     sets = ["data.allow_private_urls=true", "data.image_size=256", "data.resize_mode=shorter", "data.jpeg_quality=90",
             f"data.http_timeout_s={TIMEOUT_S}", "data.http_retries=0", "data.url_cache=false",
-            "data.shard_samples=1000"]
+            "data.shard_samples=1000", *extra]
     cmd = [sys.executable, "-c", "from mmfusion.cli import main; main()", "data", "ingest", "--config", "local",
            "--source", str(csv_path), "--out", str(out), "--format", "csv"]
     return cmd + [a for s in sets for a in ("--set", s)]
@@ -164,7 +164,7 @@ def one_round(tool: str, args, csv_path: Path, runs: Path, tag: str) -> tuple[fl
     out = runs / f"{tool}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     if tool == "mmfusion":
-        secs, _ = timed(mmfusion_cmd(csv_path, out), runs / f"{tool}-{tag}.log")
+        secs, _ = timed(mmfusion_cmd(csv_path, out, args.mmfusion_set), runs / f"{tool}-{tag}.log")
         kept = kept_mmfusion(out)
     else:
         secs, _ = timed(img2dataset_cmd(args.img2dataset, csv_path, out), runs / f"{tool}-{tag}.log")
@@ -198,6 +198,9 @@ def main() -> None:
     ap.add_argument("--img2dataset", default="/work/scratch/i2d-venv/bin/img2dataset",
                     help="the img2dataset command, from its own venv (see above)")
     ap.add_argument("--no-memory", action="store_true", help="skip the 1x / 4x peak-memory runs")
+    ap.add_argument("--mmfusion-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further config override for mmfusion's runs, e.g. data.fetch_per_host=32 (the "
+                         "benchmark serves every URL from one host, where the per-host cap binds)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mmfusion-bench-ingest"))
     args = ap.parse_args()
     if not COCO.is_dir():
@@ -214,7 +217,8 @@ def main() -> None:
     csv1 = runs / "urls-1x.csv"
     good = write_list(csv1, srv, args.num, args.fail, captions)
     print(f"{args.num} URLs ({good} good, {args.num - good} failing: 404 / timeout / HTML), "
-          f"{len(photos)} photos served from {srv.url('/')}; {os.cpu_count()} CPUs", flush=True)
+          f"{len(photos)} photos served from {srv.url('/')}; {os.cpu_count()} CPUs"
+          + (f"; mmfusion with {' '.join(args.mmfusion_set)}" if args.mmfusion_set else ""), flush=True)
     results = [bench_latency(args, srv, csv1, runs, ms) for ms in args.latency]
     print("\n| latency | img2dataset images/s | mmfusion images/s | mmfusion / img2dataset (median, min-max) |")
     print("|---|---|---|---|")
