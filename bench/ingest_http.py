@@ -122,13 +122,13 @@ def mmfusion_cmd(csv_path: Path, out: Path, extra: list[str] = ()) -> list[str]:
     return cmd + [a for s in sets for a in ("--set", s)]
 
 
-def img2dataset_cmd(exe: str, csv_path: Path, out: Path) -> list[str]:
-    """Its 2 processes x 16 threads; its input is cut into shards of `number_sample_per_shard`
+def img2dataset_cmd(exe: str, csv_path: Path, out: Path, threads: int = 16) -> list[str]:
+    """Its 2 processes x `threads` threads; its input is cut into shards of `number_sample_per_shard`
     rows, one per process at a time: 4 shards, so that both processes work."""
     rows = sum(1 for _ in open(csv_path)) - 1
     return [exe, "--url_list", str(csv_path), "--input_format", "csv", "--url_col", "url", "--caption_col", "caption",
             "--output_format", "webdataset", "--output_folder", str(out), "--processes_count", "2",
-            "--thread_count", "16", "--image_size", "256", "--resize_mode", "keep_ratio", "--encode_quality", "90",
+            "--thread_count", str(threads), "--image_size", "256", "--resize_mode", "keep_ratio", "--encode_quality", "90",
             "--timeout", str(TIMEOUT_S), "--retries", "0", "--number_sample_per_shard", str(max(1, -(-rows // 4))),
             "--enable_wandb", "False", "--distributor", "multiprocessing"]
 
@@ -167,7 +167,8 @@ def one_round(tool: str, args, csv_path: Path, runs: Path, tag: str) -> tuple[fl
         secs, _ = timed(mmfusion_cmd(csv_path, out, args.mmfusion_set), runs / f"{tool}-{tag}.log")
         kept = kept_mmfusion(out)
     else:
-        secs, _ = timed(img2dataset_cmd(args.img2dataset, csv_path, out), runs / f"{tool}-{tag}.log")
+        secs, _ = timed(img2dataset_cmd(args.img2dataset, csv_path, out, args.img2dataset_threads),
+                        runs / f"{tool}-{tag}.log")
         kept = kept_img2dataset(out)
     shutil.rmtree(out, ignore_errors=True)
     print(f"    {tool}: {secs:.1f}s, {pace(tool, runs / f'{tool}-{tag}.log')}/s once started", flush=True)
@@ -198,6 +199,9 @@ def main() -> None:
     ap.add_argument("--img2dataset", default="/work/scratch/i2d-venv/bin/img2dataset",
                     help="the img2dataset command, from its own venv (see above)")
     ap.add_argument("--no-memory", action="store_true", help="skip the 1x / 4x peak-memory runs")
+    ap.add_argument("--img2dataset-threads", type=int, default=16,
+                    help="img2dataset's threads per process (2 processes; default %(default)s: 32 in flight, as "
+                         "mmfusion's 2 workers x data.fetch_per_host 16 to the one host)")
     ap.add_argument("--mmfusion-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a further config override for mmfusion's runs, e.g. data.fetch_per_host=32 (the "
                          "benchmark serves every URL from one host, where the per-host cap binds)")
@@ -218,7 +222,8 @@ def main() -> None:
     good = write_list(csv1, srv, args.num, args.fail, captions)
     print(f"{args.num} URLs ({good} good, {args.num - good} failing: 404 / timeout / HTML), "
           f"{len(photos)} photos served from {srv.url('/')}; {os.cpu_count()} CPUs"
-          + (f"; mmfusion with {' '.join(args.mmfusion_set)}" if args.mmfusion_set else ""), flush=True)
+          + (f"; mmfusion with {' '.join(args.mmfusion_set)}" if args.mmfusion_set else "")
+          + f"; img2dataset with 2 x {args.img2dataset_threads} threads", flush=True)
     results = [bench_latency(args, srv, csv1, runs, ms) for ms in args.latency]
     print("\n| latency | img2dataset images/s | mmfusion images/s | mmfusion / img2dataset (median, min-max) |")
     print("|---|---|---|---|")
