@@ -131,13 +131,23 @@ def remote_task_sizes(n: int, cpus: int, most: int = REMOTE_TASK_MOST) -> list[i
     return [size for size in [base + 1] * extra + [base] * (count - extra) if size]
 
 
-def ref_chunks(refs: list[dict], cpus: int, max_bytes: int = CHUNK_BYTES,
-               sizes: list[int] | None = None) -> list[list[str]]:
-    """The Refs as JSON lines, one list per cleaning task: `sizes` (default `task_sizes`) by
-    count, and a task whose lines would pass `max_bytes` split in two or more (a few Refs with
-    long captions or many QA pairs; typical Refs are ~0.3 KB, so 512 of them are far below)."""
+def cleaning_task_sizes(refs: list[dict], cpus: int) -> list[int]:
+    """`remote_task_sizes` when any Ref's image or audio comes over a network, else `task_sizes`."""
+    sizes = remote_task_sizes if any(map(_remote, refs)) else task_sizes
+    return sizes(len(refs), cpus)
+
+
+def _remote(ref: dict) -> bool:
+    """Whether the Ref's image or audio comes over a network (a URL, or object storage)."""
+    return any(isinstance(loc, dict) and storage.is_remote(loc.get("uri", "")) for loc in (ref.get("image"), ref.get("audio")))
+
+
+def ref_chunks(refs: list[dict], sizes: list[int], max_bytes: int = CHUNK_BYTES) -> list[list[str]]:
+    """The Refs as JSON lines, one list per cleaning task: `sizes` by count, and a task whose
+    lines would pass `max_bytes` split in two or more (a few Refs with long captions or many QA
+    pairs; typical Refs are ~0.3 KB, so 512 of them are far below)."""
     chunks, start = [], 0
-    for size in sizes if sizes is not None else task_sizes(len(refs), cpus):
+    for size in sizes:
         chunk, nbytes = [], 0
         for line in (json.dumps(r) for r in refs[start : start + size]):  # ASCII: chars == bytes
             if chunk and nbytes + len(line) > max_bytes:
@@ -189,8 +199,7 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
 
     from pipelines.ingest.stage import process_batch
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    chunks = ref_chunks(refs, cpus, sizes=remote_task_sizes(len(refs), cpus) if any(map(_remote, refs)) else None)
+    chunks = ref_chunks(refs, cleaning_task_sizes(refs, int(ray.cluster_resources().get("CPU", 1))))
     if not chunks:
         return []
     # One read task per chunk, fused with the map, whole blocks as batches: one task per chunk.
@@ -215,11 +224,6 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
         pace = f", then {(len(rows) - first[1]) / after:.0f} samples/s" if after >= 1.0 else ""
         log(f"first task done after {first[0] - t0:.1f}s (workers starting){pace}")
     return sorted(rows, key=lambda r: r["order"])
-
-
-def _remote(ref: dict) -> bool:
-    """Whether the Ref's image or audio comes over a network (a URL, or object storage)."""
-    return any(isinstance(loc, dict) and "://" in str(loc.get("uri", "")) for loc in (ref.get("image"), ref.get("audio")))
 
 
 def _write_shards(plans: list[dict], vdir: str) -> list[dict]:

@@ -195,7 +195,13 @@ def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
 def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
     """URL lists: every task ends with its slowest download, so no short tail tasks, each with
     its own wait; equal tasks, a whole number per CPU, each at most REMOTE_TASK_MOST."""
-    from pipelines.ingest.job import REMOTE_TASK_MOST, _remote, ref_chunks, remote_task_sizes
+    from pipelines.ingest.job import (
+        REMOTE_TASK_MOST,
+        _remote,
+        cleaning_task_sizes,
+        remote_task_sizes,
+        task_sizes,
+    )
 
     assert remote_task_sizes(0, 2) == []
     assert remote_task_sizes(1000, 2) == [500, 500]
@@ -209,9 +215,12 @@ def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
     s3 = {"image": {"kind": "path", "uri": "s3://bucket/a.jpg"}}
     local = {"image": {"kind": "path", "uri": "/data/a.jpg"}, "audio": {"kind": "path", "uri": "/data/a.flac"}}
     spoken = {"image": None, "audio": {"kind": "url", "uri": "http://example.com/a.flac"}}
-    assert [_remote(r) for r in (url, s3, local, spoken, {"image": None})] == [True, True, False, True, False]
-    refs = [{"order": i, **url} for i in range(1000)]
-    assert [len(c) for c in ref_chunks(refs, 2, sizes=remote_task_sizes(1000, 2))] == [500, 500]
+    file_uri = {"image": {"kind": "path", "uri": "file:///data/a.jpg"}}
+    assert [_remote(r) for r in (url, s3, local, spoken, file_uri, {"image": None})] == \
+        [True, True, False, True, False, False]
+    # one remote Ref makes the whole input remote; local files keep the shrinking tasks
+    assert cleaning_task_sizes([local] * 999 + [url], 2) == [500, 500]
+    assert cleaning_task_sizes([local] * 1000, 2) == task_sizes(1000, 2)
 
 
 def test_refs_datasource_runs_one_task_per_chunk_and_hands_out_every_ref(ray_local):
@@ -257,10 +266,10 @@ def test_ref_chunks_follow_task_sizes_and_split_tasks_whose_refs_are_large():
     from pipelines.ingest.job import ref_chunks, task_sizes
 
     small = [{"order": i, "captions": ["a cat"]} for i in range(3000)]
-    assert [len(c) for c in ref_chunks(small, 2)] == task_sizes(3000, 2)
+    assert [len(c) for c in ref_chunks(small, task_sizes(3000, 2))] == task_sizes(3000, 2)
     big = [{"order": i, "captions": ["x" * 3000]} for i in range(3000)]  # ~3 KB each
-    chunks = ref_chunks(big, 2, max_bytes=100_000)
+    chunks = ref_chunks(big, task_sizes(3000, 2), max_bytes=100_000)
     assert all(sum(map(len, c)) <= 100_000 for c in chunks)
     assert [json.loads(line)["order"] for c in chunks for line in c] == list(range(3000))  # all, in order
     assert len(chunks) > len(task_sizes(3000, 2))
-    assert ref_chunks([], 2) == []
+    assert ref_chunks([], task_sizes(0, 2)) == []
