@@ -3,9 +3,9 @@ encoder design: Radford et al. 2022, "Robust speech recognition via large-scale 
 
 `AudioEncoder(cfg, out_dim)(waveform (B, T), lengths (B,))` -> `AudioEncoding(tokens (B, N, D),
 pooled (B, D), mask (B, N))`, in the model width D, like the image encoder's `(tokens, pooled)`
-plus the mask of valid tokens (True = valid) for variable-length audio: N = ceil(F / 2) for F
-spectrogram frames, pooled = the mean of the valid tokens. Padding never changes a valid output:
-frames are taken without centring (no frame reaches past a clip's end), padded frames are zeroed
+plus the mask of valid tokens (True = valid) for variable-length audio: N = ceil(F / s) for F
+spectrogram frames and s = `cfg.subsample`, pooled = the mean of the valid tokens. Padding never
+changes a valid output: frames are taken without centring (no frame reaches past a clip's end), padded frames are zeroed
 before each convolution (exactly what the convolution's own zero padding gives an unpadded clip)
 and masked out of attention and the pooling.
 
@@ -28,7 +28,11 @@ from torch.nn import functional as F
 class AudioEncoderConfig:
     sample_rate: int = 16_000
     n_fft: int = 400  # 25 ms windows
-    hop_length: int = 160  # 10 ms hop: 100 frames a second (50 tokens after subsampling)
+    hop_length: int = 160  # 10 ms hop: 100 frames a second
+    # Frames per token: 2 (Whisper: one stride-2 convolution, 50 tokens a second) or 4 (a second
+    # stride-2 convolution, 25 tokens a second, as Conformer's front-end subsamples): half the
+    # tokens for the transformer to run over and for the decoder to search for each word.
+    subsample: int = 2
     n_mels: int = 80
     f_min: float = 0.0
     f_max: float | None = None  # None: sample_rate / 2
@@ -40,7 +44,7 @@ class AudioEncoderConfig:
 
 
 PRESETS = {
-    "debug": AudioEncoderConfig(n_mels=40, num_layers=2, num_heads=4, hidden_dim=128, mlp_dim=256),
+    "debug": AudioEncoderConfig(n_mels=40, num_layers=2, num_heads=4, hidden_dim=128, mlp_dim=256, subsample=4),
     "small": AudioEncoderConfig(num_layers=4, num_heads=6, hidden_dim=384, mlp_dim=1536),  # Whisper-tiny's encoder
     "base": AudioEncoderConfig(num_layers=6, num_heads=8, hidden_dim=512, mlp_dim=2048),  # Whisper-base's encoder
 }
@@ -127,15 +131,19 @@ def sinusoids(length: int, dim: int, device=None) -> Tensor:
 
 
 class AudioEncoder(nn.Module):
-    """Log-mel -> two 1-D convolutions (the second with stride 2) -> transformer -> projection to
-    `out_dim`."""
+    """Log-mel -> 1-D convolutions (the second with stride 2, and a third with stride 2 when
+    `cfg.subsample` is 4) -> transformer -> projection to `out_dim`."""
 
     def __init__(self, cfg: AudioEncoderConfig, out_dim: int):
         super().__init__()
+        if cfg.subsample not in (2, 4):
+            raise ValueError(f"audio encoder subsample={cfg.subsample}: use 2 (50 tokens a second) or 4 (25)")
         self.cfg = cfg
         self.features = LogMel(cfg)
         self.conv1 = nn.Conv1d(cfg.n_mels, cfg.hidden_dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(cfg.hidden_dim, cfg.hidden_dim, kernel_size=3, stride=2, padding=1)
+        if cfg.subsample == 4:  # registered only then: subsample-2 checkpoints keep their keys
+            self.conv3 = nn.Conv1d(cfg.hidden_dim, cfg.hidden_dim, kernel_size=3, stride=2, padding=1)
         layer = nn.TransformerEncoderLayer(cfg.hidden_dim, cfg.num_heads, cfg.mlp_dim, cfg.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
@@ -149,8 +157,12 @@ class AudioEncoder(nn.Module):
         feats, valid = self.features(waveform, lengths)  # (B, F, M), (B, F)
         x = feats.masked_fill(~valid[..., None], 0.0).transpose(1, 2)  # (B, M, F)
         x = F.gelu(self.conv1(x)).masked_fill(~valid[:, None], 0.0)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, N, D), N = ceil(F / 2)
+        x = F.gelu(self.conv2(x))  # (B, D, ceil(F / 2))
         mask = valid[:, ::2]  # token i sees frames 2i-1 .. 2i+1: valid when frame 2i is
+        if self.cfg.subsample == 4:
+            x = F.gelu(self.conv3(x.masked_fill(~mask[:, None], 0.0)))  # (B, D, ceil(F / 4))
+            mask = mask[:, ::2]
+        x = x.transpose(1, 2)  # (B, N, D)
         x = x + sinusoids(x.shape[1], x.shape[2], x.device).to(x.dtype)
         x = self.norm(self.transformer(x, src_key_padding_mask=~mask))
         tokens = self.proj(x).masked_fill(~mask[..., None], 0.0)

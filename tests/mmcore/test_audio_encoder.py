@@ -21,10 +21,10 @@ def _tone(seconds: float, freq: float = 440.0, seed: int = 0) -> torch.Tensor:
     return 0.5 * torch.sin(2 * math.pi * freq * t) + 0.01 * torch.randn(len(t), generator=g)
 
 
-@pytest.fixture(scope="module")
-def encoder() -> AudioEncoder:
+@pytest.fixture(scope="module", params=[2, 4], ids=["subsample2", "subsample4"])
+def encoder(request) -> AudioEncoder:
     torch.manual_seed(0)
-    return AudioEncoder(audio_encoder_config("debug"), out_dim=96).eval()
+    return AudioEncoder(audio_encoder_config("debug", subsample=request.param), out_dim=96).eval()
 
 
 def test_shapes_and_mask_of_a_variable_length_batch(encoder):
@@ -33,10 +33,11 @@ def test_shapes_and_mask_of_a_variable_length_batch(encoder):
     for i, n in enumerate(lengths.tolist()):
         wave[i, :n] = _tone(n / SR, seed=i)
     out = encoder(wave, lengths)
+    s = encoder.cfg.subsample
     frames = (SR - 400) // 160 + 1  # 98 frames of 25 ms every 10 ms
-    assert out.tokens.shape == (3, math.ceil(frames / 2), 96) and out.pooled.shape == (3, 96)
-    valid = [math.ceil(((n - 400) // 160 + 1) / 2) if n >= 400 else 1 for n in lengths.tolist()]
-    assert out.mask.sum(dim=1).tolist() == valid == [49, 24, 1]
+    assert out.tokens.shape == (3, math.ceil(frames / s), 96) and out.pooled.shape == (3, 96)
+    valid = [math.ceil(((n - 400) // 160 + 1) / s) if n >= 400 else 1 for n in lengths.tolist()]
+    assert out.mask.sum(dim=1).tolist() == valid == {2: [49, 24, 1], 4: [25, 12, 1]}[s]
     assert torch.isfinite(out.tokens).all() and (out.tokens[~out.mask] == 0).all()
 
 
@@ -63,9 +64,10 @@ def test_padding_never_changes_the_valid_outputs(encoder):
     assert not torch.allclose(full.pooled[1], together.pooled[1], atol=1e-3)
 
 
-def test_gradients_reach_every_parameter_and_no_padded_sample():
+@pytest.mark.parametrize("subsample", [2, 4])
+def test_gradients_reach_every_parameter_and_no_padded_sample(subsample):
     torch.manual_seed(0)
-    enc = AudioEncoder(audio_encoder_config("debug"), out_dim=64).train()
+    enc = AudioEncoder(audio_encoder_config("debug", subsample=subsample), out_dim=64).train()
     wave = torch.stack([_tone(0.6, seed=4), torch.cat([_tone(0.3, seed=5), torch.zeros(int(0.3 * SR))])])
     wave.requires_grad_(True)
     out = enc(wave, torch.tensor([int(0.6 * SR), int(0.3 * SR)]))
@@ -88,6 +90,9 @@ def test_presets_are_sized_as_named():
     assert audio_encoder_config("small", num_layers=2).num_layers == 2
     with pytest.raises(ValueError, match="use one of debug, small, base"):
         audio_encoder_config("huge")
+    assert (audio_encoder_config("debug").subsample, small.subsample) == (4, 2)  # 25 and 50 tokens a second
+    with pytest.raises(ValueError, match="subsample=3: use 2"):
+        AudioEncoder(audio_encoder_config("debug", subsample=3), 64)
 
 
 # ----------------------------------------------------------------------------- the features
