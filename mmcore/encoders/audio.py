@@ -5,9 +5,9 @@ encoder design: Radford et al. 2022, "Robust speech recognition via large-scale 
 pooled (B, D), mask (B, N))`, in the model width D, like the image encoder's `(tokens, pooled)`
 plus the mask of valid tokens (True = valid) for variable-length audio: N = ceil(F / s) for F
 spectrogram frames and s = `cfg.subsample`, pooled = the mean of the valid tokens. Padding never
-changes a valid output: frames are taken without centring (no frame reaches past a clip's end), padded frames are zeroed
-before each convolution (exactly what the convolution's own zero padding gives an unpadded clip)
-and masked out of attention and the pooling.
+changes a valid output: frames are taken without centring (no frame reaches past a clip's end),
+padded frames and tokens are zeroed before each convolution (exactly what the convolution's own
+zero padding gives an unpadded clip) and masked out of attention and the pooling.
 
 The mel filterbank is built here from plain torch ops (Slaney's mel scale and area normalisation,
 as librosa's default and Whisper use); the spectrogram is `torch.stft` with a periodic Hann window.

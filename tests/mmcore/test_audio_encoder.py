@@ -95,6 +95,18 @@ def test_presets_are_sized_as_named():
         AudioEncoder(audio_encoder_config("debug", subsample=3), 64)
 
 
+def test_a_config_saved_before_subsample_existed_loads_as_subsample_2():
+    """Checkpoints store the model config as a dict; one written before `subsample` existed has no
+    such key and must rebuild the encoder it was trained with (no conv3)."""
+    from mmcore.model import FusionModelConfig, model_config
+
+    saved = model_config("debug", audio_encoder="debug").to_dict()
+    del saved["audio"]["subsample"]
+    cfg = FusionModelConfig.from_dict(saved)
+    assert cfg.audio.subsample == 2
+    assert not hasattr(AudioEncoder(cfg.audio, 64), "conv3")
+
+
 # ----------------------------------------------------------------------------- the features
 
 
