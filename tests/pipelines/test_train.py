@@ -10,6 +10,7 @@ import json
 import pytest
 from train_support import CKPT_EVERY, STEPS, losses, tiny_config
 
+from pipelines.core.checkpoints import checkpoint_problems
 from pipelines.core.dataset import shard_paths
 from pipelines.train import TrainingError, read_trainer_state, run_training
 
@@ -100,7 +101,9 @@ def test_worker_sigkilled_from_outside_with_busy_loaders_restarts_promptly(pretr
     def kill_a_rank_after_the_first_checkpoint():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if any(run_dir.glob("checkpoint-step*")):
+            # A whole checkpoint, not merely its directory: killed mid-upload, the group rightly
+            # finds nothing to resume from and starts over, and there is no resume to check.
+            if any(not checkpoint_problems(d) for d in run_dir.glob("checkpoint-step*")):
                 busy = [p for p in ray_train_workers() if p.children()]
                 if busy:
                     killed["children"] = busy[0].children()
