@@ -138,6 +138,12 @@ class TrainConfig(_Section):
     # see faster (bench/results/learning-2026-12-02-c.md).
     pretrain_tasks: list[str] = Field(default_factory=lambda: ["pretrain"])
     finetune_tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa"])
+    # A curriculum for pretraining: its first `curriculum_steps` steps draw only samples whose
+    # primary (spoken) caption has at most `curriculum_max_words` words, then all samples. Short
+    # utterances first lets the ASR decoder learn to align with the clip before long transcripts
+    # (bench/results/audio-2026-12-03.md). 0: off. Fine-tuning never uses it.
+    curriculum_steps: int = Field(0, ge=0)
+    curriculum_max_words: int = Field(8, ge=1)
     batch_size: int = 32  # per worker
     grad_accum: int = 1
     lr: float = 1e-3

@@ -11,6 +11,11 @@ sample instead, so no reader is ever left without data.
 The stream is addressable: after `n` batches consumed by a rank, each reader knows how many raw
 samples it produced, and a resumed run skips exactly those (cheaply: before JPEG decoding), so
 the data order continues where the checkpoint left it.
+
+A curriculum (`StreamConfig.easy_batches`, `easy_max_words`) draws a rank's first batches only
+from the samples whose primary caption is short, then from all: shortest utterances first, as
+Deep Speech 2's SortaGrad does. Each reader keeps two streams, the short one and the full one,
+each addressable as above, so a resume inside or after the short phase continues exactly.
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import random
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmcore.data.shard import parse_sample
 from pipelines.core.dataset import read_shard, sample_texts  # noqa: F401 (re-exported)
 
 Sample = dict[str, Any]
@@ -54,6 +61,12 @@ class ReaderSpec:
     seed: int
     shuffle_buffer: int
     skip: int = 0  # raw samples (after shuffling) already consumed before a resume
+    max_words: int = 0  # > 0: only samples whose primary caption has at most this many words
+
+
+def caption_words(sample: Sample) -> int:
+    """Words in a raw sample's primary caption (what a spoken sample says)."""
+    return len(parse_sample(sample).caption.split())
 
 
 def epoch_samples(spec: ReaderSpec, epoch: int, read: Callable[[str], Iterator[Sample]] = read_shard):
@@ -77,13 +90,22 @@ def epoch_samples(spec: ReaderSpec, epoch: int, read: Callable[[str], Iterator[S
 
 
 def endless_samples(spec: ReaderSpec, read: Callable[[str], Iterator[Sample]] = read_shard):
-    """Epochs forever. Raises a clear error when an epoch yields nothing (empty shards)."""
+    """Epochs forever (only the short samples when `spec.max_words`). Raises a clear error when an
+    epoch yields nothing (empty shards, or no caption short enough)."""
     epoch = 0
     while True:
         produced = 0
         for sample in epoch_samples(spec, epoch, read):
+            if spec.max_words and caption_words(sample) > spec.max_words:
+                continue
             produced += 1
             yield sample
+        if produced == 0 and spec.max_words:
+            raise RuntimeError(
+                f"reader {spec.reader}/{spec.num_readers}: no training sample in {len(spec.urls)} shard(s) "
+                f"has a caption of at most {spec.max_words} words, so the curriculum has nothing to draw. "
+                "Raise train.curriculum_max_words, or turn the curriculum off with train.curriculum_steps=0."
+            )
         if produced == 0:
             raise RuntimeError(
                 f"reader {spec.reader}/{spec.num_readers} got no samples from {len(spec.urls)} "
@@ -139,6 +161,8 @@ class StreamConfig:
     seed: int
     shuffle_buffer: int
     start_batch: int = 0  # batches this rank consumed before (resume)
+    easy_batches: int = 0  # this rank's first batches come only from short-caption samples
+    easy_max_words: int = 0  # "short": a primary caption of at most this many words
 
 
 class ShardStream(IterableDataset):
@@ -161,6 +185,19 @@ class ShardStream(IterableDataset):
             skip=skip,
         )
 
+    def samples(self, worker: int) -> Iterator[Sample]:
+        """Reader `worker`'s raw samples from its next batch on: its share of the first
+        `easy_batches` batches from the short-caption stream, then the full stream. Each stream
+        skips what this reader consumed of it before a resume."""
+        c = self.cfg
+        spec = self.reader_spec(worker)
+        done = spec.skip // c.batch_size  # this reader's batches consumed before
+        easy = batches_done_by_worker(c.easy_batches, worker, max(c.loader_workers, 1)) if c.easy_max_words else 0
+        if done < easy:
+            short = replace(spec, skip=done * c.batch_size, max_words=c.easy_max_words)
+            yield from itertools.islice(raw_stream(short), (easy - done) * c.batch_size)
+        yield from raw_stream(replace(spec, skip=max(done - easy, 0) * c.batch_size))
+
     def __iter__(self):
         info = get_worker_info()
         workers = max(self.cfg.loader_workers, 1)
@@ -168,7 +205,7 @@ class ShardStream(IterableDataset):
         # batch is due from logical worker `start_batch % workers`: rotate the roles to match.
         logical = ((info.id if info else 0) + self.cfg.start_batch) % workers
         spec = self.reader_spec(logical)
-        stream = raw_stream(spec)
+        stream = self.samples(logical)
         index = spec.skip // self.cfg.batch_size  # this reader's batch number
         while True:
             # Augmentation and caption / QA choice are seeded by (reader, batch number): a batch is

@@ -77,6 +77,12 @@ class TrainJob:
         return max(self.train.grad_accum, 1)
 
     @property
+    def curriculum_steps(self) -> int:
+        """Pretraining's first steps on short-caption samples (`train.curriculum_steps`); 0 for
+        every other run: fine-tuning never restarts the curriculum."""
+        return self.train.curriculum_steps if self.run.task == "pretrain" else 0
+
+    @property
     def loss_weights(self) -> dict[str, float]:
         """The loss modules' keyword arguments, from `train`."""
         return {name: getattr(self.train, name) for name in LOSS_WEIGHTS}
@@ -102,6 +108,7 @@ class TrainJob:
             "val_max_samples": t.val_max_samples, "eval_batch_size": self.data.eval_batch_size,
             "init_from": r.init_from, "use_gpu": s.use_gpu, "cpus_per_worker": s.cpus_per_worker,
             "compile": t.compile, "activation_checkpointing": t.activation_checkpointing,
+            "curriculum_steps": self.curriculum_steps, "curriculum_max_words": t.curriculum_max_words,
             "strategy": s.strategy, "fsdp_reduce_dtype": s.fsdp_reduce_dtype, "run_path": r.path,
             "run_uri": r.uri, "fail_at_step": t.fail_at_step, "fail_marker": self.fail_marker,
             "max_nonfinite_steps": t.max_nonfinite_steps, "nonfinite_at_steps": list(t.nonfinite_at_steps),

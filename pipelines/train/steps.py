@@ -219,5 +219,7 @@ def build_train_loader(job: TrainJob, worker: Worker, start_step: int):
         seed=job.train.seed,
         shuffle_buffer=job.train.shuffle_buffer,
         start_batch=start_step * job.grad_accum,
+        easy_batches=job.curriculum_steps * job.grad_accum,
+        easy_max_words=job.train.curriculum_max_words,
     )
     return data.train_loader(stream, decode, collate, pin_memory=worker.device.type == "cuda")

@@ -14,14 +14,15 @@ from pipelines.train import state as S
 from pipelines.train.optim import build_optimizer, warmup_cosine
 
 
-def write_shards(root: Path, counts: list[int]) -> list[str]:
-    """Tar shards of samples `k{shard}-{i}` with a `txt` member only (enough for the stream)."""
+def write_shards(root: Path, counts: list[int], words=lambda s, i: 3) -> list[str]:
+    """Tar shards of samples `k{shard}-{i}` with a `txt` member only (enough for the stream), of
+    `words(shard, i)` words."""
     urls = []
     for s, n in enumerate(counts):
         path = root / f"shard-{s:06d}.tar"
         with tarfile.open(path, "w") as tar:
             for i in range(n):
-                data = f"caption {s} {i}".encode()
+                data = " ".join([f"caption {s} {i}", *["word"] * (words(s, i) - 3)]).encode()
                 info = tarfile.TarInfo(f"k{s}-{i:04d}.txt")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -78,6 +79,41 @@ def test_loader_resumes_at_the_same_batch_with_loader_workers(tmp_path, workers)
     batches = [next(straight) for _ in range(9)]
     resumed = _loader(urls, 5, workers, rank=1)
     assert [next(resumed) for _ in range(4)] == batches[5:]
+
+
+def _words_of_key(key: str) -> int:
+    s, i = key[1:].split("-")
+    return 3 + int(i) % 3  # 3, 4 or 5 words (see `_curriculum_loader`)
+
+
+def _curriculum_loader(urls, start_batch, workers, easy_batches=5, max_words=3):
+    cfg = D.StreamConfig(tuple(urls), 1, 2, workers, batch_size=3, seed=5, shuffle_buffer=4,
+                         start_batch=start_batch, easy_batches=easy_batches, easy_max_words=max_words)
+    return iter(D.train_loader(cfg, lambda s, rng: (s["__key__"], rng.random(), float(torch.rand(()))),
+                               collate=list))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_curriculum_draws_short_captions_first_and_resumes_exactly(tmp_path, workers):
+    """The first `easy_batches` batches of a rank hold only samples of at most `max_words` words;
+    later ones all lengths. A resume inside the short phase, or after it, continues the same
+    batches as the uninterrupted stream."""
+    torch.set_num_threads(1)
+    urls = write_shards(tmp_path, [12, 9], words=lambda s, i: 3 + i % 3)
+    straight = _curriculum_loader(urls, 0, workers)
+    batches = [next(straight) for _ in range(14)]
+    words = [[_words_of_key(key) for key, *_ in batch] for batch in batches]
+    assert all(w == 3 for batch in words[:5] for w in batch), words[:5]
+    assert {w for batch in words[5:] for w in batch} == {3, 4, 5}, words[5:]
+    for start in (2, 5, 8):
+        resumed = _curriculum_loader(urls, start, workers)
+        assert [next(resumed) for _ in range(14 - start)] == batches[start:], f"resume at batch {start}"
+
+
+def test_curriculum_without_a_short_enough_caption_names_the_setting(tmp_path):
+    urls = write_shards(tmp_path, [4], words=lambda s, i: 6)
+    with pytest.raises(RuntimeError, match="train.curriculum_max_words"):
+        next(_curriculum_loader(urls, 0, 0, max_words=5))
 
 
 def test_dict_batches_cross_from_loader_workers_as_tensors(tmp_path):

@@ -17,13 +17,14 @@ from mmcore.model import FusionModelConfig, model_config
 from pipelines.config import load_config
 from pipelines.train.job import DataSpec, RunSpec, Tracking, TrainJob
 
-# The params every training run has logged to MLflow (before the job had parts), and the one added
-# with `train.activation_checkpointing`.
+# The params every training run has logged to MLflow (before the job had parts), and those added
+# with `train.activation_checkpointing` and the pretraining curriculum.
 PARAMS = [
     "run_name", "task", "tasks", "total_steps", "sample_config", "lr", "weight_decay", "warmup_steps",
     "min_lr_ratio", "grad_clip", "grad_accum", "batch_size", "loss_weights", "checkpoint_every", "eval_every",
     "log_every", "seed", "loader_workers", "shuffle_buffer", "val_max_samples", "eval_batch_size", "init_from",
-    "use_gpu", "cpus_per_worker", "compile", "activation_checkpointing", "strategy", "fsdp_reduce_dtype",
+    "use_gpu", "cpus_per_worker", "compile", "activation_checkpointing",
+    "curriculum_steps", "curriculum_max_words", "strategy", "fsdp_reduce_dtype",
     "run_path", "run_uri", "fail_at_step", "fail_marker", "max_nonfinite_steps", "nonfinite_at_steps",
     "mlflow_uri", "mlflow_experiment", "lineage",
 ]
@@ -65,3 +66,11 @@ def test_describe_keeps_the_flat_mlflow_params(job):
     assert params["strategy"] == "fsdp" and params["eval_batch_size"] == 8
     assert (params["mlflow_uri"], params["mlflow_experiment"]) == ("sqlite:///m.db", "exp")
     assert "mlflow_artifact_location" not in params and "tokenizer" not in params
+
+
+def test_the_curriculum_applies_to_pretraining_only(job):
+    train = job.train.model_copy(update={"curriculum_steps": 50})
+    finetune = TrainJob(job.run, job.data, job.model, train=train)
+    pretrain = TrainJob(RunSpec("pre", "pretrain", ["asr"], total_steps=9), job.data, job.model, train=train)
+    assert (pretrain.curriculum_steps, finetune.curriculum_steps) == (50, 0)
+    assert pretrain.describe()["curriculum_steps"] == 50
