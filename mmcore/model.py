@@ -398,6 +398,19 @@ class FusionModel(nn.Module):
         return self._search(enc.tokens, enc.mask.long(), max_len, num_beams)
 
     @torch.no_grad()
+    def transcript_log_likelihood(self, audio_tokens: Tensor, audio_mask: Tensor, ids: Tensor,
+                                  mask: Tensor) -> Tensor:
+        """log p(text | clip) `(B,)`: the decoder's summed log-probabilities of each transcript's
+        tokens `ids (B, L)` (BOS ... EOS, right-padded; `mask (B, L)`) given a clip's audio tokens
+        `(B, N, D)` and their mask `(B, N)` (`encode_audio`): how well the clip explains the text,
+        the score that re-ranks audio-text retrieval."""
+        logits, labels = self._lm(ids, mask, audio_tokens, audio_mask.long())
+        logp = logits.float().log_softmax(dim=-1)
+        keep = labels != -100
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * keep).sum(dim=1)
+
+    @torch.no_grad()
     def answer_spoken(self, images: Tensor, q_audio: Tensor, q_lengths: Tensor | None, max_len: int,
                       num_beams: int = 1) -> Tensor:
         """Answers `(B, T)` to spoken questions `(B, T_audio)` about images `(B, 3, H, W)`."""

@@ -25,6 +25,7 @@ class InferenceSettings:
     max_len: int  # caption generation length
     num_beams: int
     audio_rate: int | None = None  # the audio encoder's sample rate; None: an image-text model
+    audio_tokens: bool = False  # keep each clip's audio tokens (the audio-text re-ranking needs them)
 
 
 def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
@@ -40,6 +41,7 @@ def settings_for(cfg, checkpoint_dir) -> InferenceSettings:
         max_len=cfg.eval.max_len,
         num_beams=cfg.eval.num_beams,
         audio_rate=model_cfg.audio.sample_rate if model_cfg.audio is not None else None,
+        audio_tokens=model_cfg.audio is not None and cfg.eval.audio_rerank_k > 0,
     )
 
 
@@ -88,16 +90,20 @@ def infer_audio(model, tokenizer, items: list[dict], images, s: InferenceSetting
     """`transcripts` (B, None without audio), `audio_captions` (B, the caption written from the
     image and its spoken description; None without audio), `audio_emb (B, E)` (zeros without),
     `transcript_emb (B, E)` of the spoken captions, `spoken_answers` (per item, per QA pair: str or
-    None)."""
+    None); with `s.audio_tokens` also `audio_tokens` (per item, its clip's valid tokens `(N_i, D)`,
+    None without audio) and `transcript_ids` (per item, the spoken caption's ids)."""
     from mmcore.data import decode_text, pad_ids, pad_waves
 
     have = [i for i, it in enumerate(items) if it["audio"] is not None]
     transcripts: list[str | None] = [None] * len(items)
     audio_captions: list[str | None] = [None] * len(items)
     audio_emb = torch.zeros(len(items), model.cfg.embed_dim)
+    tokens: list[torch.Tensor | None] = [None] * len(items)
     if have:
         wave, lengths = pad_waves([items[i]["audio"] for i in have])
-        _, _, audio_emb[have] = model.encode_audio(wave, lengths)
+        clip_tokens, clip_mask, audio_emb[have] = model.encode_audio(wave, lengths)
+        for j, i in enumerate(have):
+            tokens[i] = clip_tokens[j, clip_mask[j]].clone()
         said = decode_text(tokenizer, model.transcribe(wave, lengths, s.max_len, num_beams=s.num_beams))
         written = decode_text(tokenizer, model.caption_with_audio(images[have], wave, lengths, s.max_len,
                                                                   num_beams=s.num_beams))
@@ -112,8 +118,13 @@ def infer_audio(model, tokenizer, items: list[dict], images, s: InferenceSetting
         out = model.answer_spoken(images[[i for i, _ in asked]], wave, lengths, s.max_answer_len)
         for (i, k), text in zip(asked, decode_text(tokenizer, out), strict=True):
             answers[i][k] = text
-    return {"transcripts": transcripts, "audio_captions": audio_captions, "audio_emb": audio_emb, "transcript_emb": transcript_emb,
-            "spoken_answers": answers, "spoken_captions": [it["spoken_caption"] for it in items]}
+    out = {"transcripts": transcripts, "audio_captions": audio_captions, "audio_emb": audio_emb,
+           "transcript_emb": transcript_emb, "spoken_answers": answers,
+           "spoken_captions": [it["spoken_caption"] for it in items]}
+    if s.audio_tokens:
+        out["audio_tokens"] = tokens
+        out["transcript_ids"] = [it["spoken_caption_ids"].tolist() for it in items]
+    return out
 
 
 @torch.no_grad()
@@ -164,7 +175,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         total += len(p["keys"])
     out["text_owner"] = torch.cat([p["text_owner"] + off for p, off in zip(parts, offsets, strict=True)])
     for name in ("keys", "text_ids", "generated", "answers", "captions", "qa", "objects",
-                 "transcripts", "audio_captions", "spoken_answers", "spoken_captions"):
+                 "transcripts", "audio_captions", "spoken_answers", "spoken_captions", "audio_tokens",
+                 "transcript_ids"):
         if name in parts[0]:
             out[name] = [x for p in parts for x in p[name]]
     return out

@@ -17,11 +17,11 @@ def pair_logits(model, image_tokens: Tensor, ids: Tensor, mask: Tensor, img: Ten
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _rerank(sims: Tensor, correct: Tensor, base_rank: Tensor, k: int, itm) -> Tensor:
-    """Re-rank each query's top-k candidates by ITM.
+def rerank(sims: Tensor, correct: Tensor, base_rank: Tensor, k: int, itm) -> Tensor:
+    """Re-rank each query's top-k candidates by a pair score (ITM; the audio-text likelihood).
 
     sims `(Q, C)` similarities, correct `(Q, C)` bool, base_rank `(Q,)` ITC ranks; itm(q, c)
-    gives logits for flat index tensors. A query whose match is outside the top-k keeps its rank;
+    gives scores (higher: better match) for flat index tensors. A query whose match is outside the top-k keeps its rank;
     inside it, the rank is the number of top-k candidates with a higher ITM logit (ties favour it).
     """
     k = min(k, sims.shape[1])
@@ -47,9 +47,9 @@ def retrieval_ranks(model, merged: dict, rerank_k: int, batch_size: int) -> dict
     tokens = merged["image_tokens"]
     sims = img_emb.float() @ txt_emb.float().T  # (Ni, Nt)
     correct = owner[None, :] == torch.arange(len(img_emb))[:, None]
-    i2t = _rerank(sims, correct, ranks["i2t"], rerank_k,
+    i2t = rerank(sims, correct, ranks["i2t"], rerank_k,
                   lambda q, c: pair_logits(model, tokens, ids, mask, q, c, batch_size))
-    t2i = _rerank(sims.T, correct.T, ranks["t2i"], rerank_k,
+    t2i = rerank(sims.T, correct.T, ranks["t2i"], rerank_k,
                   lambda q, c: pair_logits(model, tokens, ids, mask, c, q, batch_size))
     return {"i2t": i2t, "t2i": t2i}
 

@@ -56,7 +56,8 @@ def build_records(model, merged: dict, cfg: Config) -> list[dict]:
     t2i: list[list[int]] = [[] for _ in merged["keys"]]
     for t, owner in enumerate(merged["text_owner"].tolist()):
         t2i[owner].append(int(ranks["t2i"][t]))
-    audio = audio_fields(merged, _vqa) if "transcripts" in merged else None
+    audio = (audio_fields(merged, _vqa, model, cfg.eval.audio_rerank_k, cfg.eval.batch_size)
+             if "transcripts" in merged else None)
     records = []
     for i, key in enumerate(merged["keys"]):
         rec = {"key": key, "i2t_rank": int(ranks["i2t"][i]), "t2i_ranks": t2i[i],
@@ -95,7 +96,7 @@ def eval_protocol(cfg: Config) -> dict[str, Any]:
     """The settings that decide a report's numbers besides the model and the test shards; part of
     the benchmark id, so the gate never compares reports made under different settings."""
     e = cfg.eval
-    return {"itm_rerank_k": e.itm_rerank_k, "num_beams": e.num_beams, "max_len": e.max_len,
+    return {"itm_rerank_k": e.itm_rerank_k, "audio_rerank_k": e.audio_rerank_k, "num_beams": e.num_beams, "max_len": e.max_len,
             "max_text_len": cfg.model.max_text_len, "max_answer_len": cfg.model.max_answer_len,
             "metric_code": metric_code_version()}
 
@@ -151,7 +152,8 @@ def evaluate(cfg: Config, model_uri, data_dir, out_dir=None) -> dict[str, Any]:
         "metrics": compute_metrics(records),
         "examples": [{"key": r["key"], "generated": r["generated"], "references": r["references"]}
                      for r in records[: cfg.eval.num_samples_shown]],
-        "settings": {**settings_dict(settings), "itm_rerank_k": cfg.eval.itm_rerank_k},
+        "settings": {**settings_dict(settings), "itm_rerank_k": cfg.eval.itm_rerank_k,
+                     "audio_rerank_k": cfg.eval.audio_rerank_k},
     }
     out = Path(out_dir) if out_dir else home_dir(cfg) / "evaluations" / version / weights[:12]
     card["explanations"] = explain_examples(model, tokenizer, urls, [e["key"] for e in card["examples"]],

@@ -229,3 +229,20 @@ def test_asr_with_a_ctc_head_adds_the_ctc_loss(tokenizer, audio_batch):
     # without the flag: no head, no CTC term, the same state-dict keys as before
     plain = _audio_model(tokenizer)
     assert not hasattr(plain, "ctc_head") and "ctc" not in build_loss("asr")(plain(batch, "asr"))
+
+
+def test_transcript_log_likelihood_is_the_asr_cross_entropy_and_ignores_padding(audio_batch, tokenizer):
+    """log p(text | clip) is minus the ASR task's summed token cross-entropy (no smoothing), and
+    masked audio tokens appended to the memory do not change it."""
+    model = _audio_model(tokenizer).eval()
+    b = audio_batch
+    with torch.no_grad():
+        out = model(b, "asr")
+        ce = torch.nn.functional.cross_entropy(out.lm_logits.transpose(1, 2), out.lm_labels, reduction="none")
+        tokens, mask, _ = model.encode_audio(b["audio"], b["audio_lengths"])
+    ll = model.transcript_log_likelihood(tokens, mask, b["transcript_ids"], b["transcript_mask"])
+    assert ll.shape == (len(tokens),) and torch.allclose(ll, -ce.sum(dim=1), atol=1e-4)
+    padded = torch.cat([tokens, torch.randn(len(tokens), 5, tokens.shape[2])], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(len(mask), 5, dtype=torch.bool)], dim=1)
+    assert torch.allclose(model.transcript_log_likelihood(padded, padded_mask, b["transcript_ids"],
+                                                          b["transcript_mask"]), ll, atol=1e-4)

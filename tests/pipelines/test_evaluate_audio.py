@@ -15,6 +15,7 @@ from pipelines.config import load_config
 from pipelines.core.records import AUDIO_METRICS, compute_metrics, read_records
 from pipelines.evaluate import evaluate
 from pipelines.evaluate.audio import audio_text_ranks, normalise, wer_counts
+from pipelines.evaluate.inference import infer_shard, merge, settings_for
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
@@ -48,6 +49,23 @@ def test_audio_text_ranks_count_any_equal_transcript_as_a_hit():
     assert (a2t, t2a) == ([0, 0, 1], [0, 0, 0])
     a2t, t2a = audio_text_ranks(audio, text, ["a red circle", "a blue square", "a green diamond"])
     assert (a2t, t2a) == ([1, 0, 2], [1, 0, 1])
+
+
+def test_audio_text_ranks_rerank_the_top_k_by_the_pair_score():
+    """The embeddings rank clip 0's text (0) second and text 1's clip (1) third; a pair score that
+    prefers the spoken pairs (i, i) lifts both to the top when they are inside the top k, and
+    leaves a rank alone when the match is outside it."""
+    audio = torch.eye(3)
+    text = torch.tensor([[0.5, 0.0, 0.0], [0.9, 0.3, 0.6], [0.0, 0.0, 1.0]])  # sim[clip a, text t] = text[t][a]
+    words = ["a red circle", "a blue square", "a green diamond"]
+    assert audio_text_ranks(audio, text, words) == ([1, 0, 0], [0, 2, 0])
+
+    def score(clips, texts):
+        return (clips == texts).float() - 0.01 * texts.float()
+
+    assert audio_text_ranks(audio, text, words, score, k=3) == ([0, 0, 0], [0, 0, 0])
+    assert audio_text_ranks(audio, text, words, score, k=2) == ([0, 0, 0], [0, 2, 0])  # t2a: clip 1 is 3rd
+    assert audio_text_ranks(audio, text, words, score, k=0) == ([1, 0, 0], [0, 2, 0])
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +117,48 @@ def test_an_image_text_model_has_no_audio_metrics(spoken_dataset, tmp_path, make
     assert all(card["metrics"][m] is None for m in AUDIO_METRICS)
     assert card["metrics"]["vqa_acc"] is not None
     assert all("asr" not in r and "audio_caption" not in r for r in read_records(card["per_sample_path"]))
+
+
+def test_audio_reranking_ranks_every_text_by_the_clips_likelihood(spoken_dataset, audio_checkpoint, tmp_path):
+    """With k = all clips, a clip's re-ranked a2t rank is the rank of its transcript by log p(text |
+    clip), computed here clip by clip, unpadded, from the clip's waveform: the tokens kept at
+    inference, their padding and the index bookkeeping all have to be right for the two to agree."""
+    from mmcore.checkpoint import load_checkpoint
+    from mmcore.data import pad_ids, pad_waves
+    from mmcore.data.sample import waveform
+    from pipelines.core.dataset import shard_paths
+    from pipelines.evaluate.audio import audio_fields
+
+    cfg = load_config("debug", [f"services.home={tmp_path}", "eval.max_len=8", "eval.audio_rerank_k=1000"])
+    settings = settings_for(cfg, audio_checkpoint)
+    assert settings.audio_tokens
+    merged = merge([infer_shard(str(audio_checkpoint), url, settings) for url in shard_paths(spoken_dataset, "test")])
+    model, _, _ = load_checkpoint(audio_checkpoint)
+    n = len(merged["keys"])
+    assert n >= 4 and all(t is not None for t in merged["audio_tokens"])
+    ids, mask = pad_ids([torch.tensor(t) for t in merged["transcript_ids"]], model.cfg.pad_id)
+    loglik = torch.zeros(n, n)  # [clip, text]
+    for i, key in enumerate(merged["keys"]):
+        raw = next(s for url in shard_paths(spoken_dataset, "test") for s in _read_audio(url) if s["__key__"] == key)
+        wave, lengths = pad_waves([waveform(raw["flac"])])
+        tokens, clip_mask, _ = model.encode_audio(wave, lengths)
+        assert torch.allclose(tokens[0, clip_mask[0]], merged["audio_tokens"][i], atol=1e-5)
+        loglik[i] = model.transcript_log_likelihood(tokens.expand(n, -1, -1), clip_mask.expand(n, -1), ids, mask)
+    fields = audio_fields(merged, lambda qa, answers: [], model, rerank_k=1000, batch_size=5)
+    unranked = audio_fields(merged, lambda qa, answers: [], model, rerank_k=0)
+    assert [f["a2t_rank"] for f in fields] != [f["a2t_rank"] for f in unranked]  # the re-ranking did something
+    same = torch.tensor([[normalise(a) == normalise(b) for b in merged["spoken_captions"]]
+                         for a in merged["spoken_captions"]])
+    for i in range(n):
+        best = loglik[i][same[i]].max()
+        assert fields[i]["a2t_rank"] == int((loglik[i][~same[i]] > best).sum()), i
+        best_clip = loglik[:, i][same[:, i]].max()
+        assert fields[i]["t2a_rank"] == int((loglik[:, i][~same[:, i]] > best_clip).sum()), i
+
+
+def _read_audio(url):
+    from pipelines.core.audio import decode_audio_members
+    from pipelines.core.dataset import read_shard
+
+    for raw in read_shard(url):
+        yield decode_audio_members(raw, 16_000)

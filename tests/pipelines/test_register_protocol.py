@@ -21,7 +21,7 @@ from pipelines.registry import register_and_gate
 sys.path.insert(0, str(Path(__file__).parent))
 from registry_support import LINEAGE, hits, make_checkpoint, make_report  # noqa: E402
 
-CHANGES = ["eval.itm_rerank_k=8", "eval.num_beams=3", "eval.max_len=12", "model.max_text_len=16"]
+CHANGES = ["eval.itm_rerank_k=8", "eval.audio_rerank_k=8", "eval.num_beams=3", "eval.max_len=12", "model.max_text_len=16"]
 
 
 @pytest.fixture
