@@ -13,7 +13,9 @@ def register(subparsers) -> None:
         "eval",
         help="evaluate a model on a dataset version's fixed test split (report card)",
         description="Run a model over DATA's test split: retrieval R@1/5/10 both ways, BLEU-4, CIDEr-D, "
-        "VQA and ITM accuracy. Writes report_card.json and per_sample.jsonl.",
+        "VQA and ITM accuracy; for a model with an audio encoder also WER, spoken VQA, audio captioning and "
+        "audio-text retrieval (--set eval.audio_rerank_k=K re-ranks its top K by the speech decoder's "
+        "likelihood). Writes report_card.json and per_sample.jsonl.",
     )
     add_config_args(p)
     p.add_argument("--model", default=None, metavar="URI",
