@@ -7,7 +7,7 @@
 <root>/<version>/{train,val,test}/shard-000000.tar
 <root>/<version>/tokenizer/        the version's WordPiece tokenizer, trained by ingest on its
                                    train split; each file's sha256 in the manifest's `tokenizer`
-<root>/_index/<key>.json          a listing (names, sizes, mtimes) that made a version: see job.py
+<root>/_index/<key>.json          a listing (names, sizes, mtimes) that made a version: see ingest/driver.py
 <root>/_staging/<key>/            cleaned samples of a running ingest (removed when it ends)
 ```
 Paths may be local or any fsspec URI (`s3://...`).

@@ -178,7 +178,7 @@ def test_a_staging_file_cut_short_fails_without_a_finished_shard(tmp_path):
 
 
 def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
-    from pipelines.ingest.job import task_sizes
+    from pipelines.ingest.driver import task_sizes
 
     assert task_sizes(0, 2) == []
     assert task_sizes(10, 2) == [10]
@@ -195,7 +195,7 @@ def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
 def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
     """URL lists: every task ends with its slowest download, so no short tail tasks, each with
     its own wait; equal tasks, a whole number per CPU, each at most REMOTE_TASK_MOST."""
-    from pipelines.ingest.job import (
+    from pipelines.ingest.driver import (
         REMOTE_TASK_MOST,
         _remote,
         cleaning_task_sizes,
@@ -229,7 +229,7 @@ def test_refs_datasource_runs_one_task_per_chunk_and_hands_out_every_ref(ray_loc
     import pyarrow as pa
     import ray
 
-    from pipelines.ingest.job import _refs_datasource
+    from pipelines.ingest.driver import _refs_datasource
 
     chunks = [[json.dumps({"order": i}) for i in range(lo, hi)] for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 13)]]
 
@@ -263,7 +263,7 @@ def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
 
 
 def test_ref_chunks_follow_task_sizes_and_split_tasks_whose_refs_are_large():
-    from pipelines.ingest.job import ref_chunks, task_sizes
+    from pipelines.ingest.driver import ref_chunks, task_sizes
 
     small = [{"order": i, "captions": ["a cat"]} for i in range(3000)]
     assert [len(c) for c in ref_chunks(small, task_sizes(3000, 2))] == task_sizes(3000, 2)
