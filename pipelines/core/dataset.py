@@ -45,6 +45,17 @@ def shard_name(index: int) -> str:
     return SHARD_NAME.format(index=index)
 
 
+def shard_path(split: str, index: int) -> str:
+    """A shard's path inside its version (`train/shard-000000.tar`): a manifest entry's `path`."""
+    return f"{split}/{shard_name(index)}"
+
+
+def entries_by_split(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Shard entries (`{"path": shard_path(...), ...}`, in any split order) grouped by split, each
+    split present, entries kept in order: the manifest's `splits` as ingest writes it."""
+    return {split: [e for e in entries if e["path"].startswith(f"{split}/")] for split in SPLITS}
+
+
 def is_complete(version_dir: str | os.PathLike) -> bool:
     return exists(join(version_dir, MANIFEST))
 

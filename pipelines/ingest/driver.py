@@ -370,7 +370,7 @@ def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
     report = build_report(version, rows, result, entries, cfg)
     storage.write_bytes_atomic(storage.join(vdir, dataset.REJECTS), rejects_lines(rows, result))
     storage.write_json_atomic(storage.join(vdir, dataset.REPORT), report)
-    splits = {s: [e for e in entries if e["path"].startswith(f"{s}/")] for s in dataset.SPLITS}
+    splits = dataset.entries_by_split(entries)
     manifest = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
                 "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()},

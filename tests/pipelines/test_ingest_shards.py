@@ -9,7 +9,7 @@ import tarfile
 
 import webdataset as wds
 
-from pipelines.core.dataset import read_shard
+from pipelines.core.dataset import entries_by_split, read_shard
 from pipelines.core.storage import write_bytes_atomic
 from pipelines.ingest.shards import (
     TAR_MTIME,
@@ -73,6 +73,17 @@ def test_staged_members_make_the_same_tar_as_tarwriter(tmp_path):
     assert [s["__key__"] for s in back] == [s["__key__"] for s in samples]
     assert json.loads(back[3]["json"])["captions"][-2:] == extra["s003"]
     assert back[7]["jpg"] == samples[7]["jpg"]
+
+
+def test_shard_plans_group_back_by_split_keeping_their_order():
+    """The manifest's `splits` (and the report's per-split counts) come from the plans' paths."""
+    rows = [{"key": f"k{i}", "split": ("train", "test", "val")[i % 3], "stage_file": "f", "stage_offset": 0,
+             "nbytes": 100} for i in range(9)]
+    plans = plan_shards(rows, {}, max_samples=2, max_bytes=10**6)
+    grouped = entries_by_split([{"path": p["path"]} for p in reversed(plans)])
+    assert list(grouped) == ["train", "val", "test"]
+    assert {s: [e["path"] for e in v] for s, v in grouped.items()} == {
+        s: [f"{s}/shard-{i:06d}.tar" for i in (1, 0)] for s in ("train", "val", "test")}
 
 
 def test_parse_members_round_trips_a_sample():
