@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.core.dataset import read_shard, sample_texts  # noqa: F401 (re-exported)
+from pipelines.core.dataset import read_shard
 
 Sample = dict[str, Any]
 
