@@ -77,9 +77,8 @@ def run_one(args: argparse.Namespace, fusion: str, seed: int, result: Path) -> N
     from mmcore.data import SampleConfig, collate, decode_sample, special_token_ids, train_tokenizer
     from mmcore.model import build_model, count_parameters, model_config
     from pipelines.config import load_config
-    from pipelines.core.dataset import read_shard, shard_paths
+    from pipelines.core.dataset import read_shard, sample_texts, shard_paths
     from pipelines.evaluate import evaluate
-    from pipelines.train.data import sample_texts
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)

@@ -123,10 +123,11 @@ def train(cfg: Config, data_dir: str, stage: str, init_from: str | None = None) 
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(cfg: Config, checkpoint: str, data_dir: str) -> dict[str, Any]:
-    from pipelines.evaluate import evaluate as run_evaluation
+def evaluate_challenger(cfg: Config, checkpoint: str, data_dir: str) -> dict[str, Any]:
+    """This run's fine-tuned model on the dataset version's test split (its report card)."""
+    from pipelines.evaluate import evaluate
 
-    return run_evaluation(cfg, checkpoint, data_dir)
+    return evaluate(cfg, checkpoint, data_dir)
 
 
 @task(name="evaluate-champion", cache_policy=NO_CACHE)
@@ -136,7 +137,7 @@ def evaluate_champion(cfg: Config, data_dir: str, benchmark: str) -> dict[str, A
     Splits are a function of the sample key, so an older champion's test samples are test samples
     here too: re-evaluating it on the new test split gives a fair, paired comparison.
     """
-    from pipelines.evaluate import evaluate as run_evaluation
+    from pipelines.evaluate import evaluate
     from pipelines.registry import champion_benchmark
 
     current = champion_benchmark(cfg)
@@ -146,7 +147,7 @@ def evaluate_champion(cfg: Config, data_dir: str, benchmark: str) -> dict[str, A
     get_run_logger().info("champion v%s was evaluated on %s: re-evaluating it on %s", version,
                           current[1], benchmark)
     uri = f"models:/{cfg.registry.model_name}/{version}"
-    return {**run_evaluation(cfg, uri, data_dir), "version": version}
+    return {**evaluate(cfg, uri, data_dir), "version": version}
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -210,7 +211,7 @@ def _run_steps(cfg: Config) -> dict[str, Any]:
                 "data_report": data["report"]}
     pretrained, start = _start_weights(cfg, data_dir)
     finetuned = with_step(train, cfg, "train")(cfg, data_dir, "finetune", init_from=start)
-    report = with_step(evaluate, cfg, "evaluate")(cfg, finetuned, data_dir)
+    report = with_step(evaluate_challenger, cfg, "evaluate")(cfg, finetuned, data_dir)
     champion_report = with_step(evaluate_champion, cfg, "evaluate")(cfg, data_dir, report["benchmark"])
     lineage = _lineage(cfg, report, data_dir, pretrained or start)
     registration = with_step(register, cfg, "register")(cfg, finetuned, report, lineage, champion_report)

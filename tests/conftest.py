@@ -149,8 +149,7 @@ def make_untrained_checkpoint():
     from mmcore.checkpoint import save_checkpoint
     from mmcore.data import special_token_ids, train_tokenizer
     from mmcore.model import build_model, model_config
-    from pipelines.core.dataset import shard_paths
-    from pipelines.train.data import sample_texts
+    from pipelines.core.dataset import sample_texts, shard_paths
 
     def make(data_dir, out_dir, seed: int = 0, extra: dict | None = None) -> Path:
         tok = train_tokenizer(sample_texts([str(u) for u in shard_paths(data_dir, "train")]), vocab_size=300)

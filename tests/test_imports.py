@@ -201,7 +201,7 @@ def test_ingest_and_its_tokenizer_import_no_torch():
     import subprocess
 
     code = ("import sys\n"
-            "import pipelines.ingest.job, pipelines.ingest.stage, pipelines.core.dataset\n"
+            "import pipelines.ingest.driver, pipelines.ingest.stage, pipelines.core.dataset\n"
             "from mmcore.data import train_tokenizer, parse_sample, decode_text\n"
             "tok = train_tokenizer(['a red square', 'a blue circle'], 40)\n"
             "assert decode_text(tok, [tok('a red square')['input_ids'][1:]]) == ['a red square']\n"

@@ -15,8 +15,9 @@ class ContrastiveLoss(nn.Module):
     """`(CE(s I T^T, diag) + CE(s T I^T, diag)) / 2`.
 
     gather_fn, when given, maps a local `(B, E)` tensor to the concatenation over all ranks
-    `(W*B, E)` *with gradients* (the trainer passes e.g. `torch.distributed.nn.all_gather` + cat),
-    so negatives come from every rank while this module stays free of distributed code. Each rank
+    `(W*B, E)` *with gradients* (training passes `pipelines.train.steps.gather_with_grad`: an
+    all_gather whose backward all-reduces the gradient and hands each rank its own rows), so
+    negatives come from every rank while this module stays free of distributed code. Each rank
     then computes the same global loss, as in open_clip with `local_loss=False`.
     """
 

@@ -7,7 +7,7 @@
 <root>/<version>/{train,val,test}/shard-000000.tar
 <root>/<version>/tokenizer/        the version's WordPiece tokenizer, trained by ingest on its
                                    train split; each file's sha256 in the manifest's `tokenizer`
-<root>/_index/<key>.json          a listing (names, sizes, mtimes) that made a version: see job.py
+<root>/_index/<key>.json          a listing (names, sizes, mtimes) that made a version: see ingest/driver.py
 <root>/_staging/<key>/            cleaned samples of a running ingest (removed when it ends)
 ```
 Paths may be local or any fsspec URI (`s3://...`).
@@ -43,6 +43,17 @@ class DatasetError(ValueError):
 
 def shard_name(index: int) -> str:
     return SHARD_NAME.format(index=index)
+
+
+def shard_path(split: str, index: int) -> str:
+    """A shard's path inside its version (`train/shard-000000.tar`): a manifest entry's `path`."""
+    return f"{split}/{shard_name(index)}"
+
+
+def entries_by_split(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Shard entries (`{"path": shard_path(...), ...}`, in any split order) grouped by split, each
+    split present, entries kept in order: the manifest's `splits` as ingest writes it."""
+    return {split: [e for e in entries if e["path"].startswith(f"{split}/")] for split in SPLITS}
 
 
 def is_complete(version_dir: str | os.PathLike) -> bool:

@@ -84,14 +84,15 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
-def artifact_location(cfg: Config) -> str | None:
-    """Where the configured experiment keeps its artifacts: under the state dir for a store the
-    client writes itself (SQLite, a database, a `file:` store); None for a server (its own root)."""
+def artifact_location(cfg: Config, experiment: str | None = None) -> str | None:
+    """Where an experiment (the configured one by default) keeps its artifacts: under the state
+    dir for a store the client writes itself (SQLite, a database, a `file:` store); None for a
+    server (its own root)."""
     if is_server(mlflow_tracking_uri(cfg)):
         return None
     root = Path(mlflow_artifact_root(cfg))
     root.mkdir(parents=True, exist_ok=True)
-    return (root / cfg.registry.experiment).as_uri()
+    return (root / (experiment or cfg.registry.experiment)).as_uri()
 
 
 # MLflow 3's UI opens an experiment in the view its kind names; without this tag it guesses, and

@@ -34,13 +34,14 @@ def rerank(sims: Tensor, correct: Tensor, base_rank: Tensor, k: int, itm) -> Ten
     return torch.where(hit.any(1), new, base_rank)
 
 
-def retrieval_ranks(model, merged: dict, rerank_k: int, batch_size: int) -> dict[str, Tensor]:
-    """`{"i2t": (Ni,), "t2i": (Nt,)}` 0-based ranks (mmcore's convention), ITM re-ranked when k > 0."""
+def reranked_ranks(model, merged: dict, rerank_k: int, batch_size: int) -> dict[str, Tensor]:
+    """`{"i2t": (Ni,), "t2i": (Nt,)}` 0-based ranks (mmcore's convention): the ITC ranks of
+    `mmcore.metrics.retrieval_ranks`, each query's top `rerank_k` re-ranked by ITM when k > 0."""
     from mmcore.data import pad_ids
-    from mmcore.metrics import retrieval_ranks as itc_ranks
+    from mmcore.metrics import retrieval_ranks
 
     img_emb, txt_emb, owner = merged["image_emb"], merged["text_emb"], merged["text_owner"]
-    ranks = itc_ranks(img_emb, txt_emb, owner)
+    ranks = retrieval_ranks(img_emb, txt_emb, owner)
     if rerank_k <= 0:
         return ranks
     ids, mask = pad_ids([torch.tensor(t) for t in merged["text_ids"]], model.cfg.pad_id)

@@ -15,7 +15,7 @@ from pipelines.core.dataset import benchmark_id
 from pipelines.core.records import compute_metrics, write_records
 from pipelines.evaluate.audio import audio_fields
 from pipelines.evaluate.inference import infer_shards, merge, settings_dict, settings_for
-from pipelines.evaluate.ranking import itm_logits, retrieval_ranks
+from pipelines.evaluate.ranking import itm_logits, reranked_ranks
 from pipelines.ingest.synth import PHRASE_VOCAB as SHAPES_VOCAB
 
 
@@ -50,7 +50,7 @@ def _grounding(generated: str, objects: list | None) -> list[int] | None:
 def build_records(model, merged: dict, cfg: Config) -> list[dict]:
     """One per-sample record per test image (format in `pipelines.core.records`), with the audio
     fields (`pipelines.evaluate.audio.audio_fields`) for a model with an audio encoder."""
-    ranks = retrieval_ranks(model, merged, cfg.eval.itm_rerank_k, cfg.eval.batch_size)
+    ranks = reranked_ranks(model, merged, cfg.eval.itm_rerank_k, cfg.eval.batch_size)
     itm = itm_logits(model, merged, cfg.eval.batch_size)
     bleu, cider = _caption_scores(merged)
     t2i: list[list[int]] = [[] for _ in merged["keys"]]

@@ -13,8 +13,8 @@ from pipelines.config import DataConfig
 
 
 def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:
-    """See `pipelines.ingest.job.ingest` (imported lazily: Ray loads only when a job runs)."""
-    from pipelines.ingest.job import ingest as _ingest
+    """See `pipelines.ingest.driver.ingest` (imported lazily: Ray loads only when a job runs)."""
+    from pipelines.ingest.driver import ingest as _ingest
 
     return _ingest(source, out_root, cfg, fmt)
 

@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from pipelines.config import DataConfig
-from pipelines.core.dataset import SPLITS
+from pipelines.core.dataset import SPLITS, entries_by_split
 from pipelines.ingest.dedup import DedupResult
 
 
@@ -29,8 +29,7 @@ def build_report(version: str, rows: list[dict], result: DedupResult, entries: l
     dropped_text = Counter(reason for r in rows if not r["reason"] for reason in json.loads(r["dropped"]))
     per_split = {}
     media = media_counts(result.kept)
-    for split in SPLITS:
-        mine = [e for e in entries if e["path"].startswith(f"{split}/")]
+    for split, mine in entries_by_split(entries).items():
         per_split[split] = {"samples": sum(e["samples"] for e in mine), "shards": len(mine),
                             "bytes": sum(e["bytes"] for e in mine), **media[split]}
     report = {

@@ -26,7 +26,7 @@ import os
 import tarfile
 from typing import Any
 
-from pipelines.core.dataset import SPLITS, shard_name
+from pipelines.core.dataset import SPLITS, shard_path
 from pipelines.core.storage import PARTIAL_SUFFIX, get_fs, is_remote, join
 
 TAR_MTIME = 946684800  # 2000-01-01: a fixed mtime makes the tar bytes reproducible
@@ -144,7 +144,7 @@ def plan_shards(rows: list[dict], extra: dict[str, list[str]], max_samples: int,
 
 
 def _plan(split: str, index: int, members: list[dict]) -> dict:
-    return {"split": split, "index": index, "path": f"{split}/{shard_name(index)}", "members": members}
+    return {"split": split, "index": index, "path": shard_path(split, index), "members": members}
 
 
 class _HashingWriter:

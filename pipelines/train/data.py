@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcore.data.shard import parse_sample
-from pipelines.core.dataset import read_shard, sample_texts  # noqa: F401 (re-exported)
+from pipelines.core.dataset import read_shard
 
 Sample = dict[str, Any]
 

@@ -23,23 +23,16 @@ from pipelines.config import Config, ConfigError, home_dir, mlflow_tracking_uri,
 from pipelines.tune.space import Dimension, apply_values, check_space
 from pipelines.tune.trial import TrialPlan, n_val_reports, prepare_dataset, prepare_tokenizer, run_trial
 
-LOSSES = tuple(f"val_{t}_loss" for t in ("pretrain", "caption", "vqa", "retrieval"))
 TRIAL_MEMORY = 256 * 2**20  # bytes: the trial process, which loads the fine-tuned model to score it
 SHOWN = ("val_i2t_r1", "val_vqa_acc", "val_itm_acc", "val_bleu4")  # besides the metric, in the table
 
 
-def tune_artifact_location(cfg: Config, experiment: str) -> str | None:
-    """The search experiment's artifact root beside the configured experiment's (None: a server's)."""
-    from pipelines.core.mlflow import artifact_location
-
-    location = artifact_location(cfg)
-    return None if location is None else location.rstrip("/").rpartition("/")[0] + f"/{experiment}"
-
-
 def known_metrics() -> tuple[str, ...]:
+    from mmcore.model import TASKS
     from pipelines.core.records import ALL_METRICS
 
-    return tuple(f"val_{m}" for m in ALL_METRICS) + LOSSES
+    # validation logs `val_<task>_loss` for each task a run trains (`pipelines.train.steps`)
+    return tuple(f"val_{m}" for m in ALL_METRICS) + tuple(f"val_{t}_loss" for t in TASKS)
 
 
 @dataclass
@@ -153,6 +146,7 @@ def build_tuner(cfg: Config, spec: SearchSpec, plan: TrialPlan, callbacks: list)
 
 def run_search(cfg: Config, spec: SearchSpec) -> SearchResult:
     """Prepare data, run the trials, and pick the best finished one."""
+    from pipelines.core.mlflow import artifact_location
     from pipelines.runtime import init_ray
     from pipelines.train.driver import check_resources
     from pipelines.tune.cleanup import ReleaseEndedTrials
@@ -169,7 +163,7 @@ def run_search(cfg: Config, spec: SearchSpec) -> SearchResult:
     tracker = TrialsToMlflow(mlflow_tracking_uri(cfg), experiment, name, n_val_reports(cfg),
                              {"base_config_hash": cfg.hash(), "metric": spec.metric, "mode": spec.mode,
                               "space": "; ".join(f"{d.key}={d.describe()}" for d in spec.dims),
-                              "data_dir": str(data_dir)}, tune_artifact_location(cfg, experiment))
+                              "data_dir": str(data_dir)}, artifact_location(cfg, experiment))
     print(f"[tune] {name}: {spec.samples} sample(s) over {', '.join(d.key for d in spec.dims)}; "
           f"ASHA on {spec.metric} ({spec.mode}), {n_val_reports(cfg)} validation reports a trial", flush=True)
     grid = build_tuner(cfg, spec, plan, [tracker, ReleaseEndedTrials(name)]).fit()

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from mmcore_support import tiny_config
 from PIL import Image, ImageDraw
 
-from mmcore.data import SampleConfig, collate, decode_sample, special_token_ids, train_tokenizer
-from mmcore.model import build_model, model_config
+from mmcore.data import SampleConfig, collate, decode_sample, train_tokenizer
+from mmcore.model import build_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 SHAPES = ["circle", "square"]
@@ -58,17 +59,6 @@ def sample_cfg() -> SampleConfig:
 @pytest.fixture()
 def batch(samples, tokenizer, sample_cfg):
     return collate([decode_sample(s, tokenizer, sample_cfg, train=False) for s in samples[:4]])
-
-
-def tiny_config(tokenizer, **overrides):
-    """Smaller than debug, for fast unit tests: 32px images, width 32."""
-    base = {
-        "vocab_size": len(tokenizer), "image_size": 32, "image.patch_size": 8, "image.hidden_dim": 32, "image.mlp_dim": 64,
-        "text.hidden_size": 32, "text.intermediate_size": 64, "embed_dim": 16,
-        **special_token_ids(tokenizer),
-    }
-    base.update(overrides)
-    return model_config("debug", **base)
 
 
 @pytest.fixture()

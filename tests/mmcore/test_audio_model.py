@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from mmcore_support import tiny_config
 
 from mmcore.data import collate, decode_sample, decode_text
 from mmcore.fusion import FusionConfig, build_fusion, join_modalities

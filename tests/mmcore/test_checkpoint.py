@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from mmcore_support import tiny_config
 from torchvision.models import resnet18
 from torchvision.models.vision_transformer import VisionTransformer
 from transformers import BertConfig, BertModel

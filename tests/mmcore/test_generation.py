@@ -94,7 +94,7 @@ def test_a_question_prefix_reads_the_same_whatever_its_padding(tokenizer, batch)
     """model.question_prefix: the decoder reads `[CLS] question [SEP]` before the answer. Extra
     padding after a question changes neither the training logits nor the generated answer, and
     greedy, cached, uncached and width-1 beam decoding agree."""
-    from conftest import tiny_config
+    from mmcore_support import tiny_config
 
     from mmcore.model import build_model
 

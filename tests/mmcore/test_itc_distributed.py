@@ -1,7 +1,9 @@
 """ITC under real torch.distributed (gloo, 2 CPU processes): negatives from both ranks, with gradients.
 
 mmcore holds no distributed code; the trainer passes a gather function. Here it is
-`torch.distributed.nn.functional.all_gather` (differentiable) + cat, as a trainer would pass it.
+`torch.distributed.nn.functional.all_gather` (differentiable) + cat: any differentiable gather
+serves. The one training passes, `pipelines.train.steps.gather_with_grad`, has its own gradient
+test in `tests/pipelines/test_train_gather.py`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from mmcore_support import tiny_config
 
 from mmcore.data import pad_ids
 from mmcore.losses import PretrainLoss

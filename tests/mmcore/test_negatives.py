@@ -6,12 +6,12 @@ import json
 import random
 
 import torch
+from mmcore_support import tiny_config
 
 from mmcore.data import SampleConfig, collate, decode_sample, decode_text
 from mmcore.data.negatives import batch_edit_negatives, edit_candidates, edit_negative, likeness
 from mmcore.losses import build_loss
 from mmcore.model import build_model
-from tests.mmcore.conftest import tiny_config
 
 
 def test_edit_candidates_align_equal_length_replacements():

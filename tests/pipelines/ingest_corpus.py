@@ -199,7 +199,7 @@ def stage_rows(source, fmt: str, tmp_path: Path, cfg) -> list[dict]:
     import pyarrow as pa
 
     from pipelines.ingest import stage
-    from pipelines.ingest.job import collect_refs
+    from pipelines.ingest.driver import collect_refs
 
     refs = collect_refs(str(source), fmt, cfg)
     table = pa.table({"ref": pa.array([json.dumps(r) for r in refs], pa.string())})

@@ -62,6 +62,7 @@ def test_the_tracker_never_creates_the_experiment(tmp_path, monkeypatch, caplog)
 def test_artifact_location_is_under_the_state_dir_unless_a_server_keeps_artifacts(tmp_path):
     local = load_config("debug", [f"services.home={tmp_path}", "registry.experiment=e1"])
     assert artifact_location(local) == (tmp_path / "mlartifacts" / "e1").as_uri()
+    assert artifact_location(local, "e1-tune") == (tmp_path / "mlartifacts" / "e1-tune").as_uri()  # a search's
     server = load_config("debug", [f"services.home={tmp_path}", "services.mlflow_tracking_uri=http://127.0.0.1:5000"])
     assert artifact_location(server) is None
 

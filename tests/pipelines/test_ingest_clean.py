@@ -134,7 +134,7 @@ def test_a_cleaning_batch_gives_each_ref_the_row_and_tar_members_it_gets_alone(t
     """process_batch takes Refs through each step a group at a time, reading a group's files
     ahead up to a byte cap: rows, hashes and staged bytes must be what one Ref at a time gives,
     in input order, with rejects across groups."""
-    from pipelines.ingest.job import collect_refs
+    from pipelines.ingest.driver import collect_refs
 
     n = 2 * stage.GROUP + 11
     bad = _ingest_source(tmp_path / "src", n)

@@ -12,8 +12,8 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.core import dataset
+from pipelines.ingest import driver as ingest_driver
 from pipelines.ingest import ingest
-from pipelines.ingest import job as ingest_job
 from pipelines.ingest.inspection import validate_version
 from pipelines.ingest.synth import synthesize
 
@@ -33,9 +33,9 @@ def _finished_build(path, tag: str):
 def test_publish_never_replaces_a_complete_version(tmp_path):
     root = tmp_path / "out"
     vdir, lock = root / "v", str(root / "_staging" / "v.lock")
-    assert ingest_job.publish(str(_finished_build(tmp_path / "a", "a")), str(vdir), lock)
+    assert ingest_driver.publish(str(_finished_build(tmp_path / "a", "a")), str(vdir), lock)
     inode = (vdir / dataset.MANIFEST).stat().st_ino
-    assert not ingest_job.publish(str(_finished_build(tmp_path / "b", "b")), str(vdir), lock)
+    assert not ingest_driver.publish(str(_finished_build(tmp_path / "b", "b")), str(vdir), lock)
     assert json.loads((vdir / dataset.MANIFEST).read_text())["tag"] == "a"
     assert (vdir / dataset.MANIFEST).stat().st_ino == inode and (tmp_path / "b").is_dir()
     assert not os.path.exists(lock)  # the lock file goes with the lock
@@ -45,7 +45,7 @@ def test_publish_replaces_the_leftovers_of_a_killed_run(tmp_path):
     vdir = tmp_path / "out" / "v"
     (vdir / "train").mkdir(parents=True)
     (vdir / "train" / "shard-000007.tar").write_text("half written")  # no manifest: incomplete
-    assert ingest_job.publish(str(_finished_build(tmp_path / "a", "a")), str(vdir), str(tmp_path / "l"))
+    assert ingest_driver.publish(str(_finished_build(tmp_path / "a", "a")), str(vdir), str(tmp_path / "l"))
     assert sorted(p.name for p in (vdir / "train").iterdir()) == ["shard-000000.tar"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no build or leftover folder
 
@@ -59,7 +59,7 @@ def test_many_publishers_at_once_publish_exactly_once(tmp_path):
 
     def go(build: str) -> bool:
         start.wait(timeout=30)
-        return ingest_job.publish(build, str(vdir), str(tmp_path / "out" / "_staging" / "v.lock"))
+        return ingest_driver.publish(build, str(vdir), str(tmp_path / "out" / "_staging" / "v.lock"))
 
     with ThreadPoolExecutor(len(builds)) as pool:
         published = list(pool.map(go, builds))
@@ -127,7 +127,7 @@ def test_a_second_ingest_starting_never_takes_the_first_ones_staged_samples(ray_
     """A has cleaned (its samples are staged) when B starts; A writes its shards while B is
     about to clean. Runs that shared `_staging/<key>` lost A's staged samples to B's clean-up."""
     two = _Two(tmp_path)
-    clean_all, write_shards = ingest_job._clean_all, ingest_job._write_shards
+    clean_all, write_shards = ingest_driver._clean_all, ingest_driver._write_shards
 
     def clean(*args, **kwargs):
         if _me() == "B":
@@ -143,8 +143,8 @@ def test_a_second_ingest_starting_never_takes_the_first_ones_staged_samples(ray_
             two.wait("b_in_clean")
         return write_shards(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_job, "_clean_all", clean)
-    monkeypatch.setattr(ingest_job, "_write_shards", write)
+    monkeypatch.setattr(ingest_driver, "_clean_all", clean)
+    monkeypatch.setattr(ingest_driver, "_write_shards", write)
     two.check(two.run(a_cleans_first=True))
 
 
@@ -153,7 +153,7 @@ def test_a_version_completed_by_one_ingest_is_never_removed_by_another(ray_local
     version as it is (earlier, B removed it as a killed run's leftovers) and return it."""
     two = _Two(tmp_path)
     together = threading.Barrier(2, timeout=120)
-    clean_all, write_shards, is_complete = ingest_job._clean_all, ingest_job._write_shards, dataset.is_complete
+    clean_all, write_shards, is_complete = ingest_driver._clean_all, ingest_driver._write_shards, dataset.is_complete
     stalled = []
 
     def clean(*args, **kwargs):
@@ -173,8 +173,8 @@ def test_a_version_completed_by_one_ingest_is_never_removed_by_another(ray_local
             two.wait("a_done")  # the answer goes stale: A completes the version now
         return answer
 
-    monkeypatch.setattr(ingest_job, "_clean_all", clean)
-    monkeypatch.setattr(ingest_job, "_write_shards", write)
+    monkeypatch.setattr(ingest_driver, "_clean_all", clean)
+    monkeypatch.setattr(ingest_driver, "_write_shards", write)
     monkeypatch.setattr(dataset, "is_complete", complete)
     vdirs = two.run()
     assert stalled == [False]

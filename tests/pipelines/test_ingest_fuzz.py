@@ -26,7 +26,7 @@ from ingest_corpus import encode, scene
 from pipelines.config import load_config
 from pipelines.ingest import stage
 from pipelines.ingest.dedup import deduplicate
-from pipelines.ingest.job import collect_refs
+from pipelines.ingest.driver import collect_refs
 from pipelines.ingest.report import build_report, rejects_lines
 from pipelines.ingest.textclean import _TAG, TextReject, clean_captions, clean_qa, normalize
 

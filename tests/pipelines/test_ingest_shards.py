@@ -9,7 +9,7 @@ import tarfile
 
 import webdataset as wds
 
-from pipelines.core.dataset import read_shard
+from pipelines.core.dataset import entries_by_split, read_shard
 from pipelines.core.storage import write_bytes_atomic
 from pipelines.ingest.shards import (
     TAR_MTIME,
@@ -73,6 +73,17 @@ def test_staged_members_make_the_same_tar_as_tarwriter(tmp_path):
     assert [s["__key__"] for s in back] == [s["__key__"] for s in samples]
     assert json.loads(back[3]["json"])["captions"][-2:] == extra["s003"]
     assert back[7]["jpg"] == samples[7]["jpg"]
+
+
+def test_shard_plans_group_back_by_split_keeping_their_order():
+    """The manifest's `splits` (and the report's per-split counts) come from the plans' paths."""
+    rows = [{"key": f"k{i}", "split": ("train", "test", "val")[i % 3], "stage_file": "f", "stage_offset": 0,
+             "nbytes": 100} for i in range(9)]
+    plans = plan_shards(rows, {}, max_samples=2, max_bytes=10**6)
+    grouped = entries_by_split([{"path": p["path"]} for p in reversed(plans)])
+    assert list(grouped) == ["train", "val", "test"]
+    assert {s: [e["path"] for e in v] for s, v in grouped.items()} == {
+        s: [f"{s}/shard-{i:06d}.tar" for i in (1, 0)] for s in ("train", "val", "test")}
 
 
 def test_parse_members_round_trips_a_sample():
@@ -178,7 +189,7 @@ def test_a_staging_file_cut_short_fails_without_a_finished_shard(tmp_path):
 
 
 def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
-    from pipelines.ingest.job import task_sizes
+    from pipelines.ingest.driver import task_sizes
 
     assert task_sizes(0, 2) == []
     assert task_sizes(10, 2) == [10]
@@ -195,7 +206,7 @@ def test_task_sizes_cover_the_input_and_shrink_towards_the_end():
 def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
     """URL lists: every task ends with its slowest download, so no short tail tasks, each with
     its own wait; equal tasks, a whole number per CPU, each at most REMOTE_TASK_MOST."""
-    from pipelines.ingest.job import (
+    from pipelines.ingest.driver import (
         REMOTE_TASK_MOST,
         _remote,
         cleaning_task_sizes,
@@ -229,7 +240,7 @@ def test_refs_datasource_runs_one_task_per_chunk_and_hands_out_every_ref(ray_loc
     import pyarrow as pa
     import ray
 
-    from pipelines.ingest.job import _refs_datasource
+    from pipelines.ingest.driver import _refs_datasource
 
     chunks = [[json.dumps({"order": i}) for i in range(lo, hi)] for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 13)]]
 
@@ -263,7 +274,7 @@ def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
 
 
 def test_ref_chunks_follow_task_sizes_and_split_tasks_whose_refs_are_large():
-    from pipelines.ingest.job import ref_chunks, task_sizes
+    from pipelines.ingest.driver import ref_chunks, task_sizes
 
     small = [{"order": i, "captions": ["a cat"]} for i in range(3000)]
     assert [len(c) for c in ref_chunks(small, task_sizes(3000, 2))] == task_sizes(3000, 2)

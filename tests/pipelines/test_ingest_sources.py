@@ -199,12 +199,12 @@ def test_an_unknown_listing_of_known_content_rewrites_nothing(ray_local, tiny_so
 def test_a_failed_run_leaves_no_staging_and_no_version(ray_local, raw12, tmp_path, monkeypatch):
     """Cleaned samples are staged outside the version; a run that fails after cleaning removes
     them, leaves no version that looks complete, and the next run completes it."""
-    import pipelines.ingest.job as job
+    import pipelines.ingest.driver as ingest_driver
 
     src, _ = raw12
     def broken(plans, vdir):
         raise OSError("disk full (simulated)")
-    monkeypatch.setattr(job, "_write_shards", broken)
+    monkeypatch.setattr(ingest_driver, "_write_shards", broken)
     with pytest.raises(OSError, match="disk full"):
         ingest(src, tmp_path / "out", CFG)
     assert not (tmp_path / "out" / "_staging").exists()

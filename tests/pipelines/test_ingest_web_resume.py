@@ -22,8 +22,8 @@ from ingest_web_server import WebServer, distinct_jpegs
 from pipelines.config import load_config
 from pipelines.core import dataset
 from pipelines.ingest import ingest
+from pipelines.ingest.driver import PIPELINE_VERSION, URL_CACHE_DIR
 from pipelines.ingest.imageclean import ImageSpec
-from pipelines.ingest.job import PIPELINE_VERSION, URL_CACHE_DIR
 from pipelines.ingest.urlcache import UrlCache
 
 pytestmark = pytest.mark.timeout(600)

@@ -16,7 +16,7 @@ import webdataset as wds
 from pipelines.config import load_config
 from pipelines.core.dataset import SPLITS, read_report, shard_paths
 from pipelines.ingest import stage
-from pipelines.ingest.job import collect_refs
+from pipelines.ingest.driver import collect_refs
 from pipelines.ingest.shards import parse_members
 from pipelines.ingest.speech import RATE, Speaker, SpeechError, Voice, noisy
 from pipelines.ingest.synth import synthesize

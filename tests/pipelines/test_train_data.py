@@ -9,9 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.train import data as D
-from pipelines.train import state as S
+from pipelines.train.data import (
+    ReaderSpec,
+    StreamConfig,
+    batches_done_by_worker,
+    epoch_samples,
+    raw_stream,
+    train_loader,
+)
 from pipelines.train.optim import build_optimizer, warmup_cosine
+from pipelines.train.state import (
+    latest_checkpoint,
+    optimizer_from_files,
+    optimizer_to_files,
+    scheduler_from_file,
+    scheduler_to_file,
+    write_trainer_state,
+)
 
 
 def write_shards(root: Path, counts: list[int], words=lambda s, i: 3) -> list[str]:
@@ -39,8 +53,8 @@ def test_one_epoch_covers_every_sample_once_across_readers(tmp_path, counts, rea
     urls = write_shards(tmp_path, counts)
     seen = []
     for r in range(readers):
-        spec = D.ReaderSpec(tuple(urls), r, readers, seed=1, shuffle_buffer=4)
-        mine = keys(D.epoch_samples(spec, epoch=0))
+        spec = ReaderSpec(tuple(urls), r, readers, seed=1, shuffle_buffer=4)
+        mine = keys(epoch_samples(spec, epoch=0))
         assert mine, f"reader {r} got no samples ({len(urls)} shards, {readers} readers)"
         seen += mine
     assert sorted(seen) == sorted(f"k{s}-{i:04d}" for s, n in enumerate(counts) for i in range(n))
@@ -48,24 +62,24 @@ def test_one_epoch_covers_every_sample_once_across_readers(tmp_path, counts, rea
 
 def test_raw_stream_is_endless_and_skip_continues_the_same_order(tmp_path):
     urls = tuple(write_shards(tmp_path, [3, 2]))
-    spec = D.ReaderSpec(urls, reader=1, num_readers=3, seed=7, shuffle_buffer=3)
-    stream = D.raw_stream(spec)
+    spec = ReaderSpec(urls, reader=1, num_readers=3, seed=7, shuffle_buffer=3)
+    stream = raw_stream(spec)
     full = keys(next(stream) for _ in range(25))  # several epochs of a 1-2 sample reader share
-    resumed = D.raw_stream(D.ReaderSpec(urls, 1, 3, seed=7, shuffle_buffer=3, skip=11))
+    resumed = raw_stream(ReaderSpec(urls, 1, 3, seed=7, shuffle_buffer=3, skip=11))
     assert keys(next(resumed) for _ in range(14)) == full[11:]
 
 
 def test_empty_shards_raise_instead_of_hanging(tmp_path):
     urls = tuple(write_shards(tmp_path, [0]))
     with pytest.raises(RuntimeError, match="got no samples"):
-        next(D.raw_stream(D.ReaderSpec(urls, 0, 1, seed=0, shuffle_buffer=2)))
+        next(raw_stream(ReaderSpec(urls, 0, 1, seed=0, shuffle_buffer=2)))
 
 
 def _loader(urls, start_batch, workers, rank=0, world=2):
-    cfg = D.StreamConfig(tuple(urls), rank, world, workers, batch_size=3, seed=5, shuffle_buffer=4,
+    cfg = StreamConfig(tuple(urls), rank, world, workers, batch_size=3, seed=5, shuffle_buffer=4,
                          start_batch=start_batch)
     # decode keeps the key and a random draw (augmentation stand-in): both must resume exactly.
-    return iter(D.train_loader(cfg, lambda s, rng: (s["__key__"], rng.random(), float(torch.rand(()))),
+    return iter(train_loader(cfg, lambda s, rng: (s["__key__"], rng.random(), float(torch.rand(()))),
                                collate=list))
 
 
@@ -87,9 +101,9 @@ def _words_of_key(key: str) -> int:
 
 
 def _curriculum_loader(urls, start_batch, workers, easy_batches=5, max_words=3):
-    cfg = D.StreamConfig(tuple(urls), 1, 2, workers, batch_size=3, seed=5, shuffle_buffer=4,
+    cfg = StreamConfig(tuple(urls), 1, 2, workers, batch_size=3, seed=5, shuffle_buffer=4,
                          start_batch=start_batch, easy_batches=easy_batches, easy_max_words=max_words)
-    return iter(D.train_loader(cfg, lambda s, rng: (s["__key__"], rng.random(), float(torch.rand(()))),
+    return iter(train_loader(cfg, lambda s, rng: (s["__key__"], rng.random(), float(torch.rand(()))),
                                collate=list))
 
 
@@ -130,8 +144,8 @@ def test_dict_batches_cross_from_loader_workers_as_tensors(tmp_path):
 
     got = {}
     for workers in (0, 1):
-        cfg = D.StreamConfig(tuple(urls), 0, 1, workers, batch_size=4, seed=1, shuffle_buffer=3)
-        it = iter(D.train_loader(cfg, decode, collate))
+        cfg = StreamConfig(tuple(urls), 0, 1, workers, batch_size=4, seed=1, shuffle_buffer=3)
+        it = iter(train_loader(cfg, decode, collate))
         got[workers] = [next(it) for _ in range(5)]
     for a, b in zip(got[0], got[1], strict=True):
         assert a["key"] == b["key"]
@@ -141,7 +155,7 @@ def test_dict_batches_cross_from_loader_workers_as_tensors(tmp_path):
 
 def test_batches_done_by_worker_matches_round_robin():
     for n in range(12):
-        assert sum(D.batches_done_by_worker(n, w, 3) for w in range(3)) == n
+        assert sum(batches_done_by_worker(n, w, 3) for w in range(3)) == n
 
 
 def test_optimizer_and_scheduler_round_trip_without_pickle(tmp_path):
@@ -153,11 +167,11 @@ def test_optimizer_and_scheduler_round_trip_without_pickle(tmp_path):
         opt.step()
         sched.step()
         opt.zero_grad()
-    S.optimizer_to_files(opt, tmp_path)
-    S.scheduler_to_file(sched, tmp_path)
+    optimizer_to_files(opt, tmp_path)
+    scheduler_to_file(sched, tmp_path)
     opt2, sched2 = build_optimizer(model, 1e-2, 0.1, warmup_steps=2, total_steps=10, min_ratio=0.1)
-    S.optimizer_from_files(opt2, tmp_path)
-    S.scheduler_from_file(sched2, tmp_path)
+    optimizer_from_files(opt2, tmp_path)
+    scheduler_from_file(sched2, tmp_path)
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for pid in a["state"]:
@@ -187,9 +201,9 @@ def test_latest_checkpoint_picks_highest_complete_step(tmp_path):
                 save_file({"w": torch.zeros(2)}, str(d / name))
             else:
                 (d / name).write_text("{}")
-        S.write_trainer_state(d, {"step": step})
-    assert S.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
-    assert S.latest_checkpoint(tmp_path / "missing") is None
+        write_trainer_state(d, {"step": step})
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
+    assert latest_checkpoint(tmp_path / "missing") is None
 
 
 def test_each_stage_alternates_its_configured_tasks():

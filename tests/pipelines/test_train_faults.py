@@ -21,10 +21,15 @@ from mmcore.data import SampleConfig
 from pipelines.config import TrainConfig, load_config
 from pipelines.core.checkpoints import OPTIMIZER_TENSORS, WEIGHTS
 from pipelines.train import TrainingError, read_trainer_state, run_training
-from pipelines.train import state as S
 from pipelines.train.job import DataSpec, RunSpec, TrainJob
 from pipelines.train.optim import build_optimizer
 from pipelines.train.resume import build_state, resume_candidates, save_train_checkpoint
+from pipelines.train.state import (
+    TrainStateError,
+    complete_checkpoints,
+    latest_checkpoint,
+    optimizer_from_files,
+)
 from pipelines.train.steps import train_step
 from pipelines.train.worker import Worker
 
@@ -87,18 +92,18 @@ def test_latest_checkpoint_skips_a_checkpoint_with_any_file_missing_or_cut_short
                                                                                  damage):
     job = job_factory(tmp_path / "run")
     ckpts = write_checkpoints(job, [2, 4])
-    assert S.latest_checkpoint(job.run.path) == ckpts[4]
+    assert latest_checkpoint(job.run.path) == ckpts[4]
     bad = ckpts[4] / name
     if damage == "truncated":
         truncate(bad)
     else:
         bad.unlink()
-    assert S.latest_checkpoint(job.run.path) == ckpts[2]
+    assert latest_checkpoint(job.run.path) == ckpts[2]
     from pipelines.core.checkpoints import TRAINING_FILES, checkpoint_problems
 
     assert set(TRAINING_FILES) == set(NEEDED)
     assert any(str(bad) in p for p in checkpoint_problems(ckpts[4]))
-    assert checkpoint_problems(ckpts[2]) == [] and S.complete_checkpoints(job.run.path) == [ckpts[2]]
+    assert checkpoint_problems(ckpts[2]) == [] and complete_checkpoints(job.run.path) == [ckpts[2]]
 
 
 def test_truncated_optimizer_state_falls_back_to_the_previous_checkpoint(job_factory, tmp_path, capsys):
@@ -123,8 +128,8 @@ def test_optimizer_state_errors_name_the_file(job_factory, tmp_path):
     ckpt = write_checkpoints(job, [2])[2]
     truncate(ckpt / OPTIMIZER_TENSORS)
     _, optimizer, _, _ = build_state(job, CPU, [])
-    with pytest.raises(S.TrainStateError, match=str(ckpt / OPTIMIZER_TENSORS)):
-        S.optimizer_from_files(optimizer, ckpt)
+    with pytest.raises(TrainStateError, match=str(ckpt / OPTIMIZER_TENSORS)):
+        optimizer_from_files(optimizer, ckpt)
 
 
 # ----------------------------------------------------------------------------- the NaN/Inf guard

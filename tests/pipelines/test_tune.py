@@ -97,6 +97,14 @@ def test_bad_metric_and_budget_fail_before_ray(tmp_path):
     assert not (tmp_path / "tune").exists()  # nothing started
 
 
+
+def test_validation_losses_of_every_task_are_known_metrics():
+    """Training logs `val_<task>_loss` for each task it trains, the audio tasks too."""
+    from pipelines.tune.search import known_metrics
+
+    assert {"val_pretrain_loss", "val_vqa_loss", "val_asr_loss", "val_audio_retrieval_loss"} <= set(known_metrics())
+    assert "val_finetune_loss" not in known_metrics()  # `finetune` names a mix of tasks, not a loss
+
 # ----------------------------------------------------------------------------- one real search
 
 

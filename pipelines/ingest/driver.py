@@ -1,4 +1,4 @@
-"""`ingest`: raw source -> one immutable dataset version, as a Ray Data job.
+"""The ingest driver. `ingest`: raw source -> one immutable dataset version, as a Ray Data job.
 
 1. list the source into small Refs on the driver (ids checked, keys and input order assigned);
 2. stream the Refs through `stage.process_batch` on all Ray CPUs (fetch, verify, clean, hash,
@@ -79,7 +79,9 @@ def cleaning_config(cfg: DataConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_CLEANING}
 
 
-def version_id(cfg: DataConfig, fmt: str, inputs: list[dict]) -> str:
+def content_version_id(cfg: DataConfig, fmt: str, inputs: list[dict]) -> str:
+    """The id a version is created under: a hash of the pipeline version, the format, the cleaning
+    config and the inputs' fingerprints. Read it back with `pipelines.core.dataset.version_id`."""
     blob = json.dumps({"v": PIPELINE_VERSION, "fmt": fmt, "cfg": cleaning_config(cfg),
                        "inputs": [i["fingerprint"] for i in inputs]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -280,9 +282,9 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
         inputs: list[dict] | None = None
         if listing.remote or storage.exists(hint):
             inputs = [fingerprint(listing, refs)]
-            vdir = storage.join(out_root, version_id(cfg, fmt, inputs))
+            vdir = storage.join(out_root, content_version_id(cfg, fmt, inputs))
             if dataset.is_complete(vdir):
-                log(f"version {version_id(cfg, fmt, inputs)} already exists: {vdir} (nothing rewritten)")
+                log(f"version {content_version_id(cfg, fmt, inputs)} already exists: {vdir} (nothing rewritten)")
                 return storage.as_path(vdir)
     log(f"{len(refs)} inputs from {source} (format {fmt})")
     _ensure_ray()
@@ -298,7 +300,7 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
                 digests = {local_path(r["image"]): r["file_sha"] for r in rows if r["file_sha"]}
                 inputs = [fingerprint(listing, refs, digests)]
             vdir = _build_version(out_root, staging, cfg, fmt, inputs, rows)
-            storage.write_json_atomic(hint, {"version": version_id(cfg, fmt, inputs), "source": source})
+            storage.write_json_atomic(hint, {"version": content_version_id(cfg, fmt, inputs), "source": source})
     finally:
         storage.remove(staging)
         if not storage.is_remote(staging_root):
@@ -318,7 +320,7 @@ def _build_version(out_root: str, staging: str, cfg: DataConfig, fmt: str, input
     version folder, each written atomically, manifest last; a run at the same time writes the
     same bytes, and a complete version's files are never removed.
     """
-    version = version_id(cfg, fmt, inputs)
+    version = content_version_id(cfg, fmt, inputs)
     vdir = storage.join(out_root, version)
     if dataset.is_complete(vdir):
         log(f"version {version} already exists: {vdir} (same content; nothing rewritten)")
@@ -368,7 +370,7 @@ def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
     report = build_report(version, rows, result, entries, cfg)
     storage.write_bytes_atomic(storage.join(vdir, dataset.REJECTS), rejects_lines(rows, result))
     storage.write_json_atomic(storage.join(vdir, dataset.REPORT), report)
-    splits = {s: [e for e in entries if e["path"].startswith(f"{s}/")] for s in dataset.SPLITS}
+    splits = dataset.entries_by_split(entries)
     manifest = {"version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
                 "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()},
