@@ -86,6 +86,9 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     from pipelines.ingest import ingest
     from pipelines.ingest.synth import synthesize
 
+    # Connecting to the Ray cluster is the first job submission: here, under this step's retries
+    # and timeout, not bare in the flow (a cluster that is briefly away would fail the run at once).
+    init_ray(cfg)
     source, fmt = cfg.data.source, cfg.data.format
     if source is None:
         spoken = "-audio" if cfg.data.synth_audio else ""
@@ -199,7 +202,6 @@ def retrain(
 
 
 def _run_steps(cfg: Config) -> dict[str, Any]:
-    init_ray(cfg)
     data = with_step(prepare_data, cfg, "ingest")(cfg)
     data_dir = data["dir"]
     skipped = with_step(check_changes, cfg, "register")(cfg, data["version"])

@@ -136,3 +136,29 @@ def test_a_failed_retrain_records_its_step_and_error(prefect_harness, ray_local,
     assert run.data.tags["mmfusion.failed_step"] == "prepare-data"
     assert "no-such-source" in run.data.tags["mmfusion.error"]
     assert "failed in step **prepare-data**" in run.data.tags["mlflow.note.content"]
+
+
+def test_lost_ray_workers_and_failed_submissions_are_transient_bad_input_is_not():
+    """What `retry_condition_fn` retries: a lost worker, node or object, an RPC or a submission that
+    timed out, an unreachable cluster or MLflow (also as the cause of the step's own error), but
+    not a missing input, a bug, or the step's own timeout."""
+    from prefect.task_engine import TaskRunTimeoutError
+    from ray import exceptions as rx
+
+    from flows.policy import is_transient
+    from pipelines.core.mlflow import RegistryError
+    from pipelines.train import TrainingError
+
+    def caused(outer: BaseException, cause: BaseException) -> BaseException:
+        outer.__cause__ = cause
+        return outer
+
+    transient = [rx.WorkerCrashedError(), rx.NodeDiedError("node 1 died"), rx.GetTimeoutError("get timed out"),
+                 rx.RpcError("deadline exceeded"), ConnectionError("Ray's GCS is not reachable"),
+                 RegistryError("MLflow at http://127.0.0.1:5000 is not reachable"),
+                 caused(TrainingError("training run r failed"), rx.WorkerCrashedError())]
+    permanent = [ValueError("bad config"), FileNotFoundError("/no/such/source"), KeyError("captions"),
+                 TaskRunTimeoutError("took longer than 60 s"),
+                 caused(TrainingError("training run r failed"), ValueError("bad batch")), None]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)

@@ -85,7 +85,8 @@ def test_champion_re_evaluated_on_new_benchmark_is_compared(cfg, tmp_path):
 
 def test_resolve_round_trip_gives_identical_files(cfg, tmp_path):
     ckpt = make_checkpoint(tmp_path, 5)
-    res = register_and_gate(cfg, ckpt, make_report(tmp_path, hits(40)), LINEAGE)
+    report = make_report(tmp_path, hits(40))
+    res = register_and_gate(cfg, ckpt, report, LINEAGE)
     for uri in (f"models:/{res['name']}@champion", res["model_uri"]):
         local = resolve_model(cfg, uri)
         names = sorted(p.name for p in local.iterdir())
@@ -93,6 +94,15 @@ def test_resolve_round_trip_gives_identical_files(cfg, tmp_path):
         for n in names:
             assert (local / n).read_bytes() == (ckpt / n).read_bytes()
     assert resolve_model(cfg, ckpt) == ckpt.resolve()
+    # the version's run holds the report card a person opens in MLflow's UI, beside its metrics
+    from pipelines.core.mlflow import client
+
+    ml = client(cfg)
+    run_id = ml.get_model_version(res["name"], res["version"]).run_id
+    assert sorted(a.path for a in ml.list_artifacts(run_id, "eval")) == ["eval/per_sample.jsonl",
+                                                                        "eval/report_card.json"]
+    card = ml.download_artifacts(run_id, "eval/report_card.json", str(tmp_path / "card"))
+    assert open(card).read() == open(report["report_card_path"]).read()
     with pytest.raises(ModelURIError, match="not found in the registry"):
         resolve_model(cfg, f"models:/{res['name']}@nope")
     with pytest.raises(ModelURIError, match="bad model URI"):
