@@ -43,9 +43,8 @@ from mmcore.encoders import (
 from mmcore.encoders.text import text_config_from_pretrained
 from mmcore.fusion import FusionConfig, build_fusion, join_modalities
 from mmcore.heads import FusionHeads
+from mmcore.tasks import AUDIO_TASKS, TASKS
 
-AUDIO_TASKS = ("asr", "audio_retrieval", "spoken_vqa", "audio_caption")  # need `cfg.audio`
-TASKS = ("pretrain", "caption", "vqa", "retrieval", *AUDIO_TASKS)
 PRESETS = ("debug", "small", "base", "large")
 
 

@@ -211,6 +211,22 @@ def test_ingest_and_its_tokenizer_import_no_torch():
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
+def test_the_cli_parser_imports_no_heavy_package():
+    """`mmfusion --help` builds every subcommand's parser; the commands import torch, Ray, MLflow
+    and Prefect only when they run (`train finetune --task`'s choices come from the torch-free
+    `mmcore.tasks`)."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from mmfusion.cli import build_parser\n"
+            "build_parser()\n"
+            "heavy = ('torch', 'torchvision', 'transformers', 'ray', 'mlflow', 'prefect')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_mmcore_data_names_load_on_first_use():
     import mmcore.data
 
