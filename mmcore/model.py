@@ -43,9 +43,8 @@ from mmcore.encoders import (
 from mmcore.encoders.text import text_config_from_pretrained
 from mmcore.fusion import FusionConfig, build_fusion, join_modalities
 from mmcore.heads import FusionHeads
+from mmcore.tasks import AUDIO_TASKS, TASKS
 
-AUDIO_TASKS = ("asr", "audio_retrieval", "spoken_vqa", "audio_caption")  # need `cfg.audio`
-TASKS = ("pretrain", "caption", "vqa", "retrieval", *AUDIO_TASKS)
 PRESETS = ("debug", "small", "base", "large")
 
 
@@ -71,6 +70,11 @@ class FusionModelConfig:
     # (the vocabulary plus a blank) beside the decoder, for `asr` (`train.ctc_weight`). CTC's
     # monotonic alignment is learnt from far fewer steps than cross-attention's. Needs `audio`.
     asr_ctc: bool = False
+    # Spoken VQA: the decoder reads an empty question, `[CLS] [SEP]`, before `[CLS] answer`, a task
+    # prompt (as Whisper's task tokens tell its one decoder what to write). Without it, the same
+    # audio-and-image memory serves answers and audio captions, and answers come out as captions.
+    # With question_prefix it is the answer's place after a typed question. Needs `audio`.
+    spoken_answer_prompt: bool = False
     # Special token ids (the tokenizer's [PAD], [CLS] = BOS, [SEP] = EOS).
     pad_id: int = 0
     bos_id: int = 2
@@ -416,7 +420,7 @@ class FusionModel(nn.Module):
         """Answers `(B, T)` to spoken questions `(B, T_audio)` about images `(B, 3, H, W)`."""
         image_tokens, _ = self.image_encoder(images)
         memory, memory_mask = self._audio_image_memory(image_tokens, q_audio, q_lengths)
-        return self._search(memory, memory_mask, max_len, num_beams)
+        return self._search(memory, memory_mask, max_len, num_beams, self._answer_prompt(len(images), images.device))
 
     @torch.no_grad()
     def caption_with_audio(self, images: Tensor, waveform: Tensor, lengths: Tensor | None, max_len: int,
@@ -427,13 +431,23 @@ class FusionModel(nn.Module):
         memory, memory_mask = self._audio_image_memory(image_tokens, waveform, lengths)
         return self._search(memory, memory_mask, max_len, num_beams)
 
-    def _search(self, memory: Tensor, memory_mask: Tensor | None, max_len: int, num_beams: int) -> Tensor:
+    def _search(self, memory: Tensor, memory_mask: Tensor | None, max_len: int, num_beams: int,
+                prompt: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if not 1 <= max_len < self.cfg.decoder.max_len:
             raise ValueError(f"max_len must be in [1, {self.cfg.decoder.max_len - 1}] (decoder.max_len - 1), got {max_len}")
         c = self.cfg
+        kw = {} if prompt is None else dict(prompt=prompt[0], prompt_mask=prompt[1])
         if num_beams <= 1:
-            return greedy_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len)
-        return beam_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len, num_beams)
+            return greedy_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len, **kw)
+        return beam_search(self.decoder, memory, memory_mask, c.bos_id, c.eos_id, c.pad_id, max_len, num_beams, **kw)
+
+    def _answer_prompt(self, batch: int, device) -> tuple[Tensor, Tensor] | None:
+        """The spoken-answer task prompt `([CLS] [SEP]` ids, mask), `(B, 2)` each, or None when
+        `cfg.spoken_answer_prompt` is off."""
+        if not self.cfg.spoken_answer_prompt:
+            return None
+        ids = torch.tensor([self.cfg.bos_id, self.cfg.eos_id], device=device).expand(batch, 2)
+        return ids, torch.ones_like(ids)
 
     def _audio_image_memory(self, image_tokens: Tensor, audio: Tensor, lengths: Tensor | None):
         """Decoder memory for spoken VQA and audio captioning: the clip's audio tokens fused with the
@@ -453,7 +467,12 @@ class FusionModel(nn.Module):
                                                           batch["question_audio_lengths"])
             # The spoken question is each sample's first QA pair: the first B question rows.
             b = image_tokens.shape[0]
-            logits, labels = self._lm(batch["answer_ids"][:b], batch["answer_mask"][:b], memory, memory_mask)
+            ids, mask = batch["answer_ids"][:b], batch["answer_mask"][:b]
+            prompt = self._answer_prompt(b, ids.device)
+            if prompt is None:
+                logits, labels = self._lm(ids, mask, memory, memory_mask)
+            else:
+                logits, labels = self._prefixed_lm(*prompt, ids, mask, memory, memory_mask)
             keep = batch["has_qa"][:b].bool() & batch["has_question_audio"].bool()
             return FusionOutput(task, lm_logits=logits, lm_labels=labels.masked_fill(~keep[:, None], -100))
         ids, mask = batch["transcript_ids"], batch["transcript_mask"]

@@ -229,9 +229,10 @@ class EvalConfig(_Section):
     max_len: int = 24
     num_beams: int = 1
     itm_rerank_k: int = 0  # 0 = no ITM re-ranking
-    # Audio-text retrieval: re-rank each query's top k (by the contrastive embeddings) by how well
-    # the clip explains the text, log p(text | clip) under the speech-recognition decoder. 0: off.
-    audio_rerank_k: int = Field(0, ge=0)
+    # Audio-text retrieval (a model with audio): re-rank each query's top k (by the contrastive
+    # embeddings) by how well the clip explains the text, log p(text | clip) under the speech
+    # decoder: a2t R@1 0.225 -> 0.775 on one model (bench/results/audio-2026-12-03.md). 0: off.
+    audio_rerank_k: int = Field(16, ge=0)
     num_samples_shown: int = 5
     bootstrap_samples: int = 1000
     parallel: Literal["auto", "ray", "local"] = "auto"  # auto = Ray when the test split has many shards

@@ -3,6 +3,8 @@
 An allowlist with ranks: a module may import its own package and the packages ranked below it,
 nothing else of the project. Imports inside functions (and under `TYPE_CHECKING`) count: a lazy
 import is still a dependency. `bench/` and the CLI (`mmfusion/`) are covered like the rest.
+On top of the ranks, the jobs `PEER_JOBS` (train, evaluate, serve, registry) import none of each
+other, even downward: they meet in `pipelines.core`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ RANKS = (
     "bench",
 )
 TOP_LEVEL = ("mmcore", "pipelines", "flows", "mmfusion", "bench")
+
+# The jobs that meet only in `pipelines.core`: none imports another, though the ranks would let a
+# higher one import a lower (the registry's gate once imported evaluation; training imported the
+# registry). Ingest is below them all and not one of them: evaluation reads the synthetic set's
+# scene objects from `pipelines.ingest.synth`, serving cleans audio with `pipelines.ingest.audioclean`.
+PEER_JOBS = ("pipelines.train", "pipelines.evaluate", "pipelines.serve", "pipelines.registry")
 
 # Third-party packages each layer may not import (mmcore: only what the allowlist below names).
 MMCORE_THIRD_PARTY = {"torch", "torchvision", "transformers", "tokenizers", "safetensors", "PIL", "numpy"}
@@ -94,6 +102,19 @@ def rank_violations(root: Path) -> list[str]:
     return out
 
 
+def peer_violations(root: Path) -> list[str]:
+    """`file imports module (a may not import b: ...)` for every import between two `PEER_JOBS`."""
+    out = []
+    for path in sources(root):
+        mine = layer_of(module_name(root, path))
+        for target in sorted(imports_of(root, path)):
+            theirs = layer_of(target)
+            if mine in PEER_JOBS and theirs in PEER_JOBS and theirs != mine:
+                out.append(f"{path.relative_to(root)} imports {target} "
+                           f"({mine} may not import {theirs}: the jobs meet in pipelines.core)")
+    return out
+
+
 def third_party_violations(root: Path) -> list[str]:
     out = []
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
@@ -143,6 +164,11 @@ def test_imports_follow_the_ranks():
     assert not violations, "imports against the ranks:\n" + "\n".join(violations)
 
 
+def test_train_evaluate_serve_and_registry_import_none_of_each_other():
+    violations = peer_violations(ROOT)
+    assert not violations, "imports between jobs:\n" + "\n".join(violations)
+
+
 def test_third_party_imports_stay_in_their_layer():
     violations = third_party_violations(ROOT)
     assert not violations, "third-party imports against the layering:\n" + "\n".join(violations)
@@ -162,13 +188,25 @@ def planted(tmp_path: Path) -> Path:
     (tmp_path / "mmcore" / "model.py").write_text("import torch\n")
     (tmp_path / "pipelines" / "core" / "files.py").write_text("import json\n")
     (tmp_path / "pipelines" / "train" / "loop.py").write_text("from pipelines.core import files\n")
-    (tmp_path / "pipelines" / "registry" / "gate.py").write_text("from pipelines.train.loop import x\n")
+    (tmp_path / "pipelines" / "registry" / "gate.py").write_text("from pipelines.core.files import x\n")
     return tmp_path
 
 
 def test_the_checker_passes_a_clean_tree(planted: Path):
     assert rank_violations(planted) == [] and import_cycles(planted) == []
-    assert third_party_violations(planted) == []
+    assert third_party_violations(planted) == [] and peer_violations(planted) == []
+
+
+def test_the_checker_catches_a_downward_import_between_jobs(planted: Path):
+    """The ranks allow it (registry is above train); the peer rule does not, lazy or not."""
+    (planted / "pipelines" / "registry" / "register.py").write_text(
+        "def f():\n    from pipelines.train import loop\n"
+    )
+    assert rank_violations(planted) == []
+    assert peer_violations(planted) == [
+        "pipelines/registry/register.py imports pipelines.train.loop "
+        "(pipelines.registry may not import pipelines.train: the jobs meet in pipelines.core)"
+    ]
 
 
 def test_the_checker_catches_an_upward_import_inside_a_function(planted: Path):
@@ -206,6 +244,22 @@ def test_ingest_and_its_tokenizer_import_no_torch():
             "tok = train_tokenizer(['a red square', 'a blue circle'], 40)\n"
             "assert decode_text(tok, [tok('a red square')['input_ids'][1:]]) == ['a red square']\n"
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_the_cli_parser_imports_no_heavy_package():
+    """`mmfusion --help` builds every subcommand's parser; the commands import torch, Ray, MLflow
+    and Prefect only when they run (`train finetune --task`'s choices come from the torch-free
+    `mmcore.tasks`)."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from mmfusion.cli import build_parser\n"
+            "build_parser()\n"
+            "heavy = ('torch', 'torchvision', 'transformers', 'ray', 'mlflow', 'prefect')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

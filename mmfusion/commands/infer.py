@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     where.add_argument("--audio", metavar="DIR", help="a folder of audio files (.wav, .flac, .mp3, .ogg, ...)")
     ret.add_argument("--text", required=True)
     ret.add_argument("--top-k", type=int, default=5)
+    ret.add_argument("--rerank-k", type=int, default=None, metavar="K",
+                     help="--audio: re-rank the K nearest clips by how well each explains the text, log p(text | "
+                          "clip) under the speech decoder, which is then the score printed; 0: cosine similarity "
+                          "only (default: eval.audio_rerank_k)")
     ret.set_defaults(func=run_retrieve)
     _register_transcribe(subparsers)
     exp = subparsers.add_parser(
@@ -131,10 +135,11 @@ def run_retrieve(args: argparse.Namespace) -> int:
     from pipelines.serve.audio import audio_files, retrieve_audio
     from pipelines.serve.predict import image_files, retrieve
 
-    _, p = _predictor(args)
+    cfg, p = _predictor(args)
+    rerank_k = cfg.eval.audio_rerank_k if args.rerank_k is None else args.rerank_k
     try:
         if args.audio is not None:
-            found = retrieve_audio(p, audio_files(args.audio), args.text, args.top_k)
+            found = retrieve_audio(p, audio_files(args.audio), args.text, args.top_k, rerank_k)
         else:
             found = retrieve(p, image_files(args.images), args.text, args.top_k)
     except (AudioReject, ValueError, FileNotFoundError) as e:

@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmcore.tasks import TASKS
 from mmfusion.commands.common import add_config_args, config_from_args
+
+# `finetune` alternates the tasks in train.finetune_tasks; any model task but pretrain trains alone
+# (`pipelines.train.driver.TASKS`). mmcore.tasks imports no torch, so `--help` stays fast.
+FINETUNE_CHOICES = ("finetune", *(t for t in TASKS if t != "pretrain"))
 
 EPILOG = """\
 examples:
@@ -39,12 +44,13 @@ def register(subparsers) -> None:
     pre = modes.add_parser("pretrain", help="ITC + ITM + captioning LM from scratch (or from --init)",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(pre)
-    fine = modes.add_parser("finetune", help="caption / VQA / retrieval fine-tuning from a checkpoint",
+    fine = modes.add_parser("finetune", help="fine-tune a checkpoint: caption, VQA, retrieval or an audio task",
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(fine)
     fine.add_argument(
-        "--task", choices=("finetune", "caption", "vqa", "retrieval"), default="finetune",
-        help="what to fine-tune; 'finetune' alternates the tasks in train.finetune_tasks (default)",
+        "--task", choices=FINETUNE_CHOICES, default="finetune",
+        help="what to fine-tune; 'finetune' alternates the tasks in train.finetune_tasks (default); "
+             "the audio tasks need model.audio_encoder",
     )
 
 

@@ -56,12 +56,17 @@ def redact(text: str) -> str:
 
 
 def client(cfg: Config):
-    """An `MlflowClient` on the configured tracking URI (also the registry URI), passed explicitly:
-    the process-wide `mlflow.set_tracking_uri` is never called (see the module doc)."""
+    """An `MlflowClient` on the configured tracking URI: `client_at(mlflow_tracking_uri(cfg))`."""
+    return client_at(mlflow_tracking_uri(cfg))
+
+
+def client_at(uri: str):
+    """An `MlflowClient` on tracking URI `uri` (also the registry URI), passed explicitly: the
+    process-wide `mlflow.set_tracking_uri` is never called (see the module doc). For code that
+    holds a URI, not a config: rank 0's tracker in a Ray worker, Tune's callback (pickled by Tune)."""
     _quiet_mlflow()
     from mlflow import MlflowClient
 
-    uri = mlflow_tracking_uri(cfg)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -267,9 +272,7 @@ class MlflowTracker:
                 return
 
     def _start(self, tracking_uri: str, experiment: str, run_name: str):
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = client_at(tracking_uri)
         if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")
             return client, self.run_id

@@ -74,13 +74,34 @@ def answer_spoken(p: Predictor, image, question_audio, max_len: int = 8) -> str:
 
 
 @torch.no_grad()
-def retrieve_audio(p: Predictor, paths, text: str, top_k: int = 5, batch_size: int = 8) -> list[tuple[Path, float]]:
-    """The `top_k` clips most similar to `text` (cosine similarity of the audio-text embeddings)."""
+def retrieve_audio(p: Predictor, paths, text: str, top_k: int = 5, rerank_k: int = 0,
+                   batch_size: int = 8) -> list[tuple[Path, float]]:
+    """The `top_k` clips that best match `text`, best first, each with its score.
+
+    Clips are ranked by the cosine similarity of the audio-text embeddings (the score). With
+    `rerank_k` > 0 the nearest max(rerank_k, top_k) are re-ranked by log p(text | clip) under the
+    speech decoder, which is then their score, as evaluation does (`eval.audio_rerank_k`)."""
     from mmcore.data import encode
 
     ids = torch.tensor([encode(p.tokenizer, text, p.max_text_len)], device=p.device)
     _, t = p.model.encode_text(ids, torch.ones_like(ids))
-    embs = [p.model.encode_audio(*_waves(p, paths[s: s + batch_size]))[2] for s in range(0, len(paths), batch_size)]
+    embs, tokens = [], []
+    for s in range(0, len(paths), batch_size):
+        clip_tokens, mask, emb = p.model.encode_audio(*_waves(p, paths[s: s + batch_size]))
+        embs.append(emb)
+        tokens += [clip_tokens[j, mask[j]] for j in range(len(emb))]
     sims = (torch.cat(embs) @ t[0]).float().cpu()
-    order = sims.argsort(descending=True)[:top_k]
-    return [(Path(paths[i]), float(sims[i])) for i in order.tolist()]
+    order = sims.argsort(descending=True)[: max(rerank_k, top_k) if rerank_k > 0 else top_k]
+    if rerank_k <= 0:
+        return [(Path(paths[i]), float(sims[i])) for i in order.tolist()]
+    scores = []
+    for s in range(0, len(order), batch_size):
+        chosen = [tokens[i] for i in order[s: s + batch_size].tolist()]
+        memory = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True)
+        memory_mask = torch.arange(memory.shape[1], device=memory.device)[None] < torch.tensor(
+            [len(c) for c in chosen], device=memory.device)[:, None]
+        text_ids = ids.expand(len(chosen), -1)
+        scores.append(p.model.transcript_log_likelihood(memory, memory_mask, text_ids, torch.ones_like(text_ids)).cpu())
+    loglik = torch.cat(scores)
+    best = loglik.argsort(descending=True)[:top_k]
+    return [(Path(paths[int(order[j])]), float(loglik[j])) for j in best.tolist()]

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmcore.model import TASKS as MODEL_TASKS
+from mmcore.tasks import AUDIO_TASKS
+from mmcore.tasks import TASKS as MODEL_TASKS
 from pipelines.config import Config, home_dir, mlflow_tracking_uri, train_storage
 from pipelines.core.checkpoints import CONFIG, CONFIG_FILES, TRAINER_STATE, WEIGHTS, is_checkpoint_dir
 from pipelines.core.dataset import version_id
@@ -54,8 +55,6 @@ def resolve_tasks(cfg: Config, task: str) -> list[str]:
 
 def check_audio_tasks(tasks: list[str], model_cfg, task: str) -> None:
     """Audio tasks need a model with an audio encoder."""
-    from mmcore.model import AUDIO_TASKS
-
     audio = [t for t in tasks if t in AUDIO_TASKS]
     if audio and model_cfg.audio is None:
         raise TrainingError(

@@ -28,7 +28,7 @@ SHOWN = ("val_i2t_r1", "val_vqa_acc", "val_itm_acc", "val_bleu4")  # besides the
 
 
 def known_metrics() -> tuple[str, ...]:
-    from mmcore.model import TASKS
+    from mmcore.tasks import TASKS
     from pipelines.core.records import ALL_METRICS
 
     # validation logs `val_<task>_loss` for each task a run trains (`pipelines.train.steps`)

@@ -11,6 +11,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from pipelines.core.mlflow import client_at, ensure_experiment
+
 
 class TrialsToMlflow(Callback):
     """Params: the trial's sampled values. Metrics: every numeric `val_*` of each report, at step
@@ -30,11 +32,7 @@ class TrialsToMlflow(Callback):
 
     # -- Tune hooks ------------------------------------------------------------------------
     def setup(self, **info) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from pipelines.core.mlflow import ensure_experiment
-
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._client = client_at(self.tracking_uri)
         self._exp_id = ensure_experiment(self._client, self.experiment, self.artifact_location)
         run = self._client.create_run(self._exp_id, run_name=self.search_name, tags={"tune.search": self.search_name})
         self.parent_run_id = run.info.run_id

@@ -143,12 +143,14 @@ def test_padding_the_audio_changes_nothing(tokenizer, audio_batch):
     assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_asr_and_spoken_vqa_overfit_tone_words(tokenizer, samples, vocab, sample_cfg):
+@pytest.mark.parametrize("prompt", [False, True])
+def test_asr_and_spoken_vqa_overfit_tone_words(tokenizer, samples, vocab, sample_cfg, prompt):
     """8 clips of tone words: after a short training the model transcribes every one exactly and
-    answers every spoken question (greedy decoding), which an untrained model does not."""
+    answers every spoken question (greedy decoding), which an untrained model does not; with the
+    spoken-answer task prompt too (trained and decoded behind it)."""
     cfg = type(sample_cfg)(**{**sample_cfg.__dict__, "audio": True})
     batch = collate([decode_sample(s, tokenizer, cfg, train=False) for s in spoken(samples[:8], vocab)])
-    model = _audio_model(tokenizer)
+    model = _audio_model(tokenizer, spoken_answer_prompt=prompt)
     refs = [s["txt"].decode() for s in samples[:8]]
     answers = [a[0]["answers"][0] for a in batch["qa"]]
 
@@ -170,6 +172,18 @@ def test_asr_and_spoken_vqa_overfit_tone_words(tokenizer, samples, vocab, sample
         loss.backward()
         opt.step()
     assert scores() == (8, 8)
+
+
+def test_the_spoken_answer_prompt_is_read_but_not_scored(tokenizer, audio_batch):
+    """With `spoken_answer_prompt` the decoder reads `[CLS] [SEP]` before the answer: the same
+    weights give other answer logits, over the answer's tokens only (same labels)."""
+    plain = _audio_model(tokenizer).eval()
+    prompted = _audio_model(tokenizer, spoken_answer_prompt=True).eval()
+    prompted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = plain(audio_batch, "spoken_vqa"), prompted(audio_batch, "spoken_vqa")
+    assert a.lm_logits.shape == b.lm_logits.shape and torch.equal(a.lm_labels, b.lm_labels)
+    assert not torch.allclose(a.lm_logits, b.lm_logits, atol=1e-4)
 
 
 def test_audio_caption_reads_the_spoken_description(tokenizer, samples, vocab, sample_cfg):

@@ -75,6 +75,35 @@ def test_transcribe_answer_and_retrieve_audio(files, audio_checkpoint, opts, cap
     assert scores == sorted(scores, reverse=True)
 
 
+def test_retrieve_audio_reranks_by_the_texts_likelihood(files, audio_checkpoint, opts, capsys):
+    """`--rerank-k` (default eval.audio_rerank_k) orders the nearest clips by log p(text | clip),
+    and prints it: the same number the model gives for each clip alone; `--rerank-k 0` prints the
+    cosine similarities instead."""
+    from mmcore.checkpoint import load_checkpoint
+    from mmcore.data import encode
+    from pipelines.serve.audio import load_waveform
+
+    folder, keys = files
+    model_args = ["--model", str(audio_checkpoint)]
+    text = "a small red circle in the middle"
+    model, tok, _ = load_checkpoint(audio_checkpoint)
+    ids = torch.tensor([encode(tok, text, 32)])
+    expected = {}
+    for k in keys:
+        clip = str(folder / "clips" / f"{k}.wav")
+        tokens, mask, _ = model.encode_audio(load_waveform(clip, 16_000)[None])
+        expected[clip] = float(model.transcript_log_likelihood(tokens, mask, ids, torch.ones_like(ids)))
+    assert main(["retrieve", *opts, *model_args, "--audio", str(folder / "clips"), "--text", text,
+                 "--top-k", "3", "--rerank-k", "3"]) == 0
+    ranked = [ln.split("\t") for ln in capsys.readouterr().out.strip().splitlines()]
+    assert [path for _, path in ranked] == sorted(expected, key=expected.get, reverse=True)
+    assert [float(score) for score, _ in ranked] == pytest.approx([expected[path] for _, path in ranked], abs=1e-3)
+    assert main(["retrieve", *opts, *model_args, "--audio", str(folder / "clips"), "--text", text,
+                 "--top-k", "3", "--rerank-k", "0"]) == 0
+    cosine = [float(ln.split("\t")[0]) for ln in capsys.readouterr().out.strip().splitlines()]
+    assert all(-1.0 <= c <= 1.0 for c in cosine) and all(e < -1.0 for e in expected.values())
+
+
 def test_the_cli_output_is_the_models_own(files, audio_checkpoint, opts, capsys):
     """What `transcribe` prints is the model's greedy transcript of the resampled, mixed-down clip."""
     from mmcore.checkpoint import load_checkpoint

@@ -77,3 +77,14 @@ def test_experiments_open_in_the_model_training_view(tmp_path):
     assert ensure_experiment(client, "old", None) == old
     for exp_id in (new, old):
         assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_only_core_mlflow_builds_a_client():
+    """Every MLflow client comes from `client(cfg)` or `client_at(uri)`: its URI passed explicitly,
+    the registry's too, MLflow quieted."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    builders = sorted(str(p.relative_to(root)) for pkg in ("mmcore", "pipelines", "flows", "mmfusion", "bench")
+                      for p in (root / pkg).rglob("*.py") if "MlflowClient(" in p.read_text())
+    assert builders == ["pipelines/core/mlflow.py"]
