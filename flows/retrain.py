@@ -6,8 +6,9 @@ orders them, retries the I/O-bound ones and leaves a report in Prefect's UI. No 
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import APILogHandler
+from prefect.logging.loggers import PrefectLogAdapter
 
 from flows.dashboard import md_text, publish, render_markdown  # noqa: F401 - render_markdown: the report, re-exported
 from flows.policy import failing_step, record_failure, with_step
@@ -121,8 +124,23 @@ def train(cfg: Config, data_dir: str, stage: str, init_from: str | None = None) 
     retried task resumes the same run (its name is deterministic) from its last checkpoint."""
     from pipelines.train import run_training
 
-    # Rank 0's progress lines into this task's log (the flow run's page in the Prefect UI).
-    return str(run_training(cfg, data_dir, stage, init_from=init_from, on_progress=get_run_logger().info))
+    # Rank 0's progress lines into this task's log (the flow run's page in the Prefect UI); the
+    # console gets them from the driver: live on a terminal, plain lines in a log.
+    return str(run_training(cfg, data_dir, stage, init_from=init_from, on_progress=api_log()))
+
+
+PROGRESS_LOGGER = "mmfusion.train.progress"
+
+
+def api_log() -> Callable[[str], None]:
+    """INFO lines into this task run's Prefect log (the API, the UI), never printed: unlike
+    `get_run_logger()`, whose records reach the console handler too."""
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the root logger's handler is Prefect's console
+    return PrefectLogAdapter(logger, extra=get_run_logger().extra).info
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

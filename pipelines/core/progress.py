@@ -18,6 +18,20 @@ from collections.abc import Callable
 from typing import TextIO
 
 
+def draw(stream: TextIO, text: str, tty: bool, final: bool = False) -> None:
+    """Write one progress line: on a terminal over the last one (`\\r`, erase the line), ended only
+    when `final`; elsewhere a plain line."""
+    if tty:
+        stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
+    else:
+        stream.write(text + "\n")
+    stream.flush()
+
+
+def is_terminal(stream: TextIO) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
 def format_duration(seconds: float) -> str:
     """`42s`, `3m05s`, `2h07m`."""
     s = int(round(max(seconds, 0.0)))
@@ -30,14 +44,17 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """Counts `done` of `total` (None: unknown) `unit`s; `initial` of them were done before it was
-    made (a resumed run), so the rate and the time left count only what this process did."""
+    made (a resumed run), so the rate and the time left count only what this process did.
+    `on_line`: where each line goes instead of the stream (e.g. a file another process shows)."""
 
     def __init__(self, label: str, total: int | None = None, unit: str = "items", stream: TextIO | None = None,
                  every_s: float = 10.0, refresh_s: float = 0.2, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic, initial: int = 0) -> None:
+                 clock: Callable[[], float] = time.monotonic, initial: int = 0,
+                 on_line: Callable[[str], None] | None = None) -> None:
         self.label, self.total, self.unit = label, total, unit
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self.on_line = on_line
+        self.tty = (on_line is None and is_terminal(self.stream)) if tty is None else tty
         self.every_s = refresh_s if self.tty else every_s
         self.clock = clock
         self.start = self.last = clock()
@@ -95,14 +112,60 @@ class Progress:
 
     def _emit(self, final: bool) -> None:
         self.last_line, self.emitted_at = self.line(), self.done
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + self.last_line + ("\n" if final else ""))
+        if self.on_line is not None:
+            self.on_line(self.last_line)
         else:
-            self.stream.write(self.last_line + "\n")
-        self.stream.flush()
+            draw(self.stream, self.last_line, self.tty, final)
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RelayedLines:
+    """Progress lines made elsewhere (another process's `Progress`, read by polling), shown as
+    `Progress` shows its own: on a terminal (`stream`, default stderr) each new one redrawn in
+    place over the last; in a log each one as a plain line (their maker spaced them).
+
+    `to_log` (e.g. a Prefect run's API log, which must not print to the console itself) gets what
+    a log gets; while a terminal shows them live, at most one line every `every_s` seconds, and
+    always the last one (`close`)."""
+
+    def __init__(self, to_log: Callable[[str], None] | None = None, every_s: float = 10.0,
+                 stream: TextIO | None = None, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.to_log, self.every_s, self.clock = to_log, every_s, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = is_terminal(self.stream) if tty is None else tty
+        self.shown: str | None = None  # the last line shown
+        self.logged: str | None = None  # the last line handed to `to_log`
+        self.logged_at = -float("inf")
+        self.closed = False
+
+    def show(self, text: str) -> None:
+        """A line, unless it is the one shown last."""
+        if text == self.shown:
+            return
+        self.shown = text
+        draw(self.stream, text, self.tty)
+        if not self.tty or self.clock() - self.logged_at >= self.every_s:
+            self._log(text)
+
+    def close(self) -> None:
+        """The end: a terminal's live line is ended; the log gets the last line if it has not yet.
+        Idempotent."""
+        if self.closed or self.shown is None:
+            return
+        self.closed = True
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+        if self.logged != self.shown:
+            self._log(self.shown)
+
+    def _log(self, text: str) -> None:
+        self.logged, self.logged_at = text, self.clock()
+        if self.to_log is not None:
+            self.to_log(text)

@@ -215,6 +215,7 @@ def existing_checkpoint(cfg: Config, run_name: str, run_path: str) -> str | None
 def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: str | None = None) -> TrainJob:
     """Resolve everything a worker needs: shards, tokenizer, model config, schedule, tracking."""
     from mmcore.data import SampleConfig
+    from pipelines.train.telemetry import progress_every_s
 
     t = cfg.train
     tasks = resolve_tasks(cfg, task)
@@ -232,7 +233,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     pretrain = task == "pretrain"
     run = RunSpec(name=name, task=task, tasks=tasks, total_steps=t.steps if pretrain else t.finetune_steps,
                   lr=t.lr if pretrain else t.finetune_lr, uri=path, path=None if "://" in path else path,
-                  init_from=init_dir,
+                  init_from=init_dir, progress_every_s=progress_every_s(t.progress_every_s),
                   lineage={"dataset_version": version, "data_dir": str(data_dir), "config_hash": cfg.hash(),
                            "init_from": str(init_from) if init_from else None, "preset": cfg.model.preset})
     text_positions = model_cfg.text.max_positions or cfg.model.max_text_len
@@ -326,9 +327,10 @@ def run_training(cfg: Config, data_dir, task: str, init_from=None, run_name: str
     `task`: pretrain | caption | vqa | retrieval | finetune (= `train.finetune_tasks`, alternated).
     `init_from`: a checkpoint directory or `models:/NAME@alias` to start from (fine-tuning).
     One live driver per run name (`pipelines.train.runlock`): a second one fails with TrainingError.
-    `on_progress`: called in this process with each of rank 0's progress lines (`telemetry.
-    TrainProgress`, every `train.progress_every_s`), e.g. a Prefect run logger; they reach the
-    console anyway, through Ray.
+    Rank 0's progress line (`telemetry.TrainProgress`) shows on this process's stderr: redrawn in
+    place on a terminal, a plain line every `train.progress_every_s` in a log. `on_progress` also
+    gets those plain lines, in this process (e.g. the Prefect run's API log; it must not print to
+    the console itself, or they show twice).
     """
     from pipelines.runtime import quiet_environment
     from pipelines.train.runlock import RunInUseError, run_lock
@@ -347,7 +349,8 @@ def fit(cfg: Config, job: TrainJob, callbacks: Sequence = (),
         on_progress: Callable[[str], None] | None = None) -> Path:
     """Run the job's TorchTrainer (the caller holds the run's lock); the final checkpoint dir.
     A run the NaN/Inf guard stopped left a note in its folder: raise it as a TrainingError.
-    Rank 0's progress lines go to `on_progress` while it runs (`telemetry.relay_progress`)."""
+    Rank 0's progress lines show on stderr and go to `on_progress` while it runs
+    (`telemetry.relay_progress`)."""
     from pipelines.core.storage import exists, join, read_json, remove
     from pipelines.runtime import init_ray
     from pipelines.train.guard import ABORT_FILE
@@ -364,7 +367,7 @@ def fit(cfg: Config, job: TrainJob, callbacks: Sequence = (),
     print(f"[train] {job.run.name}: {job.run.task} for {job.run.total_steps} steps on {workers} worker(s) "
           f"({s.strategy}), storage {job.run.uri}", flush=True)
     try:
-        with relay_progress(job.run.uri, on_progress):
+        with relay_progress(job.run.uri, on_progress, every_s=cfg.train.progress_every_s):
             result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause and name the run
         raise TrainingError(f"training run {job.run.name} failed: {e}") from e

@@ -38,6 +38,7 @@ class RunSpec:
     path: str | None = None  # the same folder when it is local (shared) storage, else None
     init_from: str | None = None  # checkpoint dir whose weights start this run (fine-tuning)
     lineage: dict[str, Any] = field(default_factory=dict)  # dataset version, config hash, init
+    progress_every_s: float = 10.0  # rank 0's progress line (`telemetry.progress_every_s`)
 
 
 @dataclass

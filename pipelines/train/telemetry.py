@@ -11,14 +11,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipelines.core.mlflow import MlflowTracker
-from pipelines.core.progress import Progress
+from pipelines.core.progress import Progress, RelayedLines, is_terminal
 from pipelines.core.storage import exists, join, read_json, remove, write_json_atomic
 from pipelines.train.job import TrainJob
 from pipelines.train.throughput import Throughput, mfu, peak_flops, train_flops_per_sample
@@ -98,26 +98,33 @@ def speed(meter: Throughput, worker: Worker, flops_per_sample: float | None) -> 
 
 
 PROGRESS_FILE = "progress.json"  # in the run folder: rank 0's last progress line, for the driver
+LIVE_EVERY_S = 1.0  # how often rank 0 writes its line while the driver shows it live on a terminal
 
 log = logging.getLogger("pipelines.train")
 
 
+def progress_every_s(every_s: float, console: TextIO | None = None) -> float:
+    """How often rank 0 writes its progress line: `train.progress_every_s`, or every
+    `LIVE_EVERY_S` (when that is more often) while the driver's console (stderr) is a terminal,
+    where `relay_progress` redraws the line live."""
+    return min(every_s, LIVE_EVERY_S) if is_terminal(console or sys.stderr) else every_s
+
+
 class TrainProgress:
-    """Rank 0's progress line, in its stdout (Ray forwards it to the driver's console) and in the
-    run folder's `PROGRESS_FILE` (`relay_progress` hands it to the driver's caller):
+    """Rank 0's progress line, written into the run folder's `PROGRESS_FILE` (never to its
+    stdout, which Ray forwards to the driver's console: `relay_progress` shows it there, once):
 
         [train] NAME: 40/300 steps (13%), 1.9 steps/s, 2m17s left, 21s elapsed; task caption, loss 3.412, 61.2 samples/s
 
-    At most every `train.progress_every_s` seconds, and at the last step. The rate is wall-clock
-    time since this worker started (validation and checkpoints included), so the time left is
-    what a person waits; samples/s is the global batch (all ranks) times that rate."""
+    At most every `run.progress_every_s` seconds (`progress_every_s`), and at the last step. The
+    rate is wall-clock time since this worker started (validation and checkpoints included), so
+    the time left is what a person waits; samples/s is the global batch (all ranks) times that rate."""
 
     def __init__(self, job: TrainJob, worker: Worker, start_step: int):
         self.job, self.worker = job, worker
         self.global_batch = job.train.batch_size * job.grad_accum * worker.world_size
         self.bar = Progress(f"[train] {job.run.name}", total=job.run.total_steps, unit="steps",
-                            stream=sys.stdout, every_s=job.train.progress_every_s, tty=False,
-                            initial=start_step)
+                            every_s=job.run.progress_every_s, initial=start_step, on_line=self.publish)
         self.task, self.loss, self.loss_tensor = "", math.nan, None
 
     def step(self, task: str, out: dict[str, Tensor]) -> None:
@@ -126,12 +133,16 @@ class TrainProgress:
         if not self.worker.is_main:
             return
         self.task, self.loss_tensor = task, out["loss"]
-        written = self.bar.update(1, note=self.note)
+        self.bar.update(1, note=self.note)
         if self.bar.done >= self.bar.total:
             self.bar.close()  # writes the last line unless the update just did
-            written = True
-        if written and self.job.run.uri:
+
+    def publish(self, line: str) -> None:
+        """A line written: into the run folder for the driver (without one, to stdout)."""
+        if self.job.run.uri:
             write_json_atomic(join(self.job.run.uri, PROGRESS_FILE), self.facts())
+        else:
+            print(line, flush=True)
 
     def note(self) -> str:
         self.loss = float(self.loss_tensor) if self.loss_tensor is not None else math.nan
@@ -155,28 +166,30 @@ class TrainProgress:
 
 
 @contextlib.contextmanager
-def relay_progress(run_uri: str | None, on_line: Callable[[str], None] | None,
-                   poll_s: float = 2.0) -> Iterator[None]:
-    """While the block runs (the driver's `trainer.fit()`), hand each new line of rank 0's
-    `PROGRESS_FILE` to `on_line`, and the last one after the block. The polling thread runs in a
-    copy of the caller's context, so `on_line` may log to the caller's Prefect run. A line from an
-    earlier attempt of the run is removed first; nothing happens without `on_line`."""
-    if on_line is None or not run_uri:
+def relay_progress(run_uri: str | None, on_line: Callable[[str], None] | None = None, every_s: float = 10.0,
+                   console: TextIO | None = None, poll_s: float | None = None) -> Iterator[None]:
+    """While the block runs (the driver's `trainer.fit()`), show each new line of rank 0's
+    `PROGRESS_FILE` on the console (stderr): on a terminal one line redrawn in place, in a log a
+    plain line each (`progress.RelayedLines`). `on_line` (e.g. the Prefect run's API log, which
+    must not print to the console itself) gets the lines a log gets: every `every_s` seconds and
+    the last. The polling thread runs in a copy of the caller's context, so `on_line` may log to
+    the caller's Prefect run. A line from an earlier attempt of the run is removed first."""
+    if not run_uri:
         yield
         return
+    lines = RelayedLines(on_line, every_s=every_s, stream=console)
+    poll_s = poll_s if poll_s is not None else (LIVE_EVERY_S / 2 if lines.tty else 2.0)
     note = join(run_uri, PROGRESS_FILE)
     if exists(note):
         remove(note)
-    seen: list[str | None] = [None]
 
     def poll() -> None:
         try:
             line = read_json(note)["line"] if exists(note) else None
         except (OSError, ValueError, KeyError, TypeError):  # being replaced: the next poll reads it
             return
-        if line and line != seen[0]:
-            seen[0] = line
-            on_line(line)
+        if line:
+            lines.show(line)
 
     stop = threading.Event()
 
@@ -196,3 +209,4 @@ def relay_progress(run_uri: str | None, on_line: Callable[[str], None] | None,
         stop.set()
         thread.join(timeout=poll_s + 10.0)
         poll()
+        lines.close()

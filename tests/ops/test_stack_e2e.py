@@ -139,6 +139,15 @@ def test_deploy_then_a_worker_run_registers_a_champion_on_the_servers(stack):
     # the worker's flow run used the stack's Ray cluster, not a Ray of its own
     assert "Connecting to existing Ray cluster at address: " in worker_log
     assert f":{state['ports']['ray_gcs']}..." in worker_log
+    # training's progress: plain lines in the worker's log (not a terminal), each once, from the
+    # driver (not also forwarded by Ray from rank 0); and in the flow run's log in the UI
+    progress = [line for line in worker_log.splitlines() if "[train] " in line and " steps (" in line]
+    assert progress and all(line.startswith("[train] ") for line in progress), progress
+    assert len(progress) == len(set(progress)), progress
+    (smoke,) = _api(env, "/flow_runs/filter", {"deployments": {"name": {"any_": ["smoke"]}},
+                                               "flows": {"name": {"any_": ["retrain"]}}})
+    logged = [log["message"] for log in _run_logs(env, smoke["id"]) if log["name"] == "mmfusion.train.progress"]
+    assert set(logged) == set(progress) and any("(100%)" in m for m in logged), (logged, progress)
     reg, stack["times"]["registry list"] = _sh("mmfusion registry list", env, 300)
     assert reg.returncode == 0, reg.stderr
     assert "mmfusion-debug" in reg.stdout and "'champion': '1'" in reg.stdout, reg.stdout
@@ -146,13 +155,24 @@ def test_deploy_then_a_worker_run_registers_a_champion_on_the_servers(stack):
     assert not (stack["home"] / "mlflow.db").exists()
 
 
-def _api(env: dict[str, str], path: str, body: dict | None = None):
+def _api(env: dict[str, str], path: str, body: dict | None = None, method: str | None = None):
     """Prefect's REST API, as the UI calls it."""
-    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path,
+                                 method=method or ("POST" if body is not None else "GET"),
                                  data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+        text = resp.read()
+    return json.loads(text) if text else None
+
+
+def _run_logs(env: dict[str, str], flow_run_id: str) -> list[dict]:
+    """Every log record of a flow run, as its page in the UI shows them."""
+    logs: list[dict] = []
+    while page := _api(env, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
+                                             "offset": len(logs), "limit": 200}):
+        logs += page
+    return logs
 
 
 def test_the_ui_triggers_a_typed_ingest_and_a_cron_deployment_gets_scheduled_runs(stack):
@@ -193,6 +213,46 @@ def test_the_ui_triggers_a_typed_ingest_and_a_cron_deployment_gets_scheduled_run
     assert any("ingest" in line and "Completed" in line for line in lines)
     assert any(line.startswith("  next: retrain") and "02:00:00" in line for line in lines)
     assert sum(line.strip().startswith(("head", "worker")) for line in lines) == 2
+
+
+def test_a_scheduled_run_is_executed_by_the_worker_and_skips_unchanged_training(stack):
+    """A schedule that fires within a minute (cron `* * * * *`): the worker runs a run the scheduler
+    made, not a manual trigger, to Completed. Data, config and code are those `smoke` trained
+    on, so the retrain is skipped as unchanged. Then the deployment goes, so nothing keeps firing."""
+    env = stack["client_env"]
+    started = time.monotonic()
+    done, _ = _sh("mmfusion deploy --config configs/debug.yaml --name every-minute --cron '* * * * *'", env, 300)
+    assert done.returncode == 0, done.stderr
+    dep = _api(env, "/deployments/name/retrain/every-minute")
+
+    def runs(*states: str) -> list:
+        flow_runs = {"state": {"type": {"any_": list(states)}}} if states else {}
+        return _api(env, "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": flow_runs})
+
+    active = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLING", "CANCELLED", "PAUSED")
+    assert procs.wait_until(lambda: len(runs(*active)) > 0, 240, 2), f"the worker started no scheduled run: {runs()}"
+    stack["times"]["deploy --cron '* * * * *' until the worker starts a scheduled run"] = time.monotonic() - started
+    # one is enough: pause the schedule, which deletes the runs it laid out and makes no more
+    _api(env, f"/deployments/{dep['id']}/pause_deployment", {})
+    assert runs("SCHEDULED") == []
+    picked = runs(*active)
+    final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+    assert procs.wait_until(lambda: all(r["state"]["type"] in final for r in runs(*active)), 600, 2), runs(*active)
+    stack["times"]["scheduled run (skipped: unchanged)"] = time.monotonic() - started
+    for run in runs(*active):
+        messages = [log["message"] for log in _run_logs(env, run["id"])]
+        assert run["state"]["type"] == "COMPLETED", (run["state"], messages[-20:])
+        assert run["auto_scheduled"] and run["created_by"]["type"] == "SCHEDULE"  # not a trigger's
+        skipped = _api(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["retrain-skipped"]},
+                                                                "flow_run_id": {"any_": [run["id"]]}}})
+        assert skipped, ("it trained: data, config or code differ from smoke's",
+                         [m for m in messages if "[retrain]" in m or "[train]" in m][:20])
+        assert "nothing changed since champion" in skipped[0]["data"], skipped[0]["data"]
+    print(f"scheduled runs executed by the worker: {[r['name'] for r in picked]}")
+    # `mmfusion deploy` made ingest/every-minute too (no schedule): both go
+    for gone in (dep, _api(env, "/deployments/name/ingest/every-minute")):
+        _api(env, f"/deployments/{gone['id']}", method="DELETE")
+    assert [d["name"] for d in _api(env, "/deployments/filter", {}) if d["name"] == "every-minute"] == []
 
 
 def _browser(playwright):

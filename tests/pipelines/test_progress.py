@@ -98,3 +98,47 @@ def test_ingest_reports_progress_through_it(ray_local, tiny_source, tmp_path, ca
     assert "\r" not in err
     assert json.loads((next((tmp_path / "datasets").glob("*/manifest.json"))).read_text())["splits"]
 
+
+
+def test_relayed_lines_on_a_terminal_are_one_live_line_and_the_log_gets_every_interval():
+    """Lines made elsewhere (rank 0's, relayed by the training driver): redrawn in place on a real
+    pseudo-terminal; the log beside it (a Prefect run's API log) gets one every `every_s` and the
+    last, so nothing shows twice on the terminal and the log keeps its pace."""
+    from pipelines.core.progress import RelayedLines
+
+    master, slave = pty.openpty()
+    clock, logged = Clock(), []
+    try:
+        with open(slave, "w", closefd=False) as tty_stream:
+            lines = RelayedLines(logged.append, every_s=10, stream=tty_stream, clock=clock)
+            assert lines.tty
+            for step in range(1, 26):  # a new line each second
+                clock.now += 1.0
+                lines.show(f"[train] run: {step}/25 steps")
+                lines.show(f"[train] run: {step}/25 steps")  # polled again, unchanged: not redrawn
+            lines.close()
+            lines.close()
+        out = read_all(master)
+    finally:
+        os.close(master)
+        os.close(slave)
+    frames = [f for f in out.split("\r\x1b[2K") if f]
+    assert [f.rstrip() for f in frames] == [f"[train] run: {s}/25 steps" for s in range(1, 26)]
+    assert out.count("\n") == 1
+    assert logged == [f"[train] run: {s}/25 steps" for s in (1, 11, 21, 25)]
+
+
+def test_relayed_lines_in_a_log_are_plain_lines_once_each():
+    from pipelines.core.progress import RelayedLines
+
+    read_fd, write_fd = os.pipe()
+    logged: list[str] = []
+    with os.fdopen(write_fd, "w") as pipe:
+        lines = RelayedLines(logged.append, every_s=10, stream=pipe)
+        assert not lines.tty
+        for text in ("a: 1/3", "a: 1/3", "a: 2/3", "a: 3/3"):
+            lines.show(text)
+        lines.close()
+    with os.fdopen(read_fd) as reader:
+        assert reader.read() == "a: 1/3\na: 2/3\na: 3/3\n"  # their maker spaced them: each one, once
+    assert logged == ["a: 1/3", "a: 2/3", "a: 3/3"]

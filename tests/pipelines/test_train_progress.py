@@ -4,6 +4,7 @@ caller (the Prefect task's logger in the retrain flow), and MLflow gets the time
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -16,10 +17,17 @@ from pipelines.train.telemetry import PROGRESS_FILE
 pytestmark = pytest.mark.timeout(600)
 
 STEPS = 6
-LINE = re.compile(
-    r"\[train\] progress: (?P<step>\d+)/6 steps \((?P<share>\d+)%\), (?P<rate>[\d.e+-]+) steps/s"
-    r"(?:, (?P<left>\S+) left)?, \S+ elapsed; task (?P<task>\w+), loss (?P<loss>\S+), (?P<sps>[\d.e+-]+) samples/s"
-)
+
+
+def line_pattern(run: str, total: int | str = r"\d+") -> re.Pattern:
+    """Rank 0's progress line of run `run`."""
+    return re.compile(
+        rf"\[train\] {run}: (?P<step>\d+)/{total} steps \((?P<share>\d+)%\), (?P<rate>[\d.e+-]+) steps/s"
+        r"(?:, (?P<left>\S+) left)?, \S+ elapsed; task (?P<task>\w+), loss (?P<loss>\S+), (?P<sps>[\d.e+-]+) samples/s"
+    )
+
+
+LINE = line_pattern("progress", STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +79,76 @@ def test_the_run_folder_holds_the_last_line_and_mlflow_the_time_left(progress_ru
     eta = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eta_s")}
     assert progress == {3: 0.5, 6: 1.0}  # at the log points (train.log_every=3)
     assert sorted(eta) == [3, 6] and eta[3] > 0 and eta[6] == 0.0
+
+
+def rank0_job(run_uri: str, total: int):
+    """What `TrainProgress` reads of a job and a worker (rank 0 of one, a line at every step)."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(name="live", total_steps=total, progress_every_s=0.0, uri=run_uri)
+    job = SimpleNamespace(run=run, train=SimpleNamespace(batch_size=4), grad_accum=1)
+    return job, SimpleNamespace(is_main=True, world_size=1)
+
+
+def test_on_a_terminal_rank_0s_lines_are_one_live_line_and_the_run_log_gets_plain_ones(tmp_path, capsys):
+    """Rank 0 (`TrainProgress`) writes its lines into the run folder, never to its stdout (which
+    Ray forwards to the driver's console); the driver's relay redraws them in place on a real
+    pseudo-terminal and hands the run's log (`on_progress`) one every `train.progress_every_s`
+    and the last."""
+    import os
+    import pty
+    import time
+
+    import torch
+    from test_progress import read_all
+
+    from pipelines.train.telemetry import LIVE_EVERY_S, TrainProgress, progress_every_s, relay_progress
+
+    total, logged = 5, []
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", closefd=False) as console:
+            assert progress_every_s(10.0, console) == LIVE_EVERY_S  # rank 0 writes often: the line is live
+            job, worker = rank0_job(str(tmp_path), total)
+            with relay_progress(str(tmp_path), logged.append, every_s=10.0, console=console, poll_s=0.02):
+                rank0 = TrainProgress(job, worker, start_step=0)
+                for step in range(total):
+                    time.sleep(0.15)
+                    rank0.step(("pretrain", "caption")[step % 2], {"loss": torch.tensor(3.0 - step / 10)})
+        out = read_all(master)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert capsys.readouterr().out == ""  # nothing from rank 0 itself
+    frames = [line_pattern("live").fullmatch(f.rstrip()) for f in out.split("\r\x1b[2K") if f]
+    assert all(frames), out
+    steps = [int(m["step"]) for m in frames]
+    assert steps == sorted(set(steps)) and steps[-1] == total and len(steps) >= 3, out
+    assert frames[-1]["task"] == "pretrain" and float(frames[-1]["loss"]) == pytest.approx(2.6)
+    assert out.count("\n") == 1 and out.endswith("\n")  # one line, ended when training ends
+    # the log: the first line and the last (every 10 s; the whole run took under a second)
+    assert [int(line_pattern("live").fullmatch(x)["step"]) for x in logged] == [steps[0], total]
+    assert logged[-1] == frames[-1].string
+
+
+def test_in_a_log_rank_0s_lines_are_plain_lines_once_each(tmp_path):
+    import time
+
+    import torch
+
+    from pipelines.train.telemetry import TrainProgress, progress_every_s, relay_progress
+
+    read_fd, write_fd = os.pipe()
+    logged: list[str] = []
+    with os.fdopen(write_fd, "w") as console:
+        assert progress_every_s(10.0, console) == 10.0
+        job, worker = rank0_job(str(tmp_path), 3)
+        with relay_progress(str(tmp_path), logged.append, every_s=10.0, console=console, poll_s=0.02):
+            rank0 = TrainProgress(job, worker, start_step=0)
+            for _ in range(3):
+                time.sleep(0.15)
+                rank0.step("caption", {"loss": torch.tensor(1.0)})
+    with os.fdopen(read_fd) as reader:
+        printed = reader.read().splitlines()
+    assert "\r" not in "".join(printed)
+    assert printed == logged and [int(line_pattern("live").fullmatch(x)["step"]) for x in printed] == [1, 2, 3]
