@@ -88,31 +88,27 @@ def sources(root: Path) -> list[Path]:
     return sorted(p for top in TOP_LEVEL if (root / top).is_dir() for p in (root / top).rglob("*.py"))
 
 
-def rank_violations(root: Path) -> list[str]:
-    """`file imports module (layer a may not import layer b)` for every import against the ranks."""
-    out = []
+def layered_imports(root: Path):
+    """`(path, imported module, importer's layer, imported layer)` for every import between two
+    ranked layers (imports within a layer or of an unranked module are left out)."""
     for path in sources(root):
         mine = layer_of(module_name(root, path))
         for target in sorted(imports_of(root, path)):
             theirs = layer_of(target)
-            if mine is None or theirs is None or theirs == mine:
-                continue
-            if RANKS.index(theirs) > RANKS.index(mine):
-                out.append(f"{path.relative_to(root)} imports {target} ({mine} may not import {theirs})")
-    return out
+            if mine is not None and theirs is not None and theirs != mine:
+                yield path, target, mine, theirs
+
+
+def rank_violations(root: Path) -> list[str]:
+    """`file imports module (layer a may not import layer b)` for every import against the ranks."""
+    return [f"{path.relative_to(root)} imports {target} ({mine} may not import {theirs})"
+            for path, target, mine, theirs in layered_imports(root) if RANKS.index(theirs) > RANKS.index(mine)]
 
 
 def peer_violations(root: Path) -> list[str]:
     """`file imports module (a may not import b: ...)` for every import between two `PEER_JOBS`."""
-    out = []
-    for path in sources(root):
-        mine = layer_of(module_name(root, path))
-        for target in sorted(imports_of(root, path)):
-            theirs = layer_of(target)
-            if mine in PEER_JOBS and theirs in PEER_JOBS and theirs != mine:
-                out.append(f"{path.relative_to(root)} imports {target} "
-                           f"({mine} may not import {theirs}: the jobs meet in pipelines.core)")
-    return out
+    return [f"{path.relative_to(root)} imports {target} ({mine} may not import {theirs}: the jobs meet in pipelines.core)"
+            for path, target, mine, theirs in layered_imports(root) if mine in PEER_JOBS and theirs in PEER_JOBS]
 
 
 def third_party_violations(root: Path) -> list[str]:

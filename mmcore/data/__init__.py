@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "collate": "collate", "collate_audio": "collate", "pad_ids": "collate", "pad_waves": "collate",
+    "collate": "collate", "collate_audio": "collate", "pad_ids": "collate", "pad_waves": "collate", "pad_tokens": "collate",
     "SampleConfig": "sample", "decode_sample": "sample", "waveform": "sample",
     "ShardSample": "shard", "parse_sample": "shard",
     "SPECIAL_TOKENS": "tokenizer", "decode_text": "tokenizer", "encode": "tokenizer", "load_tokenizer": "tokenizer",

@@ -75,6 +75,13 @@ def pad_waves(waves: list[Tensor]) -> tuple[Tensor, Tensor]:
     return audio, torch.tensor([len(w) for w in waves], dtype=torch.long)
 
 
+def pad_tokens(seqs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Right-pad token sequences `(N_i, D)` with zeros -> `(tokens (B, N, D), mask (B, N) bool)`."""
+    tokens = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    lengths = torch.tensor([len(t) for t in seqs], device=tokens.device)
+    return tokens, torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+
+
 def collate_audio(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
     """`audio (B, T)`, `audio_lengths (B,)`, `has_audio (B,)`, `transcript_ids/_mask (B, L)`,
     `question_audio (B, Tq)`, `question_audio_lengths (B,)`, `has_question_audio (B,)`."""

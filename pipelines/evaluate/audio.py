@@ -72,15 +72,12 @@ def likelihood_score(model, tokens: list[Tensor], ids: list[list[int]], batch_si
     """`score(clips, texts)`: log p(text | clip) (`FusionModel.transcript_log_likelihood`) for
     pairs of indices into `tokens` (each clip's valid audio tokens `(N_i, D)`) and `ids` (each
     text's token ids), `batch_size` pairs at a time."""
-    from mmcore.data import pad_ids
+    from mmcore.data import pad_ids, pad_tokens
 
     def score(clips: Tensor, texts: Tensor) -> Tensor:
         out = []
         for s in range(0, len(clips), batch_size):
-            chosen = [tokens[i] for i in clips[s: s + batch_size].tolist()]
-            memory = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True)
-            lengths = torch.tensor([len(t) for t in chosen])
-            memory_mask = torch.arange(memory.shape[1])[None] < lengths[:, None]
+            memory, memory_mask = pad_tokens([tokens[i] for i in clips[s: s + batch_size].tolist()])
             text_ids, text_mask = pad_ids([torch.tensor(ids[j]) for j in texts[s: s + batch_size].tolist()],
                                           model.cfg.pad_id)
             out.append(model.transcript_log_likelihood(memory, memory_mask, text_ids, text_mask))

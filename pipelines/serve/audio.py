@@ -81,7 +81,7 @@ def retrieve_audio(p: Predictor, paths, text: str, top_k: int = 5, rerank_k: int
     Clips are ranked by the cosine similarity of the audio-text embeddings (the score). With
     `rerank_k` > 0 the nearest max(rerank_k, top_k) are re-ranked by log p(text | clip) under the
     speech decoder, which is then their score, as evaluation does (`eval.audio_rerank_k`)."""
-    from mmcore.data import encode
+    from mmcore.data import encode, pad_tokens
 
     ids = torch.tensor([encode(p.tokenizer, text, p.max_text_len)], device=p.device)
     _, t = p.model.encode_text(ids, torch.ones_like(ids))
@@ -96,11 +96,8 @@ def retrieve_audio(p: Predictor, paths, text: str, top_k: int = 5, rerank_k: int
         return [(Path(paths[i]), float(sims[i])) for i in order.tolist()]
     scores = []
     for s in range(0, len(order), batch_size):
-        chosen = [tokens[i] for i in order[s: s + batch_size].tolist()]
-        memory = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True)
-        memory_mask = torch.arange(memory.shape[1], device=memory.device)[None] < torch.tensor(
-            [len(c) for c in chosen], device=memory.device)[:, None]
-        text_ids = ids.expand(len(chosen), -1)
+        memory, memory_mask = pad_tokens([tokens[i] for i in order[s: s + batch_size].tolist()])
+        text_ids = ids.expand(len(memory), -1)
         scores.append(p.model.transcript_log_likelihood(memory, memory_mask, text_ids, torch.ones_like(text_ids)).cpu())
     loglik = torch.cat(scores)
     best = loglik.argsort(descending=True)[:top_k]
