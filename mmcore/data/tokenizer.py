@@ -9,7 +9,7 @@ directory has other ids ([CLS]=101); read them with `special_token_ids` instead 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -19,15 +19,18 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
-    """Train a lower-casing BERT-style WordPiece tokenizer on `texts` (captions, questions, answers)."""
+    """Train a lower-casing BERT-style WordPiece tokenizer on `texts` (captions, questions, answers).
+
+    The same texts give the same tokenizer in every process (`reproducible_vocab`)."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
     )
-    tok.train_from_iterator(texts, trainer)
-    tok.model = models.WordPiece(vocab=canonical_vocab(tok.get_vocab()), unk_token="[UNK]")
+    words: set[str] = set()
+    tok.train_from_iterator(_noting_words(texts, words), trainer)
+    tok.model = models.WordPiece(vocab=reproducible_vocab(tok, words), unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -40,10 +43,35 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedT
     )
 
 
+def _noting_words(texts: Iterable[str], words: set[str]) -> Iterator[str]:
+    """`texts`, unchanged, while their distinct words (normalised, pre-tokenised) go into `words`.
+    Its own normaliser and pre-tokeniser: the tokenizer being trained is locked while it reads
+    this iterator, and calling into it from here would deadlock."""
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        yield text
+
+
+def reproducible_vocab(tok: Tokenizer, words: set[str]) -> dict[str, int]:
+    """The trained vocabulary cut to what the training words use, numbered canonically.
+
+    HF's WordPiece trainer breaks ties between equally frequent merges in hash-map order, which
+    differs from process to process (huggingface/tokenizers#1794). On a small corpus every word
+    ends up whole, but the intermediate pieces it built on the way ("righ" before "right") differ,
+    and with them the ids of every token after them: the same captions gave a different tokenizer,
+    hence a different model, on every ingest. Kept: the specials, each piece some training word is
+    split into (greedy longest match, so cutting the unused ones changes no training word's
+    tokens), and every character seen, alone and as a `##` continuation, so that an unseen word
+    made of seen characters still has pieces."""
+    used = {piece.value for word in words for piece in tok.model.tokenize(word)}
+    chars = {c for w in words for c in w}
+    alphabet = chars | {"##" + c for c in chars}
+    return canonical_vocab({t: 0 for t in (used | alphabet) - {"[UNK]"}})
+
+
 def canonical_vocab(vocab: dict[str, int]) -> dict[str, int]:
-    """Re-number a trained vocabulary: specials first, then whole words, then `##` pieces, each
-    sorted. The trainer breaks frequency ties in hash order, which differs between processes, so
-    without this the same captions give different ids on every run."""
+    """Re-number a vocabulary: specials first, then whole words, then `##` pieces, each sorted."""
     rest = sorted(set(vocab) - set(SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
     return {token: i for i, token in enumerate(SPECIAL_TOKENS + rest)}
 

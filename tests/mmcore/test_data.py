@@ -44,6 +44,33 @@ def test_trained_vocabulary_is_numbered_canonically(tokenizer):
     assert rest == sorted(rest, key=lambda t: (t.startswith("##"), t))
 
 
+_TRAIN_IN_A_NEW_PROCESS = """
+import json, sys
+from mmcore.data import train_tokenizer
+texts = [f"a {s} {c} {k} {p}" for s in ("small", "large") for c in ("red", "green", "blue", "yellow", "purple")
+         for k in ("circle", "square", "triangle", "diamond") for p in ("on the left", "in the middle", "on the right")]
+tok = train_tokenizer(texts + ["how many shapes are there?", "what color is the triangle?"], vocab_size=400)
+print(json.dumps([dict(sorted(tok.get_vocab().items())), tok("a purple diamond left of a ring?")["input_ids"]]))
+"""
+
+
+def test_the_same_texts_give_the_same_tokenizer_in_every_process():
+    """HF's WordPiece trainer breaks ties in hash-map order, which changes from process to process:
+    the same captions used to give a different vocabulary (and so a different model) per ingest."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _TRAIN_IN_A_NEW_PROCESS], capture_output=True, text=True,
+                           check=True, timeout=120).stdout for _ in range(4)]
+    assert len(set(runs)) == 1, "four processes trained four different tokenizers"
+    vocab, ids = json.loads(runs[0])
+    assert {"purple", "diamond", "triangle", "?"} <= set(vocab)  # whole words stay whole
+    # An unseen word made of seen characters still gets pieces, not [UNK] ("ring": r-i-n-g).
+    inverse = {i: t for t, i in vocab.items()}
+    ring = [inverse[i] for i in ids[8:-2]]  # between "[CLS] a purple diamond left of a" and "? [SEP]"
+    assert vocab["[UNK]"] not in ids and len(ring) > 1 and "".join(p.removeprefix("##") for p in ring) == "ring", ring
+
+
 def test_load_tokenizer_from_pretrained_bert_dir(tmp_path):
     from transformers import BertTokenizerFast
 
