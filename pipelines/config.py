@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     # (bench/results/audio-2026-12-03.md). 0: off. Fine-tuning never uses it.
     curriculum_steps: int = Field(0, ge=0)
     curriculum_max_words: int = Field(8, ge=1)
+    # What the curriculum's steps train, alternated per step; empty: `pretrain_tasks`, as after it.
+    # `[asr]` spends the short phase on speech alone, where the decoder learns to find the words.
+    curriculum_tasks: list[str] = Field(default_factory=list)
     batch_size: int = 32  # per worker
     grad_accum: int = 1
     lr: float = 1e-3

@@ -53,6 +53,20 @@ def resolve_tasks(cfg: Config, task: str) -> list[str]:
     return tasks
 
 
+def curriculum_tasks(cfg: Config, task: str) -> list[str]:
+    """What pretraining's curriculum steps train (`train.curriculum_tasks`), checked; empty for
+    other runs, without a curriculum, or when it trains `train.pretrain_tasks`."""
+    t = cfg.train
+    if task != "pretrain" or not t.curriculum_steps:
+        return []
+    bad = [x for x in t.curriculum_tasks if x not in MODEL_TASKS]
+    if bad:
+        raise TrainingError(
+            f"train.curriculum_tasks={list(t.curriculum_tasks)!r} names {', '.join(map(repr, bad))}, which is not a "
+            f"task; use {'/'.join(MODEL_TASKS)}, or [] to train train.pretrain_tasks during the curriculum too")
+    return list(t.curriculum_tasks)
+
+
 def check_audio_tasks(tasks: list[str], model_cfg, task: str) -> None:
     """Audio tasks need a model with an audio encoder."""
     audio = [t for t in tasks if t in AUDIO_TASKS]
@@ -219,6 +233,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
 
     t = cfg.train
     tasks = resolve_tasks(cfg, task)
+    curriculum = curriculum_tasks(cfg, task)
     init_dir = resolve_init(cfg, init_from)
     train_urls, val_urls = split_urls(data_dir, "train"), split_urls(data_dir, "val")
     check_split_size(cfg, data_dir)
@@ -229,7 +244,7 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     if resume:
         print(f"[train] run {name} exists; resuming from its latest checkpoint in {path}", flush=True)
     tokenizer, model_cfg = tokenizer_and_model_config(cfg, data_dir, resume or init_dir)
-    check_audio_tasks(tasks, model_cfg, task)
+    check_audio_tasks([*tasks, *curriculum], model_cfg, task)
     pretrain = task == "pretrain"
     run = RunSpec(name=name, task=task, tasks=tasks, total_steps=t.steps if pretrain else t.finetune_steps,
                   lr=t.lr if pretrain else t.finetune_lr, uri=path, path=None if "://" in path else path,

@@ -31,7 +31,7 @@ class RunSpec:
 
     name: str
     task: str  # pretrain | caption | vqa | retrieval | finetune
-    tasks: list[str]  # what each step trains: step s uses tasks[s % len(tasks)]
+    tasks: list[str]  # what each step trains: step s uses tasks[s % len(tasks)] (`TrainJob.task_at`)
     total_steps: int
     lr: float = 1e-3  # the peak learning rate
     uri: str | None = None  # the run's storage folder, local path or URI (the abort note goes there)
@@ -84,6 +84,23 @@ class TrainJob:
         return self.train.curriculum_steps if self.run.task == "pretrain" else 0
 
     @property
+    def curriculum_tasks(self) -> list[str]:
+        """What the curriculum's steps train (`train.curriculum_tasks`); empty when there is no
+        curriculum or it trains the run's own tasks."""
+        return list(self.train.curriculum_tasks) if self.curriculum_steps else []
+
+    @property
+    def all_tasks(self) -> list[str]:
+        """Every task some step of this run trains, sorted."""
+        return sorted({*self.run.tasks, *self.curriculum_tasks})
+
+    def task_at(self, step: int) -> str:
+        """What step `step` (0-based) trains: the curriculum's tasks during its steps, if it has
+        its own, else the run's, alternated per step either way."""
+        tasks = self.curriculum_tasks if step < self.curriculum_steps and self.curriculum_tasks else self.run.tasks
+        return tasks[step % len(tasks)]
+
+    @property
     def loss_weights(self) -> dict[str, float]:
         """The loss modules' keyword arguments, from `train`."""
         return {name: getattr(self.train, name) for name in LOSS_WEIGHTS}
@@ -110,6 +127,7 @@ class TrainJob:
             "init_from": r.init_from, "use_gpu": s.use_gpu, "cpus_per_worker": s.cpus_per_worker,
             "compile": t.compile, "activation_checkpointing": t.activation_checkpointing,
             "curriculum_steps": self.curriculum_steps, "curriculum_max_words": t.curriculum_max_words,
+            "curriculum_tasks": self.curriculum_tasks,
             "strategy": s.strategy, "fsdp_reduce_dtype": s.fsdp_reduce_dtype, "run_path": r.path,
             "run_uri": r.uri, "fail_at_step": t.fail_at_step, "fail_marker": self.fail_marker,
             "max_nonfinite_steps": t.max_nonfinite_steps, "nonfinite_at_steps": list(t.nonfinite_at_steps),

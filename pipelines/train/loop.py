@@ -87,7 +87,7 @@ def train_steps(run: Run) -> None:
     while state["step"] < job.run.total_steps:
         step = state["step"]
         maybe_fail(job, worker, step)
-        task = job.run.tasks[step % len(job.run.tasks)]
+        task = job.task_at(step)
         micro = [to_device(next(loader), worker.device) for _ in range(job.grad_accum)]
         batches_read += len(micro)
         if run.flops_per_sample is None and (worker.is_main or is_sharded(run.model)):  # FSDP: a collective

@@ -61,7 +61,7 @@ def build_losses(job: TrainJob, world_size: int, gather: bool) -> dict[str, nn.M
     from mmcore.losses import build_loss
 
     gather_fn = gather_with_grad if gather and world_size > 1 else None
-    return {t: build_loss(t, gather_fn=gather_fn, **job.loss_weights) for t in sorted(set(job.run.tasks))}
+    return {t: build_loss(t, gather_fn=gather_fn, **job.loss_weights) for t in job.all_tasks}
 
 
 def train_step(

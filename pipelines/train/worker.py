@@ -100,7 +100,7 @@ def wrap(model: nn.Module, job: TrainJob, worker: Worker) -> nn.Module:
     import ray.train.torch
 
     # Caption / VQA steps leave the ITC/ITM heads unused; pretraining uses every parameter.
-    unused = any(t != "pretrain" for t in job.run.tasks)
+    unused = any(t != "pretrain" for t in job.all_tasks)
     return ray.train.torch.prepare_model(
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": unused}
     )

@@ -73,6 +73,22 @@ def test_a_tiny_asr_run_hears_what_it_transcribes(cfg, spoken_dataset, ray_local
     assert own < 0.5 * before and own < 0.5, f"WER {own:.3f} after training, {before:.3f} untrained"
 
 
+def test_the_curriculum_trains_its_own_tasks(cfg, spoken_dataset, ray_local):
+    """Pretraining set to captioning alone, but every step inside a curriculum of ASR steps
+    (`train.curriculum_tasks`): the run learns to transcribe, which only ASR steps teach."""
+    from pipelines.train import run_training
+
+    torch.set_num_threads(1)
+    cfg.train.pretrain_tasks, cfg.train.curriculum_tasks = ["caption"], ["asr"]
+    cfg.train.curriculum_steps, cfg.train.curriculum_max_words = cfg.train.steps, 100
+    raws = [decode_audio_members(r, 16_000) for u in shard_paths(spoken_dataset, "train") for r in read_shard(u)]
+    raws = raws[:CLIPS]
+    refs = [r["txt"].decode() for r in raws]
+    said = _transcripts(run_training(cfg, spoken_dataset, "pretrain"), raws)
+    own, deaf = _wer(said, refs), _wer(said, refs[1:] + refs[:1])
+    assert own < 0.6 * deaf and own < 0.5, f"WER {own:.3f} on its own clips vs {deaf:.3f} against another's caption"
+
+
 def test_audio_tasks_need_an_audio_encoder(cfg, spoken_dataset):
     from pipelines.train import TrainingError
     from pipelines.train.driver import build_job

@@ -219,3 +219,15 @@ def test_each_stage_alternates_its_configured_tasks():
     assert resolve_tasks(load_config("debug"), "pretrain") == ["pretrain"]  # the default: all losses at once
     with pytest.raises(TrainingError, match=r"train.pretrain_tasks=\['captions'\]"):
         resolve_tasks(load_config("debug", ["train.pretrain_tasks=[captions]"]), "pretrain")
+
+
+def test_curriculum_tasks_are_checked_and_only_pretraining_has_them():
+    from pipelines.config import load_config
+    from pipelines.train.driver import TrainingError, curriculum_tasks
+
+    cfg = load_config("debug", ["train.curriculum_steps=10", "train.curriculum_tasks=[asr]"])
+    assert curriculum_tasks(cfg, "pretrain") == ["asr"]
+    assert curriculum_tasks(cfg, "finetune") == []
+    assert curriculum_tasks(load_config("debug", ["train.curriculum_tasks=[asr]"]), "pretrain") == []  # no curriculum
+    with pytest.raises(TrainingError, match=r"train.curriculum_tasks=\['asrr'\] names 'asrr'"):
+        curriculum_tasks(load_config("debug", ["train.curriculum_steps=10", "train.curriculum_tasks=[asrr]"]), "pretrain")

@@ -24,7 +24,7 @@ PARAMS = [
     "min_lr_ratio", "grad_clip", "grad_accum", "batch_size", "loss_weights", "checkpoint_every", "eval_every",
     "log_every", "seed", "loader_workers", "shuffle_buffer", "val_max_samples", "eval_batch_size", "init_from",
     "use_gpu", "cpus_per_worker", "compile", "activation_checkpointing",
-    "curriculum_steps", "curriculum_max_words", "strategy", "fsdp_reduce_dtype",
+    "curriculum_steps", "curriculum_max_words", "curriculum_tasks", "strategy", "fsdp_reduce_dtype",
     "run_path", "run_uri", "fail_at_step", "fail_marker", "max_nonfinite_steps", "nonfinite_at_steps",
     "mlflow_uri", "mlflow_experiment", "lineage",
 ]
@@ -74,3 +74,18 @@ def test_the_curriculum_applies_to_pretraining_only(job):
     pretrain = TrainJob(RunSpec("pre", "pretrain", ["asr"], total_steps=9), job.data, job.model, train=train)
     assert (pretrain.curriculum_steps, finetune.curriculum_steps) == (50, 0)
     assert pretrain.describe()["curriculum_steps"] == 50
+
+
+def test_the_curriculum_trains_its_own_tasks_then_the_runs(job):
+    train = job.train.model_copy(update={"curriculum_steps": 4, "curriculum_tasks": ["asr"]})
+    pretrain = TrainJob(RunSpec("pre", "pretrain", ["caption", "asr", "vqa"], total_steps=9), job.data, job.model,
+                        train=train)
+    # Steps 0-3 are the curriculum's (ASR only); from step 4 the run's tasks, indexed by step as always.
+    assert [pretrain.task_at(s) for s in range(9)] == ["asr"] * 4 + ["asr", "vqa", "caption", "asr", "vqa"]
+    assert pretrain.all_tasks == ["asr", "caption", "vqa"]  # one loss each, DDP told of unused heads
+    assert pretrain.describe()["curriculum_tasks"] == ["asr"]
+    # Fine-tuning never runs the curriculum, nor its tasks; without curriculum tasks nothing changes.
+    finetune = TrainJob(job.run, job.data, job.model, train=train)
+    assert [finetune.task_at(s) for s in range(3)] == ["caption", "vqa", "caption"] and finetune.curriculum_tasks == []
+    plain = TrainJob(pretrain.run, job.data, job.model, train=train.model_copy(update={"curriculum_tasks": []}))
+    assert [plain.task_at(s) for s in range(4)] == ["caption", "asr", "vqa", "caption"]
