@@ -30,13 +30,14 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import DataConfig
 from pipelines.core import dataset, storage
 from pipelines.core.progress import Progress
-from pipelines.ingest.dedup import deduplicate
+from pipelines.ingest.dedup import DedupResult, deduplicate
 from pipelines.ingest.fingerprint import fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.shards import plan_shards, write_shard
 from pipelines.ingest.sources import detect_format, list_refs
@@ -375,20 +376,32 @@ def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
                 "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
                 "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()},
                 "media": media_counts(result.kept),
-                "tokenizer": write_tokenizer(vdir, [storage.join(vdir, e["path"]) for e in splits["train"]], cfg)}
+                "tokenizer": write_tokenizer(vdir, train_texts(result), cfg)}
     storage.write_json_atomic(storage.join(vdir, dataset.MANIFEST), manifest)
 
 
-def write_tokenizer(vdir: str, train_urls: list[str], cfg: DataConfig) -> dict[str, Any] | None:
-    """Train the version's WordPiece tokenizer (`data.vocab_size`) on its train shards' texts and
-    write it to `<version>/tokenizer/`; returns the manifest entry (each file's sha256), or None
-    when the train split has no text. Training breaks frequency ties in hash order, so a second
-    training could give other ids: the version carries the one every run on it uses."""
+def train_texts(result: DedupResult) -> Iterator[str]:
+    """The train shards' texts, in shard order (what `dataset.sample_texts` reads back from them),
+    from the accounting rows the driver holds: each kept train sample's captions and QA pairs,
+    with what its duplicates merged in (`with_extra_captions`). Reading the shards back instead
+    costs their bytes again, and webdataset's reader imports torch (~1.5 s)."""
+    for row in result.kept:
+        if row["split"] == "train":
+            captions = json.loads(row["captions"]) + result.extra_captions.get(row["key"], [])
+            # a sample without captions reads back as its empty primary caption (`parse_sample`)
+            yield from dataset.texts_of(captions or [""], json.loads(row["qa"]) + row.get("merged_qa", []))
+
+
+def write_tokenizer(vdir: str, texts: Iterable[str], cfg: DataConfig) -> dict[str, Any] | None:
+    """Train the version's WordPiece tokenizer (`data.vocab_size`) on its train split's `texts`
+    and write it to `<version>/tokenizer/`; returns the manifest entry (each file's sha256), or
+    None when the train split has no text. Training breaks frequency ties in hash order, so a
+    second training could give other ids: the version carries the one every run on it uses."""
     import tempfile
 
     from mmcore.data import train_tokenizer
 
-    texts = list(dataset.sample_texts(train_urls))
+    texts = list(texts)
     if not texts:
         return None
     t0 = time.time()

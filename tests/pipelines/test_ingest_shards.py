@@ -284,3 +284,31 @@ def test_ref_chunks_follow_task_sizes_and_split_tasks_whose_refs_are_large():
     assert [json.loads(line)["order"] for c in chunks for line in c] == list(range(3000))  # all, in order
     assert len(chunks) > len(task_sizes(3000, 2))
     assert ref_chunks([], task_sizes(0, 2)) == []
+
+
+def test_the_tokenizer_texts_from_the_rows_are_what_the_train_shards_hold(tmp_path):
+    """Ingest trains the tokenizer on `train_texts` (the accounting rows) instead of reading the
+    train shards back: the same texts in the same order, merged captions and QA pairs included,
+    and a QA-only sample's empty primary caption."""
+    from pipelines.core.dataset import sample_texts
+    from pipelines.ingest.dedup import DedupResult
+    from pipelines.ingest.driver import train_texts
+
+    docs = [(["a red circle", "a round red thing"], []), ([], [{"question": "how many?", "answers": ["two", "2"]}]),
+            (["a blue square"], [{"question": "colour?", "answers": ["blue"]}]), (["ünïcode é"], [])]
+    samples, rows = [], []
+    for i, (captions, qa) in enumerate(docs * 2):
+        split = "train" if i % 4 != 3 else "val"
+        doc = {"id": f"s{i}", "captions": captions, "qa": qa, "split": split}
+        samples.append({"__key__": f"s{i:03d}", "jpg": b"\xff" * 600, "txt": (captions[:1] or [""])[0].encode(),
+                        "json": json.dumps(doc, ensure_ascii=False).encode()})
+        rows.append({"split": split, "captions": json.dumps(captions), "qa": json.dumps(qa)})
+    staged = _stage(tmp_path, "a.members", samples)
+    kept = [{**s, **row} for row, s in zip(rows, staged, strict=True)]
+    kept[5]["merged_qa"] = [{"question": "merged?", "answers": ["yes"]}]  # QA-only, with a merged pair
+    result = DedupResult(kept=kept, extra_captions={"s000": ["a merged caption"], "s001": ["one for a QA-only"]})
+    plans = plan_shards(result.kept, result.extra_captions, max_samples=3, max_bytes=10**9)
+    urls = [str(tmp_path / "v" / write_shard(p, str(tmp_path / "v"))["path"]) for p in plans if p["split"] == "train"]
+    assert len(urls) == 2
+    assert list(train_texts(result)) == list(sample_texts(urls))
+    assert "" in train_texts(result) and "merged?" in train_texts(result)
