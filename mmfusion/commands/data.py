@@ -89,7 +89,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("ingest", help="clean, dedup, split and shard a raw source into a dataset version",
-                       description="Runs a Ray Data job; prints the dataset version directory as the last line.")
+                       description="Cleans in Ray tasks; prints the dataset version directory as the last line.")
     p.add_argument("--source", help="file, folder or URI (s3://, http(s)://) of the raw data (default: data.source)")
     p.add_argument("--out", help="root that holds dataset versions (default: data.root or $MMFUSION_HOME/datasets)")
     p.add_argument("--format", choices=FORMATS, help="source format (default: guessed from the source)")

@@ -1,7 +1,7 @@
-"""The ingest driver. `ingest`: raw source -> one immutable dataset version, as a Ray Data job.
+"""The ingest driver. `ingest`: raw source -> one immutable dataset version, cleaned in Ray tasks.
 
 1. list the source into small Refs on the driver (ids checked, keys and input order assigned);
-2. stream the Refs through `stage.process_batch` on all Ray CPUs (fetch, verify, clean, hash,
+2. clean the Refs in Ray tasks (`stage.process_batch`) on all Ray CPUs (fetch, verify, clean, hash,
    stage the cleaned bytes), collecting only small accounting rows;
 3. fingerprint the inputs (the workers hashed the image files they read) -> the version id;
 4. deduplicate globally on the driver (`dedup.py`), plan shards per split (`shards.py`);
@@ -24,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
-import logging
 import os
 import sys
 import time
@@ -48,8 +48,6 @@ PIPELINE_VERSION = 4  # bump when cleaning code changes what a config produces
 _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "synth_audio", "format", "fetch_concurrency", "fetch_per_host",
                  "fetch_buffer_bytes", "url_cache")
 URL_CACHE_DIR = "_urlcache"
-# A cleaning task carries its Refs; Ray Data warns about read tasks over 1 MiB serialised.
-CHUNK_BYTES = 768 * 1024
 # URLs per cleaning task at most (`remote_task_sizes`): ~8 s of one CPU's work at ~250 images/s.
 REMOTE_TASK_MOST = 2048
 STALE_STAGING_S = 24 * 3600  # a staging folder untouched this long is a killed run's: removed
@@ -145,59 +143,24 @@ def _remote(ref: dict) -> bool:
     return any(isinstance(loc, dict) and storage.is_remote(loc.get("uri", "")) for loc in (ref.get("image"), ref.get("audio")))
 
 
-def ref_chunks(refs: list[dict], sizes: list[int], max_bytes: int = CHUNK_BYTES) -> list[list[str]]:
-    """The Refs as JSON lines, one list per cleaning task: `sizes` by count, and a task whose
-    lines would pass `max_bytes` split in two or more (a few Refs with long captions or many QA
-    pairs; typical Refs are ~0.3 KB, so 512 of them are far below)."""
-    chunks, start = [], 0
-    for size in sizes:
-        chunk, nbytes = [], 0
-        for line in (json.dumps(r) for r in refs[start : start + size]):  # ASCII: chars == bytes
-            if chunk and nbytes + len(line) > max_bytes:
-                chunks.append(chunk)
-                chunk, nbytes = [], 0
-            chunk.append(line)
-            nbytes += len(line)
-        chunks.append(chunk)
-        start += size
-    return chunks
-
-
-def _refs_datasource(chunks: list[list[str]]):
-    """A Ray Data source whose read tasks hand out the driver's Refs (JSON lines), one chunk per task.
-
-    The chunks travel inside the read tasks, so nothing is put in the object store up front
-    (`from_arrow` puts every block first: ~5 ms each on the driver before the first task starts),
-    and each read fuses with the map that follows into one task per chunk.
-    """
-    import pyarrow as pa
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    schema = pa.schema([("ref", pa.string())])
-
-    def read(chunk: list[str]):
-        return lambda: [pa.table({"ref": pa.array(chunk, pa.string())})]
-
-    class RefsDatasource(Datasource):
-        def get_name(self) -> str:
-            return "Refs"
-
-        def estimate_inmemory_data_size(self) -> int:
-            return sum(len(line) for chunk in chunks for line in chunk)
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
-            # One task per chunk whatever `parallelism` says: the chunks are sized for the CPUs.
-            return [ReadTask(read(chunk), BlockMetadata(num_rows=len(chunk), size_bytes=sum(map(len, chunk)),
-                                                        input_files=None, exec_stats=None), schema=schema)
-                    for chunk in chunks]
-
-    return RefsDatasource()
+def ref_chunks(refs: list[dict], sizes: list[int]) -> list[list[str]]:
+    """The Refs as JSON lines, one list per cleaning task of `sizes`: what a task gets is what the
+    source listed, as JSON says it, whichever process cleans it."""
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    return [[json.dumps(r) for r in refs[lo:hi]] for lo, hi in itertools.pairwise(bounds)]
 
 
 def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool, url_cache: str = "") -> list[dict]:
-    """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging; what URLs
-    gave, to `url_cache`)."""
+    """The cleaning stage: Refs -> accounting rows (the bytes go to staging; what URLs gave, to
+    `url_cache`), in input order.
+
+    One plain Ray task per chunk (`stage.process_batch`), all submitted at once: Ray runs one per
+    CPU and starts the next as one ends, and the rows are taken as tasks end. Not a Ray Data job:
+    the chunks are planned here and the outputs are small rows, so Ray Data added only its start:
+    importing it in the driver and in each worker, and starting its executor.
+    A task whose staging files fail (an OSError) or whose worker dies is run again; it rewrites
+    the same files (named by its first input).
+    """
     import ray
 
     from pipelines.ingest.stage import process_batch
@@ -205,23 +168,20 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     chunks = ref_chunks(refs, cleaning_task_sizes(refs, int(ray.cluster_resources().get("CPU", 1))))
     if not chunks:
         return []
-    # One read task per chunk, fused with the map, whole blocks as batches: one task per chunk.
-    ds = ray.data.read_datasource(_refs_datasource(chunks), override_num_blocks=len(chunks))
-    ds = ds.map_batches(process_batch, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging,
-                                   "hash_files": hash_files, "url_cache": url_cache})
-    # One operator, tiny outputs: nothing to reserve resources against. With the reservation on,
-    # Ray Data starts one task, admits the second about a second later and leaves each CPU idle
-    # ~0.1-0.2 s between tasks; without it every CPU runs a task from the start and back to back.
-    ds.context.op_resource_reservation_enabled = False
+    clean = ray.remote(process_batch).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+    kwargs = {"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging, "hash_files": hash_files,
+              "url_cache": url_cache}
+    pending = [clean.remote(chunk, **kwargs) for chunk in chunks]
     rows: list[dict] = []
     t0 = time.time()
     first: tuple[float, int] | None = None  # when the first task's rows came, and how many
     with Progress("[ingest] cleaned", total=len(refs), unit="samples") as bar:  # live on a TTY, else every 10 s
-        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows.extend(out.to_pylist())
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            out = ray.get(done[0])
+            rows.extend(out)
             first = first or (time.time(), len(rows))
-            bar.update(out.num_rows)
+            bar.update(len(out))
     if first:  # what start-up costs, and the pace after it (when enough came after it to say)
         after = time.time() - first[0]
         pace = f", then {(len(rows) - first[1]) / after:.0f} samples/s" if after >= 1.0 else ""
@@ -230,9 +190,8 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
 
 
 def _write_shards(plans: list[dict], vdir: str) -> list[dict]:
-    """One Ray task per shard, spread over the cluster. Plain tasks, not a second Ray Data job:
-    the shards are already planned, and a task only copies staged bytes (~0.1 s per shard), so
-    a Dataset's start-up would cost more than the copying."""
+    """One Ray task per shard, spread over the cluster: the shards are already planned, and a
+    task only copies staged bytes (~0.1 s per shard)."""
     import ray
 
     if not plans:
@@ -255,12 +214,6 @@ def _ensure_ray() -> None:
 
     if not ray.is_initialized():
         init_ray(None, include_dashboard=False)
-    ctx = ray.data.DataContext.get_current()
-    # Our own progress line (`Progress`: live on a terminal, periodic in a log) stands in for Ray
-    # Data's bars; its per-execution INFO lines and "progress bars disabled" warning are noise.
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:
