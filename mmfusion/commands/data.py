@@ -34,9 +34,16 @@ def _ingest(args: argparse.Namespace) -> int:
         print("mmfusion data ingest: no source; pass --source PATH (or set data.source)", file=sys.stderr)
         return 2
     out = args.out or datasets_root(cfg)
-    init_ray(cfg, include_dashboard=False)  # the configured cluster, or a local Ray
-    version_dir = ingest(source, out, cfg.data, fmt=args.format)
-    print(version_dir)  # the LAST line of stdout: scripts and flows read it
+    # The configured cluster, or a local Ray, reached only when there is cleaning to do: an ingest
+    # of unchanged inputs returns the version it made before without starting Ray.
+    connected = []  # Ray, when this command reached it
+    version_dir = ingest(source, out, cfg.data, fmt=args.format,
+                         connect=lambda: connected.append(init_ray(cfg, include_dashboard=False)))
+    print(version_dir, flush=True)  # the LAST line of stdout: scripts and flows read it
+    for ray in connected:
+        # Now that everything is written, not at exit: Ray's exit hook would first sleep 0.5 s
+        # for its workers' last log lines, and an ingest's workers have none left by then.
+        ray.shutdown()
     return 0
 
 

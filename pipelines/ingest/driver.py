@@ -30,7 +30,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,20 +207,24 @@ def _write_shard_task(plan: dict, vdir: str) -> dict:
     return write_shard(plan, vdir)
 
 
-def _ensure_ray() -> None:
+def _ensure_ray(connect: Callable[[], Any] | None) -> None:
+    """Ray, now that there is cleaning to do: `connect()` (the caller's cluster), or
+    `init_ray(None)` (RAY_ADDRESS, else a local Ray), unless Ray is up already."""
     import ray
 
     from pipelines.runtime import init_ray
 
     if not ray.is_initialized():
-        init_ray(None, include_dashboard=False)
+        (connect or (lambda: init_ray(None, include_dashboard=False)))()
 
 
-def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:
+def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None,
+           connect: Callable[[], Any] | None = None) -> Path:
     """Ingest `source` into a new dataset version under `out_root`; returns its directory.
 
     Returns the existing version untouched when the same inputs and cleaning config were
-    ingested before. A partial version (no manifest: an earlier run was killed) is redone.
+    ingested before, without starting Ray. `connect` reaches Ray when there is cleaning to do
+    (default: RAY_ADDRESS, else a local Ray; Ray already initialised is used as it is). A partial version (no manifest: an earlier run was killed) is redone.
     Runs at the same time on the same inputs are safe: each stages and builds in its own
     folder, and the first to finish publishes (`publish`); the others return its version.
     """
@@ -241,7 +245,7 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
                 log(f"version {content_version_id(cfg, fmt, inputs)} already exists: {vdir} (nothing rewritten)")
                 return storage.as_path(vdir)
     log(f"{len(refs)} inputs from {source} (format {fmt})")
-    _ensure_ray()
+    _ensure_ray(connect)
     staging_root = storage.join(out_root, dataset.STAGING_DIR)
     storage.remove_older_than(staging_root, STALE_STAGING_S)  # leftovers of killed runs
     staging = storage.join(staging_root, f"{key}-{uuid.uuid4().hex[:12]}")  # this run's alone
