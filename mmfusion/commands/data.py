@@ -26,7 +26,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from pipelines.config import datasets_root
     from pipelines.ingest import ingest
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray, shutdown_ray
 
     cfg = config_from_args(args)
     source = args.source or cfg.data.source
@@ -36,14 +36,14 @@ def _ingest(args: argparse.Namespace) -> int:
     out = args.out or datasets_root(cfg)
     # The configured cluster, or a local Ray, reached only when there is cleaning to do: an ingest
     # of unchanged inputs returns the version it made before without starting Ray.
-    connected = []  # Ray, when this command reached it
+    connected = []  # whether this command reached Ray
     version_dir = ingest(source, out, cfg.data, fmt=args.format,
                          connect=lambda: connected.append(init_ray(cfg, include_dashboard=False)))
     print(version_dir, flush=True)  # the LAST line of stdout: scripts and flows read it
-    for ray in connected:
+    if connected:
         # Now that everything is written, not at exit: Ray's exit hook would first sleep 0.5 s
         # for its workers' last log lines, and an ingest's workers have none left by then.
-        ray.shutdown()
+        shutdown_ray()
     return 0
 
 
