@@ -1,8 +1,8 @@
 """The ingest driver. `ingest`: raw source -> one immutable dataset version, cleaned in Ray tasks.
 
 1. list the source into small Refs on the driver (ids checked, keys and input order assigned);
-2. clean the Refs in Ray tasks (`stage.process_batch`) on all Ray CPUs (fetch, verify, clean, hash,
-   stage the cleaned bytes), collecting only small accounting rows;
+2. clean the Refs in Ray tasks (`stage.process_batch`) on all Ray CPUs (fetch, verify, clean,
+   hash, stage the cleaned bytes), collecting only small accounting rows;
 3. fingerprint the inputs (the workers hashed the image files they read) -> the version id;
 4. deduplicate globally on the driver (`dedup.py`), plan shards per split (`shards.py`);
 5. write the shards in parallel (one Ray task each: a copy of staged tar members), each atomically;
@@ -224,9 +224,10 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
 
     Returns the existing version untouched when the same inputs and cleaning config were
     ingested before, without starting Ray. `connect` reaches Ray when there is cleaning to do
-    (default: RAY_ADDRESS, else a local Ray; Ray already initialised is used as it is). A partial version (no manifest: an earlier run was killed) is redone.
-    Runs at the same time on the same inputs are safe: each stages and builds in its own
-    folder, and the first to finish publishes (`publish`); the others return its version.
+    (default: RAY_ADDRESS, else a local Ray; Ray already initialised is used as it is). A
+    partial version (no manifest: an earlier run was killed) is redone. Runs at the same time on
+    the same inputs are safe: each stages and builds in its own folder, and the first to finish
+    publishes (`publish`); the others return its version.
     """
     source, out_root = str(source), str(out_root)
     fmt = fmt or cfg.format or detect_format(source)
