@@ -154,7 +154,7 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     """The cleaning stage: Refs -> accounting rows (the bytes go to staging; what URLs gave, to
     `url_cache`), in input order.
 
-    One plain Ray task per chunk (`stage.process_batch`), all submitted at once: Ray runs one per
+    One plain Ray task per chunk (`_clean_task`), all submitted at once: Ray runs one per
     CPU and starts the next as one ends, and the rows are taken as tasks end. Not a Ray Data job:
     the chunks are planned here and the outputs are small rows, so Ray Data added only its start:
     importing it in the driver and in each worker, and starting its executor.
@@ -163,12 +163,10 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     """
     import ray
 
-    from pipelines.ingest.stage import process_batch
-
     chunks = ref_chunks(refs, cleaning_task_sizes(refs, int(ray.cluster_resources().get("CPU", 1))))
     if not chunks:
         return []
-    clean = ray.remote(process_batch).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+    clean = ray.remote(_clean_task).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
     kwargs = {"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging, "hash_files": hash_files,
               "url_cache": url_cache}
     pending = [clean.remote(chunk, **kwargs) for chunk in chunks]
@@ -187,6 +185,14 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
         pace = f", then {(len(rows) - first[1]) / after:.0f} samples/s" if after >= 1.0 else ""
         log(f"first task done after {first[0] - t0:.1f}s (workers starting){pace}")
     return sorted(rows, key=lambda r: r["order"])
+
+
+def _clean_task(lines: list[str], **kwargs: Any) -> list[dict]:
+    """One cleaning task, `stage.process_batch`, imported here in the worker: the driver never
+    needs the cleaning code's imports (Pillow, soundfile, the HTTP client)."""
+    from pipelines.ingest.stage import process_batch
+
+    return process_batch(lines, **kwargs)
 
 
 def _write_shards(plans: list[dict], vdir: str) -> list[dict]:
