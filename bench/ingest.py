@@ -202,9 +202,11 @@ _PHASES = {"cleaning": re.compile(r"cleaned \d+ inputs in ([\d.]+)s"), "done": r
 
 
 def phases(log: Path, wall: float) -> dict[str, float]:
-    """Where one ingest's time went, from its log: start-up (imports, Ray, listing: the wall time
-    not in `done in`), cleaning (Ray tasks; `cleaned ... in` counts from the listing on, so it
-    includes Ray's start: that part is moved to start-up), and the rest (dedup, shards, report)."""
+    """Where one ingest's time went, from its log: start-up and exit (the wall time not in `done
+    in`: imports, Ray's shutdown, the interpreter's exit, and Ray's start where the command starts
+    Ray before `ingest()`, as it did before 2026-12-03), `cleaned ... in` (from the listing on:
+    listing, Ray's start where `ingest()` starts it, cleaning), and the rest (dedup, shards,
+    tokenizer, report)."""
     text = log.read_text(errors="replace")
     got = {k: float(m.group(1)) for k, rx in _PHASES.items() if (m := rx.search(text))}
     if len(got) < 2:
