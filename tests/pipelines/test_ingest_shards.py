@@ -239,10 +239,10 @@ def test_cleaning_runs_one_task_per_chunk_and_returns_every_row_in_input_order(r
     its first input) and hands back every input's row once, in input order, as tasks end."""
     import os
 
+    from ingest_corpus import encode, scene
+
     from pipelines.config import load_config
     from pipelines.ingest import driver
-
-    from ingest_corpus import encode, scene
 
     (tmp_path / "src").mkdir()
     lines = []
