@@ -1,4 +1,4 @@
-"""Benchmark: `mmfusion data ingest` (Ray Data) against a single-process loop, same input, same run.
+"""Benchmark: `mmfusion data ingest` against a single-process loop, same input, same run.
 
 The input is real-sized photos: variants of ../shared/data/coco-mini (random crop + flip, longest
 side 640, JPEG q90), so every image is distinct. The baseline runs the same decode (the same
@@ -14,7 +14,12 @@ own log lines (start-up and listing, cleaning, dedup + shards). Peak memory (PSS
 command's process tree) at 1x and 4x the input is measured in separate runs: reading every
 process's smaps costs a good part of a core, which would otherwise be taken from the timed ingest.
 
+`--base DIR` also runs the ingest command of another checkout (e.g. `git worktree add DIR main`)
+in every round, in turn with the other two, so that a change is measured before and after in
+the same run: its headline is the median of the per-round ratios of the two commands' times.
+
     python -m bench.ingest --num 4000 --rounds 3      # target: ratio >= 1.7, memory flat within 15%
+    python -m bench.ingest --num 4000 --rounds 3 --no-4x --base ../h19-base
 """
 
 from __future__ import annotations
@@ -146,26 +151,31 @@ class PeakMemory:
             time.sleep(self.interval)
 
 
-def timed(cmd: list[str], log: Path, memory: bool = False, env: dict | None = None) -> tuple[float, int]:
+def timed(cmd: list[str], log: Path, memory: bool = False, env: dict | None = None,
+          base: str | None = None) -> tuple[float, int]:
     """(seconds, peak bytes or 0) of one command; exits with its log's tail if it fails. A run
     whose local Ray did not start (Ray waits 30 s for its raylet, which a heavily loaded machine
-    can miss) measured nothing: it is run again, twice at most."""
+    can miss) measured nothing: it is run again, twice at most. With `base` (a checkout's folder),
+    the command runs that checkout's code: from its folder, with it on PYTHONPATH (the current
+    folder comes first on a `python -c` path, and Ray's workers take the driver's path)."""
     for _ in range(2):
         try:
-            return _timed(cmd, log, memory, env)
+            return _timed(cmd, log, memory, env, base)
         except SystemExit as e:
             if "timed out during startup" not in str(e):
                 raise
             print(f"  (Ray did not start in time; {cmd[0]} run again)", flush=True)
-    return _timed(cmd, log, memory, env)
+    return _timed(cmd, log, memory, env, base)
 
 
-def _timed(cmd: list[str], log: Path, memory: bool, env: dict | None) -> tuple[float, int]:
+def _timed(cmd: list[str], log: Path, memory: bool, env: dict | None, base: str | None) -> tuple[float, int]:
     # as tests/conftest.py sets it for a loaded machine (Ray's own 30 s wait for a new node is fixed: see `timed`)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "120", **(env or {})}
+    if base:
+        env["PYTHONPATH"] = base
     with open(log, "wb") as sink:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=base)
         mem = PeakMemory(proc.pid) if memory else None
         try:
             rc = proc.wait(timeout=3600)
@@ -192,9 +202,11 @@ _PHASES = {"cleaning": re.compile(r"cleaned \d+ inputs in ([\d.]+)s"), "done": r
 
 
 def phases(log: Path, wall: float) -> dict[str, float]:
-    """Where one ingest's time went, from its log: start-up (imports, Ray, listing: the wall time
-    not in `done in`), cleaning (Ray Data; `cleaned ... in` counts from the listing on, so it
-    includes Ray's start: that part is moved to start-up), and the rest (dedup, shards, report)."""
+    """Where one ingest's time went, from its log: start-up and exit (the wall time not in `done
+    in`: imports, Ray's shutdown, the interpreter's exit, and Ray's start where the command starts
+    Ray before `ingest()`, as it did before 2026-12-03), `cleaned ... in` (from the listing on:
+    listing, Ray's start where `ingest()` starts it, cleaning), and the rest (dedup, shards,
+    tokenizer, report)."""
     text = log.read_text(errors="replace")
     got = {k: float(m.group(1)) for k, rx in _PHASES.items() if (m := rx.search(text))}
     if len(got) < 2:
@@ -203,19 +215,22 @@ def phases(log: Path, wall: float) -> dict[str, float]:
             "dedup + shards + report": got["done"] - got["cleaning"]}
 
 
-def one_round(rnd: int, src: Path, runs: Path, spec: ImageSpec, sets: list[str], env: dict) -> dict:
-    """One paired round, in the order the round number says: seconds of each, and the phases."""
-    got: dict = {}
-    for who in (("baseline", "ingest") if rnd % 2 == 0 else ("ingest", "baseline")):
+def one_round(rnd: int, src: Path, runs: Path, spec: ImageSpec, sets: list[str], env: dict, base: str | None) -> dict:
+    """One paired round, each run in turn going first (by the round number): seconds of each, and
+    the ingests' phases (`ingest`: this checkout; `base`: the checkout at `base`, when given)."""
+    got: dict = {"phases": {}}
+    runners = ["baseline", "ingest"] + (["base"] if base else [])
+    for who in runners[rnd % len(runners):] + runners[: rnd % len(runners)]:
         os.sync()  # no run pays for the write-back of the one before
         if who == "baseline":
             t = time.perf_counter()
             got["n"] = baseline(src, runs / f"baseline{rnd}", spec, 1000)
             got["baseline"] = time.perf_counter() - t
         else:
-            log = runs / f"ingest{rnd}.log"
-            got["ingest"], _ = timed(ingest_cmd(src, runs / f"ingest{rnd}", sets), log, env=env)
-            got["phases"] = phases(log, got["ingest"])
+            log = runs / f"{who}{rnd}.log"
+            got[who], _ = timed(ingest_cmd(src, runs / f"{who}{rnd}", sets), log, env=env,
+                                base=base if who == "base" else None)
+            got["phases"][who] = phases(log, got[who])
         shutil.rmtree(runs / f"{who}{rnd}", ignore_errors=True)
     return got
 
@@ -227,7 +242,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--no-4x", action="store_true", help="skip the 1x / 4x memory runs")
     ap.add_argument("--rounds", type=int, default=3, help="paired, alternating rounds (default: %(default)s)")
+    ap.add_argument("--base", metavar="DIR", help="also run the ingest of the checkout at DIR in every round")
     args = ap.parse_args()
+    args.base = args.base and os.path.abspath(args.base)
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} not found: the benchmark needs the coco-mini photos")
     work = Path(args.work)
@@ -246,11 +263,12 @@ def main() -> None:
     env = {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness", str(os.nice(0)))}
     rounds = []
     for rnd in range(args.rounds):
-        r = one_round(rnd, src1, runs, spec, sets, env)
+        r = one_round(rnd, src1, runs, spec, sets, env, args.base)
         rounds.append(r)
-        print(f"  round {rnd}: baseline {r['n'] / r['baseline']:.1f}/s, ingest {args.num / r['ingest']:.1f}/s "
-              f"({r['baseline'] / r['ingest']:.2f}x); ingest phases: "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in r["phases"].items()), flush=True)
+        for who in ("ingest", "base") if args.base else ("ingest",):
+            print(f"  round {rnd}: baseline {r['n'] / r['baseline']:.1f}/s, {who} {args.num / r[who]:.1f}/s "
+                  f"({r['baseline'] / r[who]:.2f}x); phases: "
+                  + ", ".join(f"{k} {v:.1f}s" for k, v in r["phases"][who].items()), flush=True)
     report(args, rounds)
     if not args.no_4x:
         memory_runs(args, work, runs, sets, env)
@@ -258,15 +276,20 @@ def main() -> None:
 
 
 def report(args, rounds: list[dict]) -> None:
-    ratios = [r["baseline"] / r["ingest"] for r in rounds]
     med = statistics.median
     print(f"baseline (1 process): median {med(r['n'] / r['baseline'] for r in rounds):.1f} samples/s")
-    print(f"ingest (mmfusion data ingest, start-up included): median {med(args.num / r['ingest'] for r in rounds):.1f} "
-          "samples/s")
-    print(f"ratio ingest/baseline: median {med(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}; "
-          f"{len(ratios)} paired rounds; target >= 1.7)")
-    names = rounds[0]["phases"].keys()
-    print("ingest time, median of rounds: " + ", ".join(f"{k} {med(r['phases'][k] for r in rounds):.1f}s" for k in names))
+    for who in ("ingest", "base") if args.base else ("ingest",):
+        ratios = [r["baseline"] / r[who] for r in rounds]
+        name = f"base ({args.base})" if who == "base" else "ingest (this checkout)"
+        print(f"{name}, start-up included: median {med(args.num / r[who] for r in rounds):.1f} samples/s, "
+              f"{med(r[who] for r in rounds):.1f}s; ratio to the baseline: median {med(ratios):.2f}x "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f}; {len(ratios)} paired rounds; target >= 1.7)")
+        names = rounds[0]["phases"][who].keys()
+        print("  time, median of rounds: " + ", ".join(f"{k} {med(r['phases'][who][k] for r in rounds):.1f}s" for k in names))
+    if args.base:
+        speedups = [r["base"] / r["ingest"] for r in rounds]
+        print(f"base time / this checkout's time: median {med(speedups):.2f}x "
+              f"(min {min(speedups):.2f}, max {max(speedups):.2f})")
 
 
 def memory_runs(args, work: Path, runs: Path, sets: list[str], env: dict) -> None:

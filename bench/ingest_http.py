@@ -15,6 +15,9 @@ per-round ratios (mmfusion / img2dataset images/s), with the min-max spread. Pea
 summed over the command's process tree) of mmfusion at the highest latency, with 1x and 4x the
 URLs, is measured in separate, untimed runs (sampling every process's memory costs CPU).
 
+`--base DIR` also runs mmfusion from another checkout (e.g. `git worktree add DIR main`) in every
+round, in turn with the other two, so that a change is measured before and after in the same run.
+
 img2dataset is not a dependency of the project; install it in a virtual environment of its own:
 
     python -m venv /work/scratch/i2d-venv && /work/scratch/i2d-venv/bin/pip install img2dataset
@@ -133,8 +136,8 @@ def img2dataset_cmd(exe: str, csv_path: Path, out: Path, threads: int = 16) -> l
             "--enable_wandb", "False", "--distributor", "multiprocessing"]
 
 
-def timed(cmd: list[str], log: Path, memory: bool = False) -> tuple[float, int]:
-    return ingest_bench.timed(cmd, log, memory, env={"NO_ALBUMENTATIONS_UPDATE": "1"})
+def timed(cmd: list[str], log: Path, memory: bool = False, base: str | None = None) -> tuple[float, int]:
+    return ingest_bench.timed(cmd, log, memory, env={"NO_ALBUMENTATIONS_UPDATE": "1"}, base=base)
 
 
 def kept_img2dataset(out: Path) -> int:
@@ -156,15 +159,16 @@ _PACE = {"mmfusion": re.compile(r"then (\d+) samples/s"), "img2dataset": re.comp
 def pace(tool: str, log: Path) -> str:
     """The tool's own rate once started (mmfusion: after its first task; img2dataset: its
     reported images/s), from its log; "?" when the log has none."""
-    found = _PACE[tool].findall(log.read_text(errors="replace"))
+    found = _PACE["mmfusion" if tool == "base" else tool].findall(log.read_text(errors="replace"))
     return found[-1] if found else "?"
 
 
 def one_round(tool: str, args, csv_path: Path, runs: Path, tag: str) -> tuple[float, int]:
     out = runs / f"{tool}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
-    if tool == "mmfusion":
-        secs, _ = timed(mmfusion_cmd(csv_path, out, args.mmfusion_set), runs / f"{tool}-{tag}.log")
+    if tool in ("mmfusion", "base"):  # base: mmfusion from the checkout at --base
+        secs, _ = timed(mmfusion_cmd(csv_path, out, args.mmfusion_set), runs / f"{tool}-{tag}.log",
+                        base=args.base if tool == "base" else None)
         kept = kept_mmfusion(out)
     else:
         secs, _ = timed(img2dataset_cmd(args.img2dataset, csv_path, out, args.img2dataset_threads),
@@ -177,17 +181,26 @@ def one_round(tool: str, args, csv_path: Path, runs: Path, tag: str) -> tuple[fl
 
 def bench_latency(args, srv: PhotoServer, csv_path: Path, runs: Path, ms: float) -> dict:
     srv.set_latency(ms)
-    ratios, mm, i2d = [], [], []
+    tools = ["img2dataset", "mmfusion"] + (["base"] if args.base else [])
+    rate: dict[str, list[float]] = {t: [] for t in tools}
     for r in range(args.rounds):
-        order = ("img2dataset", "mmfusion") if r % 2 == 0 else ("mmfusion", "img2dataset")
+        order = tools[r % len(tools):] + tools[: r % len(tools)]
         got = {tool: one_round(tool, args, csv_path, runs, f"{ms:g}ms-{r}") for tool in order}
-        mm.append(args.num / got["mmfusion"][0])
-        i2d.append(args.num / got["img2dataset"][0])
-        ratios.append(mm[-1] / i2d[-1])
-        print(f"  {ms:g} ms round {r} ({order[0]} first): img2dataset {i2d[-1]:.1f}/s ({got['img2dataset'][1]} kept), "
-              f"mmfusion {mm[-1]:.1f}/s ({got['mmfusion'][1]} kept): {ratios[-1]:.2f}x", flush=True)
-    return {"ms": ms, "mm": statistics.median(mm), "i2d": statistics.median(i2d),
-            "ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios)}
+        for tool in tools:
+            rate[tool].append(args.num / got[tool][0])
+        print(f"  {ms:g} ms round {r} ({order[0]} first): "
+              + ", ".join(f"{t} {rate[t][-1]:.1f}/s ({got[t][1]} kept)" for t in tools)
+              + f": mmfusion / img2dataset {rate['mmfusion'][-1] / rate['img2dataset'][-1]:.2f}x", flush=True)
+    out = {"ms": ms}
+    for tool in tools[1:]:
+        ratios = [m / i for m, i in zip(rate[tool], rate["img2dataset"], strict=True)]
+        out[tool] = {"rate": statistics.median(rate[tool]), "ratio": statistics.median(ratios),
+                     "lo": min(ratios), "hi": max(ratios)}
+    out["i2d"] = statistics.median(rate["img2dataset"])
+    if args.base:
+        speedups = [m / b for m, b in zip(rate["mmfusion"], rate["base"], strict=True)]
+        out["speedup"] = (statistics.median(speedups), min(speedups), max(speedups))
+    return out
 
 
 def main() -> None:
@@ -205,8 +218,10 @@ def main() -> None:
     ap.add_argument("--mmfusion-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a further config override for mmfusion's runs, e.g. data.fetch_per_host=32 (the "
                          "benchmark serves every URL from one host, where the per-host cap binds)")
+    ap.add_argument("--base", metavar="DIR", help="also run mmfusion from the checkout at DIR in every round")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mmfusion-bench-ingest"))
     args = ap.parse_args()
+    args.base = args.base and os.path.abspath(args.base)
     if not COCO.is_dir():
         raise SystemExit(f"{COCO} not found: the benchmark needs the coco-mini photos")
     if not shutil.which(args.img2dataset):
@@ -225,10 +240,16 @@ def main() -> None:
           + (f"; mmfusion with {' '.join(args.mmfusion_set)}" if args.mmfusion_set else "")
           + f"; img2dataset with 2 x {args.img2dataset_threads} threads", flush=True)
     results = [bench_latency(args, srv, csv1, runs, ms) for ms in args.latency]
-    print("\n| latency | img2dataset images/s | mmfusion images/s | mmfusion / img2dataset (median, min-max) |")
-    print("|---|---|---|---|")
+    print("\n| latency | code | img2dataset images/s | mmfusion images/s | mmfusion / img2dataset (median, min-max) |")
+    print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['ms']:g} ms | {r['i2d']:.1f} | {r['mm']:.1f} | **{r['ratio']:.2f}x** ({r['lo']:.2f}-{r['hi']:.2f}) |")
+        for tool in ("base", "mmfusion") if args.base else ("mmfusion",):
+            m = r[tool]
+            code = f"base ({args.base})" if tool == "base" else "this checkout"
+            print(f"| {r['ms']:g} ms | {code} | {r['i2d']:.1f} | {m['rate']:.1f} | **{m['ratio']:.2f}x** "
+                  f"({m['lo']:.2f}-{m['hi']:.2f}) |")
+        if args.base:
+            print(f"|  | this checkout / base | | | **{r['speedup'][0]:.2f}x** ({r['speedup'][1]:.2f}-{r['speedup'][2]:.2f}) |")
     if not args.no_memory:
         memory_runs(args, srv, runs, captions)
     srv.close()

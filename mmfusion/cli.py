@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import sys
 
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Registered first, so run last at exit (after Ray's shutdown hook, which a command registers
+    # when it imports Ray): frozen objects are not walked by the interpreter's final collections,
+    # which would take ~0.5 s of a core to free memory the OS takes back anyway. Only cyclic
+    # garbage goes unfinalised; every file a command writes is closed before it returns.
+    atexit.register(gc.freeze)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -111,3 +111,20 @@ def init_ray(cfg: Config | None = None, **kwargs):
         )
     return ray
 
+
+
+def shutdown_ray() -> None:
+    """`ray.shutdown()`, without its one-second wait on a local Ray's autoscaler monitor.
+
+    Ray stops the GCS before the monitor, whose SIGTERM handler then reports its end to the dead
+    GCS until Ray kills it a second later (1.0 of a 1.35 s shutdown, measured). An in-process
+    Ray's monitor has nothing to stop cleanly, so it is killed first. A Ray this process only
+    connected to is left running, as `ray.shutdown()` leaves it (it started no monitor here).
+    """
+    import ray
+    from ray._private import worker
+
+    node = worker._global_node  # the node this process started or connected to (None: neither)
+    if node is not None:
+        node.kill_monitor(check_alive=False)  # SIGKILL: it would only report its end
+    ray.shutdown()

@@ -26,7 +26,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from pipelines.config import datasets_root
     from pipelines.ingest import ingest
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray, shutdown_ray
 
     cfg = config_from_args(args)
     source = args.source or cfg.data.source
@@ -34,9 +34,16 @@ def _ingest(args: argparse.Namespace) -> int:
         print("mmfusion data ingest: no source; pass --source PATH (or set data.source)", file=sys.stderr)
         return 2
     out = args.out or datasets_root(cfg)
-    init_ray(cfg, include_dashboard=False)  # the configured cluster, or a local Ray
-    version_dir = ingest(source, out, cfg.data, fmt=args.format)
-    print(version_dir)  # the LAST line of stdout: scripts and flows read it
+    # The configured cluster, or a local Ray, reached only when there is cleaning to do: an ingest
+    # of unchanged inputs returns the version it made before without starting Ray.
+    connected = []  # whether this command reached Ray
+    version_dir = ingest(source, out, cfg.data, fmt=args.format,
+                         connect=lambda: connected.append(init_ray(cfg, include_dashboard=False)))
+    print(version_dir, flush=True)  # the LAST line of stdout: scripts and flows read it
+    if connected:
+        # Now that everything is written, not at exit: Ray's exit hook would first sleep 0.5 s
+        # for its workers' last log lines, and an ingest's workers have none left by then.
+        shutdown_ray()
     return 0
 
 
@@ -89,7 +96,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("ingest", help="clean, dedup, split and shard a raw source into a dataset version",
-                       description="Runs a Ray Data job; prints the dataset version directory as the last line.")
+                       description="Cleans in Ray tasks; prints the dataset version directory as the last line.")
     p.add_argument("--source", help="file, folder or URI (s3://, http(s)://) of the raw data (default: data.source)")
     p.add_argument("--out", help="root that holds dataset versions (default: data.root or $MMFUSION_HOME/datasets)")
     p.add_argument("--format", choices=FORMATS, help="source format (default: guessed from the source)")

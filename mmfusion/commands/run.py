@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         help="run the whole pipeline: data -> pretrain -> fine-tune -> evaluate -> register",
         description=(
             "Run the Prefect flow `retrain`: synthesise data when no data.source is set, ingest it "
-            "into WebDataset shards (Ray Data), pretrain and fine-tune (Ray Train), evaluate on the "
+            "into WebDataset shards (Ray tasks), pretrain and fine-tune (Ray Train), evaluate on the "
             "test split, register the checkpoint in MLflow and promote it to `champion` when it "
             "beats the current one. Ends with a report of where everything is."
         ),

@@ -151,10 +151,15 @@ def sample_texts(urls: list[str], limit: int | None = None) -> Iterator[str]:
         if limit is not None and count >= limit:
             return
         sample = parse_sample(raw)
-        yield from sample.captions
-        for qa in sample.qa:
-            yield qa.get("question", "")
-            yield from qa.get("answers", [])
+        yield from texts_of(sample.captions, sample.qa)
+
+
+def texts_of(captions: list[str], qa: list[dict]) -> Iterator[str]:
+    """One sample's texts for a tokenizer: its captions, then each QA pair's question and answers."""
+    yield from captions
+    for pair in qa:
+        yield pair.get("question", "")
+        yield from pair.get("answers", [])
 
 
 def tokenizer_files(manifest: dict[str, Any]) -> dict[str, str]:

@@ -1,8 +1,8 @@
-"""The ingest driver. `ingest`: raw source -> one immutable dataset version, as a Ray Data job.
+"""The ingest driver. `ingest`: raw source -> one immutable dataset version, cleaned in Ray tasks.
 
 1. list the source into small Refs on the driver (ids checked, keys and input order assigned);
-2. stream the Refs through `stage.process_batch` on all Ray CPUs (fetch, verify, clean, hash,
-   stage the cleaned bytes), collecting only small accounting rows;
+2. clean the Refs in Ray tasks (`stage.process_batch`) on all Ray CPUs (fetch, verify, clean,
+   hash, stage the cleaned bytes), collecting only small accounting rows;
 3. fingerprint the inputs (the workers hashed the image files they read) -> the version id;
 4. deduplicate globally on the driver (`dedup.py`), plan shards per split (`shards.py`);
 5. write the shards in parallel (one Ray task each: a copy of staged tar members), each atomically;
@@ -24,19 +24,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
-import logging
 import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import DataConfig
 from pipelines.core import dataset, storage
 from pipelines.core.progress import Progress
-from pipelines.ingest.dedup import deduplicate
+from pipelines.ingest.dedup import DedupResult, deduplicate
 from pipelines.ingest.fingerprint import fingerprint, list_source, local_path, quick_key
 from pipelines.ingest.shards import plan_shards, write_shard
 from pipelines.ingest.sources import detect_format, list_refs
@@ -47,8 +48,6 @@ PIPELINE_VERSION = 4  # bump when cleaning code changes what a config produces
 _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "synth_audio", "format", "fetch_concurrency", "fetch_per_host",
                  "fetch_buffer_bytes", "url_cache")
 URL_CACHE_DIR = "_urlcache"
-# A cleaning task carries its Refs; Ray Data warns about read tasks over 1 MiB serialised.
-CHUNK_BYTES = 768 * 1024
 # URLs per cleaning task at most (`remote_task_sizes`): ~8 s of one CPU's work at ~250 images/s.
 REMOTE_TASK_MOST = 2048
 STALE_STAGING_S = 24 * 3600  # a staging folder untouched this long is a killed run's: removed
@@ -144,83 +143,43 @@ def _remote(ref: dict) -> bool:
     return any(isinstance(loc, dict) and storage.is_remote(loc.get("uri", "")) for loc in (ref.get("image"), ref.get("audio")))
 
 
-def ref_chunks(refs: list[dict], sizes: list[int], max_bytes: int = CHUNK_BYTES) -> list[list[str]]:
-    """The Refs as JSON lines, one list per cleaning task: `sizes` by count, and a task whose
-    lines would pass `max_bytes` split in two or more (a few Refs with long captions or many QA
-    pairs; typical Refs are ~0.3 KB, so 512 of them are far below)."""
-    chunks, start = [], 0
-    for size in sizes:
-        chunk, nbytes = [], 0
-        for line in (json.dumps(r) for r in refs[start : start + size]):  # ASCII: chars == bytes
-            if chunk and nbytes + len(line) > max_bytes:
-                chunks.append(chunk)
-                chunk, nbytes = [], 0
-            chunk.append(line)
-            nbytes += len(line)
-        chunks.append(chunk)
-        start += size
-    return chunks
-
-
-def _refs_datasource(chunks: list[list[str]]):
-    """A Ray Data source whose read tasks hand out the driver's Refs (JSON lines), one chunk per task.
-
-    The chunks travel inside the read tasks, so nothing is put in the object store up front
-    (`from_arrow` puts every block first: ~5 ms each on the driver before the first task starts),
-    and each read fuses with the map that follows into one task per chunk.
-    """
-    import pyarrow as pa
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    schema = pa.schema([("ref", pa.string())])
-
-    def read(chunk: list[str]):
-        return lambda: [pa.table({"ref": pa.array(chunk, pa.string())})]
-
-    class RefsDatasource(Datasource):
-        def get_name(self) -> str:
-            return "Refs"
-
-        def estimate_inmemory_data_size(self) -> int:
-            return sum(len(line) for chunk in chunks for line in chunk)
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
-            # One task per chunk whatever `parallelism` says: the chunks are sized for the CPUs.
-            return [ReadTask(read(chunk), BlockMetadata(num_rows=len(chunk), size_bytes=sum(map(len, chunk)),
-                                                        input_files=None, exec_stats=None), schema=schema)
-                    for chunk in chunks]
-
-    return RefsDatasource()
+def ref_chunks(refs: list[dict], sizes: list[int]) -> list[list[str]]:
+    """The Refs as JSON lines, one list per cleaning task of `sizes`: what a task gets is what the
+    source listed, as JSON says it, whichever process cleans it."""
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    return [[json.dumps(r) for r in refs[lo:hi]] for lo, hi in itertools.pairwise(bounds)]
 
 
 def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool, url_cache: str = "") -> list[dict]:
-    """The streaming Ray Data stage: Refs -> accounting rows (the bytes go to staging; what URLs
-    gave, to `url_cache`)."""
-    import ray
+    """The cleaning stage: Refs -> accounting rows (the bytes go to staging; what URLs gave, to
+    `url_cache`), in input order.
 
-    from pipelines.ingest.stage import process_batch
+    One plain Ray task per chunk (`_clean_task`), all submitted at once: Ray runs one per
+    CPU and starts the next as one ends, and the rows are taken as tasks end. Not a Ray Data job:
+    the chunks are planned here and the outputs are small rows, so Ray Data added only its start:
+    importing it in the driver and in each worker, and starting its executor.
+    A task whose staging files fail (an OSError) or whose worker dies is run again; it rewrites
+    the same files (named by its first input).
+    """
+    import ray
 
     chunks = ref_chunks(refs, cleaning_task_sizes(refs, int(ray.cluster_resources().get("CPU", 1))))
     if not chunks:
         return []
-    # One read task per chunk, fused with the map, whole blocks as batches: one task per chunk.
-    ds = ray.data.read_datasource(_refs_datasource(chunks), override_num_blocks=len(chunks))
-    ds = ds.map_batches(process_batch, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging,
-                                   "hash_files": hash_files, "url_cache": url_cache})
-    # One operator, tiny outputs: nothing to reserve resources against. With the reservation on,
-    # Ray Data starts one task, admits the second about a second later and leaves each CPU idle
-    # ~0.1-0.2 s between tasks; without it every CPU runs a task from the start and back to back.
-    ds.context.op_resource_reservation_enabled = False
+    clean = ray.remote(_clean_task).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+    kwargs = {"cfg_dict": cfg.model_dump(mode="json"), "staging_dir": staging, "hash_files": hash_files,
+              "url_cache": url_cache}
+    pending = [clean.remote(chunk, **kwargs) for chunk in chunks]
     rows: list[dict] = []
     t0 = time.time()
     first: tuple[float, int] | None = None  # when the first task's rows came, and how many
     with Progress("[ingest] cleaned", total=len(refs), unit="samples") as bar:  # live on a TTY, else every 10 s
-        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows.extend(out.to_pylist())
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            out = ray.get(done[0])
+            rows.extend(out)
             first = first or (time.time(), len(rows))
-            bar.update(out.num_rows)
+            bar.update(len(out))
     if first:  # what start-up costs, and the pace after it (when enough came after it to say)
         after = time.time() - first[0]
         pace = f", then {(len(rows) - first[1]) / after:.0f} samples/s" if after >= 1.0 else ""
@@ -228,10 +187,17 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     return sorted(rows, key=lambda r: r["order"])
 
 
+def _clean_task(lines: list[str], **kwargs: Any) -> list[dict]:
+    """One cleaning task, `stage.process_batch`, imported here in the worker: the driver never
+    needs the cleaning code's imports (Pillow, soundfile, the HTTP client)."""
+    from pipelines.ingest.stage import process_batch
+
+    return process_batch(lines, **kwargs)
+
+
 def _write_shards(plans: list[dict], vdir: str) -> list[dict]:
-    """One Ray task per shard, spread over the cluster. Plain tasks, not a second Ray Data job:
-    the shards are already planned, and a task only copies staged bytes (~0.1 s per shard), so
-    a Dataset's start-up would cost more than the copying."""
+    """One Ray task per shard, spread over the cluster: the shards are already planned, and a
+    task only copies staged bytes (~0.1 s per shard)."""
     import ray
 
     if not plans:
@@ -247,28 +213,27 @@ def _write_shard_task(plan: dict, vdir: str) -> dict:
     return write_shard(plan, vdir)
 
 
-def _ensure_ray() -> None:
+def _ensure_ray(connect: Callable[[], Any] | None) -> None:
+    """Ray, now that there is cleaning to do: `connect()` (the caller's cluster), or
+    `init_ray(None)` (RAY_ADDRESS, else a local Ray), unless Ray is up already."""
     import ray
 
     from pipelines.runtime import init_ray
 
     if not ray.is_initialized():
-        init_ray(None, include_dashboard=False)
-    ctx = ray.data.DataContext.get_current()
-    # Our own progress line (`Progress`: live on a terminal, periodic in a log) stands in for Ray
-    # Data's bars; its per-execution INFO lines and "progress bars disabled" warning are noise.
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        (connect or (lambda: init_ray(None, include_dashboard=False)))()
 
 
-def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None) -> Path:
+def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str | None = None,
+           connect: Callable[[], Any] | None = None) -> Path:
     """Ingest `source` into a new dataset version under `out_root`; returns its directory.
 
     Returns the existing version untouched when the same inputs and cleaning config were
-    ingested before. A partial version (no manifest: an earlier run was killed) is redone.
-    Runs at the same time on the same inputs are safe: each stages and builds in its own
-    folder, and the first to finish publishes (`publish`); the others return its version.
+    ingested before, without starting Ray. `connect` reaches Ray when there is cleaning to do
+    (default: RAY_ADDRESS, else a local Ray; Ray already initialised is used as it is). A
+    partial version (no manifest: an earlier run was killed) is redone. Runs at the same time on
+    the same inputs are safe: each stages and builds in its own folder, and the first to finish
+    publishes (`publish`); the others return its version.
     """
     source, out_root = str(source), str(out_root)
     fmt = fmt or cfg.format or detect_format(source)
@@ -287,7 +252,7 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
                 log(f"version {content_version_id(cfg, fmt, inputs)} already exists: {vdir} (nothing rewritten)")
                 return storage.as_path(vdir)
     log(f"{len(refs)} inputs from {source} (format {fmt})")
-    _ensure_ray()
+    _ensure_ray(connect)
     staging_root = storage.join(out_root, dataset.STAGING_DIR)
     storage.remove_older_than(staging_root, STALE_STAGING_S)  # leftovers of killed runs
     staging = storage.join(staging_root, f"{key}-{uuid.uuid4().hex[:12]}")  # this run's alone
@@ -375,20 +340,32 @@ def finish(vdir, version, cfg, fmt, inputs, rows, result, entries) -> None:
                 "format": fmt, "config": cfg.model_dump(mode="json"), "inputs": inputs, "splits": splits,
                 "counts": {s: sum(e["samples"] for e in v) for s, v in splits.items()},
                 "media": media_counts(result.kept),
-                "tokenizer": write_tokenizer(vdir, [storage.join(vdir, e["path"]) for e in splits["train"]], cfg)}
+                "tokenizer": write_tokenizer(vdir, train_texts(result), cfg)}
     storage.write_json_atomic(storage.join(vdir, dataset.MANIFEST), manifest)
 
 
-def write_tokenizer(vdir: str, train_urls: list[str], cfg: DataConfig) -> dict[str, Any] | None:
-    """Train the version's WordPiece tokenizer (`data.vocab_size`) on its train shards' texts and
-    write it to `<version>/tokenizer/`; returns the manifest entry (each file's sha256), or None
-    when the train split has no text. Training breaks frequency ties in hash order, so a second
-    training could give other ids: the version carries the one every run on it uses."""
+def train_texts(result: DedupResult) -> Iterator[str]:
+    """The train shards' texts, in shard order (what `dataset.sample_texts` reads back from them),
+    from the accounting rows the driver holds: each kept train sample's captions and QA pairs,
+    with what its duplicates merged in (`with_extra_captions`). Reading the shards back instead
+    costs their bytes again, and webdataset's reader imports torch (~1.5 s)."""
+    for row in result.kept:
+        if row["split"] == "train":
+            captions = json.loads(row["captions"]) + result.extra_captions.get(row["key"], [])
+            # a sample without captions reads back as its empty primary caption (`parse_sample`)
+            yield from dataset.texts_of(captions or [""], json.loads(row["qa"]) + row.get("merged_qa", []))
+
+
+def write_tokenizer(vdir: str, texts: Iterable[str], cfg: DataConfig) -> dict[str, Any] | None:
+    """Train the version's WordPiece tokenizer (`data.vocab_size`) on its train split's `texts`
+    and write it to `<version>/tokenizer/`; returns the manifest entry (each file's sha256), or
+    None when the train split has no text. Training breaks frequency ties in hash order, so a
+    second training could give other ids: the version carries the one every run on it uses."""
     import tempfile
 
     from mmcore.data import train_tokenizer
 
-    texts = list(dataset.sample_texts(train_urls))
+    texts = list(texts)
     if not texts:
         return None
     t0 = time.time()

@@ -1,14 +1,14 @@
 """Packing kept samples into WebDataset shards and writing one shard atomically.
 
-Cleaning workers serialise every kept sample once, as its tar members (webdataset's TarWriter:
-fixed mtime and owner, members of a sample contiguous and sorted), into a staging file per batch
-and split (`MemberWriter`). A tar archive is its members back to back followed by an end marker,
+Cleaning workers serialise every kept sample once, as its tar members (those webdataset's
+TarWriter writes: fixed mtime and owner, members of a sample contiguous and sorted), into a
+staging file per batch and split (`MemberWriter`). A tar archive is its members back to back followed by an end marker,
 so writing a shard is copying the planned samples' member bytes in order and closing the archive
 the way `tarfile` does (`archive_end`): the second pass neither decodes nor re-serialises, and
 the shard is byte-for-byte the tar a single TarWriter would have written. On local disks the copy
 is done by the kernel (copy_file_range) and the checksum reads the staged bytes through a memory
 map, so the bytes never pass through Python. Only a sample that an exact duplicate merged
-captions into is rewritten, through TarWriter again.
+captions into is rewritten, through `MemberWriter` again.
 
 Shards of a split are filled in input order up to `shard_samples` samples and `shard_max_bytes`
 bytes. A shard is written under a `.partial` name and renamed when complete, so a killed job
@@ -56,23 +56,32 @@ class MemberWriter:
     Writes to `fileobj` as samples come (a staging file: nothing held in memory), or to a buffer
     that `getvalue()` returns. `add(sample)` returns `(offset, length)` of the sample's members;
     `finish()` flushes the last of them and returns the bytes written.
+
+    The members are those webdataset's `TarWriter(encoder=False)` writes (a sample's members
+    sorted by name, mode 0o444, fixed mtime and owner, `tarfile`'s default format), written with
+    `tarfile` itself: importing webdataset imports torch, seconds of CPU in every cleaning worker.
     """
 
     def __init__(self, fileobj=None):
-        import webdataset as wds
-
         self._out = _Capped(io.BytesIO() if fileobj is None else fileobj)
-        self._writer = wds.TarWriter(self._out, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
+        self._tar = tarfile.open(fileobj=self._out, mode="w|")
 
     def add(self, sample: dict[str, Any]) -> tuple[int, int]:
-        start = self._writer.tarstream.offset
-        self._writer.write(sample)
-        return start, self._writer.tarstream.offset - start
+        start, key = self._tar.offset, sample["__key__"]
+        for name in sorted(n for n in sample if not n.startswith("_")):
+            data = sample[name]
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"member {name!r} of {key!r} is {type(data).__name__}, not bytes")
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+            info.uname = info.gname = TAR_OWNER
+            self._tar.addfile(info, io.BytesIO(data))
+        return start, self._tar.offset - start
 
     def finish(self) -> int:
-        end = self._writer.tarstream.offset
+        end = self._tar.offset
         self._out.cap = end  # closing flushes the members still buffered, then the end marker: cut off
-        self._writer.close()
+        self._tar.close()
         return end
 
     def getvalue(self) -> bytes:

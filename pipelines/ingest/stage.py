@@ -1,6 +1,6 @@
-"""The streaming map of an ingest: one Ref in, one small accounting row out.
+"""The cleaning map of an ingest: one Ref in, one small accounting row out.
 
-Runs inside Ray Data workers. For each Ref it cleans the text, fetches and cleans the image, and
+Runs in Ray tasks (`driver._clean_all`). For each Ref it cleans the text, fetches and cleans the image, and
 assigns the split, a group of Refs at a time and step by step (see `process_batch`). Kept samples
 are serialised as their final tar members into a staging file per batch and split (named by the
 batch's first input position, so a retried task rewrites the same file), and only the small
@@ -20,8 +20,6 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import pyarrow as pa
 
 from pipelines.config import DataConfig
 from pipelines.core.storage import is_remote, join, open_atomic
@@ -332,9 +330,9 @@ def _clean_fetched(c: _Cleaned, got: Any, cfg: DataConfig, spec: ImageSpec, cach
     return r
 
 
-def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files: bool = False,
-                  url_cache: str = "") -> pa.Table:
-    """Ray Data `map_batches` fn: a table of JSON Refs -> a table of accounting rows; never
+def process_batch(lines: list[str], cfg_dict: dict, staging_dir: str, hash_files: bool = False,
+                  url_cache: str = "") -> list[dict]:
+    """One cleaning task: Refs (JSON lines) -> their accounting rows, in input order; never
     raises for bad data: a record that fails any step is a reject row (`processing_error` when
     the error was not one the steps expect, with its traceback in the log). Only the staging
     files' own I/O errors raise (the task is then retried).
@@ -358,7 +356,7 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files:
     cfg = DataConfig.model_validate(cfg_dict)
     spec = ImageSpec.of(cfg)
     cache = UrlCache(url_cache, spec) if url_cache and cfg.url_cache else None
-    refs = [json.loads(s) for s in batch.column("ref").to_pylist()]
+    refs = [json.loads(line) for line in lines]
     first = min(r["order"] for r in refs)
     rows: list[dict] = []
     writers: dict[str, MemberWriter] = {}  # stage file -> its writer, streaming into the file
@@ -377,4 +375,4 @@ def process_batch(batch: pa.Table, cfg_dict: dict, staging_dir: str, hash_files:
         for writer in writers.values():
             writer.finish()
     rows.sort(key=lambda r: r["order"])  # URLs come back as their downloads finish
-    return pa.Table.from_pylist(rows)
+    return rows

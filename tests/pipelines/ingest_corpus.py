@@ -196,13 +196,11 @@ class ImageServer(LocalHTTPServer):
 def stage_rows(source, fmt: str, tmp_path: Path, cfg) -> list[dict]:
     """The accounting rows of every input of `source` through the real cleaning step (one per Ref:
     nothing is lost on the way)."""
-    import pyarrow as pa
 
     from pipelines.ingest import stage
     from pipelines.ingest.driver import collect_refs
 
     refs = collect_refs(str(source), fmt, cfg)
-    table = pa.table({"ref": pa.array([json.dumps(r) for r in refs], pa.string())})
-    rows = stage.process_batch(table, cfg.model_dump(mode="json"), str(tmp_path / "stage")).to_pylist()
+    rows = stage.process_batch([json.dumps(r) for r in refs], cfg.model_dump(mode="json"), str(tmp_path / "stage"))
     assert [r["order"] for r in rows] == [r["order"] for r in refs]
     return rows

@@ -7,7 +7,6 @@ import io
 import json
 import os
 
-import pyarrow as pa
 import pytest
 from ingest_corpus import ImageServer, awkward_images, encode, png_with_header_size, scene
 from PIL import Image
@@ -140,9 +139,9 @@ def test_a_cleaning_batch_gives_each_ref_the_row_and_tar_members_it_gets_alone(t
     bad = _ingest_source(tmp_path / "src", n)
     cfg = load_config("local", ["data.image_size=64", "data.min_side=16"]).data
     refs = collect_refs(str(tmp_path / "src"), "jsonl", cfg)
-    table = pa.table({"ref": [json.dumps(r) for r in refs]})
+    lines = [json.dumps(r) for r in refs]
     def run(name: str) -> list[dict]:
-        return stage.process_batch(table, cfg.model_dump(mode="json"), str(tmp_path / name), True).to_pylist()
+        return stage.process_batch(lines, cfg.model_dump(mode="json"), str(tmp_path / name), True)
 
     grouped = run("grouped")
     monkeypatch.setattr(stage, "READ_AHEAD_BYTES", 1)  # one file read ahead; the others when decoded

@@ -18,7 +18,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ingest_corpus import encode, scene
@@ -68,9 +67,8 @@ def record_fields() -> st.SearchStrategy[dict]:
 def accounted(source: Path, fmt: str) -> tuple[list[dict], list[dict]]:
     """List and clean `source` as an ingest does (in-process), check the accounting; (refs, rows)."""
     refs = collect_refs(str(source), fmt, CFG)
-    table = pa.table({"ref": pa.array([json.dumps(r) for r in refs], pa.string())})
     with tempfile.TemporaryDirectory() as staging:
-        rows = stage.process_batch(table, CFG.model_dump(mode="json"), staging).to_pylist() if refs else []
+        rows = stage.process_batch([json.dumps(r) for r in refs], CFG.model_dump(mode="json"), staging) if refs else []
     assert [r["order"] for r in rows] == [r["order"] for r in refs]
     result = deduplicate([r for r in rows if not r["reason"]], CFG.dedup_distance)
     report = build_report("fuzz", rows, result, [], CFG)  # raises when seen != kept + rejected + duplicates

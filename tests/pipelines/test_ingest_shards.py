@@ -234,24 +234,31 @@ def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
     assert cleaning_task_sizes([local] * 1000, 2) == task_sizes(1000, 2)
 
 
-def test_refs_datasource_runs_one_task_per_chunk_and_hands_out_every_ref(ray_local):
+def test_cleaning_runs_one_task_per_chunk_and_returns_every_row_in_input_order(ray_local, tmp_path, monkeypatch):
+    """`_clean_all` runs one Ray task per planned chunk (each stages its samples in files named by
+    its first input) and hands back every input's row once, in input order, as tasks end."""
     import os
 
-    import pyarrow as pa
-    import ray
+    from ingest_corpus import encode, scene
 
-    from pipelines.ingest.driver import _refs_datasource
+    from pipelines.config import load_config
+    from pipelines.ingest import driver
 
-    chunks = [[json.dumps({"order": i}) for i in range(lo, hi)] for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 13)]]
-
-    def tag(batch: pa.Table) -> pa.Table:  # one call per task: a whole block, and who ran it
-        return pa.table({"orders": [[json.loads(s)["order"] for s in batch.column("ref").to_pylist()]],
-                         "pid": [os.getpid()]})
-
-    ds = ray.data.read_datasource(_refs_datasource(chunks), override_num_blocks=len(chunks))
-    out = ds.map_batches(tag, batch_size=None, batch_format="pyarrow").take_all()
-    # exactly the planned tasks: one per chunk, each with its chunk's refs, nothing lost or repeated
-    assert sorted(r["orders"] for r in out) == [list(range(lo, hi)) for lo, hi in [(0, 5), (5, 6), (6, 9), (9, 13)]]
+    (tmp_path / "src").mkdir()
+    lines = []
+    for i in range(13):
+        if i != 7:  # one missing image: its task still returns its row
+            (tmp_path / "src" / f"{i}.jpg").write_bytes(encode(scene(i).resize((64, 48))))
+        lines.append(json.dumps({"id": f"s{i}", "image": f"{i}.jpg", "captions": [f"scene number {i} here"]}))
+    (tmp_path / "src" / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config("local", ["data.image_size=32", "data.min_side=16"]).data
+    refs = driver.collect_refs(str(tmp_path / "src" / "samples.jsonl"), "jsonl", cfg)
+    monkeypatch.setattr(driver, "cleaning_task_sizes", lambda refs, cpus: [5, 1, 3, 4])
+    rows = driver._clean_all(refs, cfg, str(tmp_path / "stage"), hash_files=True)
+    assert [r["order"] for r in rows] == list(range(13))
+    assert [r["reason"] for r in rows] == [""] * 7 + ["missing_image"] + [""] * 5
+    firsts = {int(os.path.basename(r["stage_file"]).split("-")[1]) for r in rows if not r["reason"]}
+    assert firsts == {0, 5, 6, 9}  # one task per chunk, named by its first input
 
 
 def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
@@ -273,14 +280,39 @@ def test_an_empty_source_gives_an_empty_complete_version(ray_local, tmp_path):
     assert gc.isenabled()
 
 
-def test_ref_chunks_follow_task_sizes_and_split_tasks_whose_refs_are_large():
+def test_ref_chunks_follow_task_sizes_in_input_order():
     from pipelines.ingest.driver import ref_chunks, task_sizes
 
-    small = [{"order": i, "captions": ["a cat"]} for i in range(3000)]
-    assert [len(c) for c in ref_chunks(small, task_sizes(3000, 2))] == task_sizes(3000, 2)
-    big = [{"order": i, "captions": ["x" * 3000]} for i in range(3000)]  # ~3 KB each
-    chunks = ref_chunks(big, task_sizes(3000, 2), max_bytes=100_000)
-    assert all(sum(map(len, c)) <= 100_000 for c in chunks)
+    refs = [{"order": i, "captions": ["a cat"]} for i in range(3000)]
+    chunks = ref_chunks(refs, task_sizes(3000, 2))
+    assert [len(c) for c in chunks] == task_sizes(3000, 2)
     assert [json.loads(line)["order"] for c in chunks for line in c] == list(range(3000))  # all, in order
-    assert len(chunks) > len(task_sizes(3000, 2))
     assert ref_chunks([], task_sizes(0, 2)) == []
+
+
+def test_the_tokenizer_texts_from_the_rows_are_what_the_train_shards_hold(tmp_path):
+    """Ingest trains the tokenizer on `train_texts` (the accounting rows) instead of reading the
+    train shards back: the same texts in the same order, merged captions and QA pairs included,
+    and a QA-only sample's empty primary caption."""
+    from pipelines.core.dataset import sample_texts
+    from pipelines.ingest.dedup import DedupResult
+    from pipelines.ingest.driver import train_texts
+
+    docs = [(["a red circle", "a round red thing"], []), ([], [{"question": "how many?", "answers": ["two", "2"]}]),
+            (["a blue square"], [{"question": "colour?", "answers": ["blue"]}]), (["ünïcode é"], [])]
+    samples, rows = [], []
+    for i, (captions, qa) in enumerate(docs * 2):
+        split = "train" if i % 4 != 3 else "val"
+        doc = {"id": f"s{i}", "captions": captions, "qa": qa, "split": split}
+        samples.append({"__key__": f"s{i:03d}", "jpg": b"\xff" * 600, "txt": (captions[:1] or [""])[0].encode(),
+                        "json": json.dumps(doc, ensure_ascii=False).encode()})
+        rows.append({"split": split, "captions": json.dumps(captions), "qa": json.dumps(qa)})
+    staged = _stage(tmp_path, "a.members", samples)
+    kept = [{**s, **row} for row, s in zip(rows, staged, strict=True)]
+    kept[5]["merged_qa"] = [{"question": "merged?", "answers": ["yes"]}]  # QA-only, with a merged pair
+    result = DedupResult(kept=kept, extra_captions={"s000": ["a merged caption"], "s001": ["one for a QA-only"]})
+    plans = plan_shards(result.kept, result.extra_captions, max_samples=3, max_bytes=10**9)
+    urls = [str(tmp_path / "v" / write_shard(p, str(tmp_path / "v"))["path"]) for p in plans if p["split"] == "train"]
+    assert len(urls) == 2
+    assert list(train_texts(result)) == list(sample_texts(urls))
+    assert "" in train_texts(result) and "merged?" in train_texts(result)

@@ -253,6 +253,16 @@ def test_cli_ingest_prints_the_version_last_and_inspect_validate(ray_local, tiny
     assert capsys.readouterr().out.startswith("OK")
 
 
+def test_an_ingest_of_unchanged_inputs_never_reaches_ray(tiny_source, tiny_dataset, monkeypatch):
+    """The version exists: it is returned before Ray is started or connected to (which a CLI
+    run would otherwise pay for, seconds on a small machine, for nothing)."""
+    from pipelines.ingest import driver
+
+    monkeypatch.setattr(driver, "_ensure_ray", lambda connect: pytest.fail("an unchanged ingest reached Ray"))
+    connect = lambda: pytest.fail("an unchanged ingest connected to Ray")  # noqa: E731
+    assert ingest(tiny_source, Path(tiny_dataset).parent, CFG, connect=connect) == tiny_dataset
+
+
 def test_fsspec_uri_source(ray_local, raw12, tmp_path):
     """Sources are read through fsspec: a `file://` URI works like the plain path (as s3:// would)."""
     src, _ = raw12

@@ -12,7 +12,6 @@ import json
 import threading
 import time
 
-import pyarrow as pa
 import pytest
 from ingest_web_server import WebServer, distinct_jpegs
 
@@ -30,9 +29,8 @@ BASE = load_config("debug").data.model_copy(update={"allow_private_urls": True, 
 def _rows(urls: list[str], tmp_path, **cfg) -> list[dict]:
     refs = [{"id": f"r{i}", "image": {"kind": "url", "uri": u}, "captions": ["a photo of shapes"], "order": i,
              "key": f"k{i:04d}", "qa": [], "meta": {}, "source": "s", "reject": None} for i, u in enumerate(urls)]
-    table = pa.table({"ref": [json.dumps(r) for r in refs]})
     data = BASE.model_copy(update=cfg)
-    rows = process_batch(table, data.model_dump(mode="json"), str(tmp_path / "stage")).to_pylist()
+    rows = process_batch([json.dumps(r) for r in refs], data.model_dump(mode="json"), str(tmp_path / "stage"))
     assert [r["order"] for r in rows] == list(range(len(urls)))  # one row per input, in input order
     return rows
 

@@ -84,7 +84,7 @@ def test_unknown_total_shows_count_and_rate_only():
 
 
 def test_ingest_reports_progress_through_it(ray_local, tiny_source, tmp_path, capsys):
-    """A real ingest (Ray Data) ends with the progress line of its cleaning step (stderr is not a
+    """A real ingest (Ray tasks) ends with the progress line of its cleaning step (stderr is not a
     terminal here: plain lines)."""
     import json
 

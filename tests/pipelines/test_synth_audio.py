@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import soundfile as sf
 import webdataset as wds
@@ -98,8 +97,7 @@ def test_without_espeak_the_error_names_the_package_and_the_switch(monkeypatch, 
 
 def test_spoken_questions_become_members_of_their_sample(spoken, tmp_path):
     refs = collect_refs(str(spoken), "jsonl", CFG)
-    table = pa.table({"ref": pa.array([json.dumps(r) for r in refs], pa.string())})
-    rows = stage.process_batch(table, CFG.model_dump(mode="json"), str(tmp_path / "stage")).to_pylist()
+    rows = stage.process_batch([json.dumps(r) for r in refs], CFG.model_dump(mode="json"), str(tmp_path / "stage"))
     assert [r["reason"] for r in rows] == [""] * 4
     for row in rows:
         with open(row["stage_file"], "rb") as f:
