@@ -145,7 +145,7 @@ def test_contrastive_loss_of_no_pairs_is_zero_with_a_graph():
 def test_training_losses_gather_only_with_peers():
     from types import SimpleNamespace
 
-    job = SimpleNamespace(run=SimpleNamespace(tasks=["pretrain"]), loss_weights={})
+    job = SimpleNamespace(all_tasks=["pretrain"], loss_weights={})
     assert build_losses(job, world_size=2, gather=True)["pretrain"].itc.gather_fn is gather_with_grad
     assert build_losses(job, world_size=1, gather=True)["pretrain"].itc.gather_fn is None
     assert build_losses(job, world_size=2, gather=False)["pretrain"].itc.gather_fn is None
