@@ -179,7 +179,7 @@ def model_config(preset: str = "debug", audio_encoder: str | None = None, **over
     cfg = _preset(preset)
     if audio_encoder is not None:
         cfg.audio = audio_encoder_config(audio_encoder)
-    for key, value in overrides.items():
+    for key, value in _dotted(overrides).items():
         if value is None:
             continue
         path = _ALIASES.get(key, key).split(".")
@@ -193,6 +193,19 @@ def model_config(preset: str = "debug", audio_encoder: str | None = None, **over
             raise ValueError(f"unknown model override {key!r}; see mmcore.model.FusionModelConfig")
         setattr(target, path[-1], value)
     return cfg
+
+
+def _dotted(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested override dicts as dotted keys: `{"image": {"patch_size": 32}}` (what `--set
+    model.overrides.image.patch_size=32` makes) is `{"image.patch_size": 32}`, never a whole part
+    replaced by a dict."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @dataclass

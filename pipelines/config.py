@@ -129,6 +129,18 @@ class ModelConfig(_Section):
     audio_encoder: Literal["debug", "small", "base"] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys into mmcore's config
 
+    @field_validator("overrides")
+    @classmethod
+    def _dotted_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """`--set model.overrides.image.patch_size=32` nests dicts; mmcore takes `image.patch_size`."""
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, dict):
+                flat.update({f"{key}.{k}": v for k, v in cls._dotted_overrides(item).items()})
+            else:
+                flat[key] = item
+        return flat
+
 
 class TrainConfig(_Section):
     steps: int = 300  # pretraining optimiser steps

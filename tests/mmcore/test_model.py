@@ -99,6 +99,11 @@ def test_config_overrides_and_round_trip():
     cfg = model_config("debug", vocab_size=77, fusion="gated", **{"decoder.num_layers": 3})
     assert (cfg.text.vocab_size, cfg.fusion.kind, cfg.decoder.num_layers) == (77, "gated", 3)
     assert FusionModelConfig.from_dict(cfg.to_dict()) == cfg
+    # A nested dict (`--set model.overrides.image.patch_size=32`) sets one field, not the whole part.
+    nested = model_config("debug", image={"patch_size": 32}, **{"fusion": {"num_layers": 2}})
+    assert (nested.image.patch_size, nested.image.stem, nested.fusion.num_layers) == (32, "conv", 2)
+    with pytest.raises(ValueError, match="unknown model override 'image.bogus'"):
+        model_config("debug", image={"bogus": 1})
     with pytest.raises(ValueError, match="unknown model override"):
         model_config("debug", decoder_layers=3)
     with pytest.raises(ValueError, match="fusion.bogus"):

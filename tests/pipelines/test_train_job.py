@@ -89,3 +89,18 @@ def test_the_curriculum_trains_its_own_tasks_then_the_runs(job):
     assert [finetune.task_at(s) for s in range(3)] == ["caption", "vqa", "caption"] and finetune.curriculum_tasks == []
     plain = TrainJob(pretrain.run, job.data, job.model, train=train.model_copy(update={"curriculum_tasks": []}))
     assert [plain.task_at(s) for s in range(4)] == ["caption", "asr", "vqa", "caption"]
+
+
+def test_nested_model_overrides_from_set_reach_one_field(tmp_path):
+    """`--set model.overrides.fusion.num_layers=2` nests a dict; the driver's model config must get
+    `fusion.num_layers` (not a whole `fusion` replaced by a dict, nor a clash with model.fusion)."""
+    from pipelines.train.driver import tokenizer_and_model_config
+
+    tok_dir = tmp_path / "tok"
+    train_tokenizer(["a red circle", "a blue square on the left"], vocab_size=60).save_pretrained(str(tok_dir))
+    for form in ("model.overrides.fusion.num_layers=2", "model.overrides={fusion.num_layers: 2}"):
+        cfg = load_config("debug", [form, "model.overrides.image.patch_size=32", f"model.tokenizer={tok_dir}",
+                                    "model.fusion=gated"])
+        assert cfg.model.overrides == {"fusion.num_layers": 2, "image.patch_size": 32}
+        _, mcfg = tokenizer_and_model_config(cfg, str(tmp_path), None)
+        assert (mcfg.fusion.num_layers, mcfg.fusion.kind, mcfg.image.patch_size, mcfg.image.stem) == (2, "gated", 32, "conv")
