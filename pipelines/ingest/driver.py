@@ -24,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import importlib
 import itertools
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -253,6 +255,7 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
                 return storage.as_path(vdir)
     log(f"{len(refs)} inputs from {source} (format {fmt})")
     _ensure_ray(connect)
+    import_soon("mmcore.data.tokenizer")  # for `write_tokenizer`, while the workers clean
     staging_root = storage.join(out_root, dataset.STAGING_DIR)
     storage.remove_older_than(staging_root, STALE_STAGING_S)  # leftovers of killed runs
     staging = storage.join(staging_root, f"{key}-{uuid.uuid4().hex[:12]}")  # this run's alone
@@ -273,6 +276,21 @@ def ingest(source: str | Path, out_root: str | Path, cfg: DataConfig, fmt: str |
                 os.rmdir(storage.get_fs(staging_root)[1])  # `_staging/` once empty
     log(f"done in {time.time() - t0:.1f}s")
     return storage.as_path(vdir)
+
+
+def import_soon(module: str) -> threading.Thread:
+    """Import `module` on a daemon thread. The driver waits while the workers clean, and its
+    cores often have room then (URL lists wait on the network); importing the tokenizer's
+    transformers there, rather than after cleaning, takes ~0.6 s off the command. An import of
+    the same module on the main thread waits for this one (Python's module locks); an error
+    here is left for that import to raise."""
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=run, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _build_version(out_root: str, staging: str, cfg: DataConfig, fmt: str, inputs: list[dict],

@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 
+import pytest
 import webdataset as wds
 
 from pipelines.core.dataset import entries_by_split, read_shard
@@ -316,3 +317,21 @@ def test_the_tokenizer_texts_from_the_rows_are_what_the_train_shards_hold(tmp_pa
     assert len(urls) == 2
     assert list(train_texts(result)) == list(sample_texts(urls))
     assert "" in train_texts(result) and "merged?" in train_texts(result)
+
+
+def test_import_soon_imports_on_a_thread_and_leaves_errors_to_the_main_import(tmp_path, monkeypatch):
+    """The driver imports the tokenizer's modules while the workers clean (`import_soon`): the
+    module is loaded once the thread ends; a module that fails to import raises nothing there."""
+    import sys
+
+    from pipelines.ingest.driver import import_soon
+
+    (tmp_path / "soon_ok.py").write_text("VALUE = 42\n")
+    (tmp_path / "soon_bad.py").write_text("raise ImportError('not here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_soon("soon_ok").join(timeout=30)
+    assert sys.modules["soon_ok"].VALUE == 42
+    import_soon("soon_bad").join(timeout=30)
+    assert "soon_bad" not in sys.modules
+    with pytest.raises(ImportError, match="not here"):
+        import soon_bad  # noqa: F401
