@@ -322,16 +322,22 @@ def test_the_tokenizer_texts_from_the_rows_are_what_the_train_shards_hold(tmp_pa
 
 def test_import_soon_imports_on_a_thread_and_leaves_errors_to_the_main_import(tmp_path, monkeypatch):
     """The driver imports the tokenizer's modules while the workers clean (`import_soon`): the
-    module is loaded once the thread ends; a module that fails to import raises nothing there."""
+    module is loaded once the thread ends, at the lowest CPU priority; a module that fails to
+    import raises nothing there."""
+    import os
     import sys
+    import threading
 
     from pipelines.ingest.driver import import_soon
 
-    (tmp_path / "soon_ok.py").write_text("VALUE = 42\n")
+    (tmp_path / "soon_ok.py").write_text("import os, threading\n"
+                                         "NICE = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n")
     (tmp_path / "soon_bad.py").write_text("raise ImportError('not here')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     import_soon("soon_ok").join(timeout=30)
-    assert sys.modules["soon_ok"].VALUE == 42
+    assert sys.modules["soon_ok"].NICE == 19  # imported at the lowest priority: only idle CPU time
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's is its own
     import_soon("soon_bad").join(timeout=30)
     assert "soon_bad" not in sys.modules
     with pytest.raises(ImportError, match="not here"):
