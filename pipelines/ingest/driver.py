@@ -52,8 +52,9 @@ _NOT_CLEANING = ("source", "root", "synth_num", "synth_seed", "synth_audio", "fo
                  "fetch_buffer_bytes", "url_cache")
 URL_CACHE_DIR = "_urlcache"
 # URLs per cleaning task at most (`remote_task_sizes`): rows stream back as a task goes, so a
-# task may be long; ~4-9 min of one CPU's downloads at 100-250 images/s.
-REMOTE_TASK_MOST = 65536
+# task may be long (~1-3 min of one CPU's downloads at 100-250 images/s); a worker holds its
+# task's Refs (~1-2 KB each) until the task ends.
+REMOTE_TASK_MOST = 16384
 STALE_STAGING_S = 24 * 3600  # a staging folder untouched this long is a killed run's: removed
 
 

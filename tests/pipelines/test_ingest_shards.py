@@ -223,7 +223,7 @@ def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
         assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and max(sizes) <= REMOTE_TASK_MOST
         assert len(sizes) % cpus == 0
     assert len(remote_task_sizes(10_000, 2)) == 2  # one task per CPU: rows stream back as it goes
-    assert len(remote_task_sizes(200_000, 2)) == 4
+    assert len(remote_task_sizes(40_000, 2)) == 4
     url = {"image": {"kind": "url", "uri": "https://example.com/a.jpg"}, "audio": None}
     s3 = {"image": {"kind": "path", "uri": "s3://bucket/a.jpg"}}
     local = {"image": {"kind": "path", "uri": "/data/a.jpg"}, "audio": {"kind": "path", "uri": "/data/a.flac"}}
