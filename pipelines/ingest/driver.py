@@ -335,10 +335,10 @@ def import_soon(module: str) -> threading.Thread:
     """Import `module` on a daemon thread at the lowest CPU priority. The driver waits while the
     workers clean, and its cores often have room then (URL lists wait on the network);
     importing the tokenizer's transformers there, rather than after cleaning, takes ~0.9 s off
-    the command. At normal priority the import took that time from the workers as they started
-    (their first 500 URLs came back ~0.7 s later); at the lowest (Linux: a thread's own nice
-    value) it runs only where a core is idle. An import of the same module on the main thread
-    waits for this one (Python's module locks); an error here is left for that import to raise."""
+    the phase after cleaning. At the lowest priority (Linux: a thread's own nice value) it takes
+    CPU time only where a core is idle, never from the workers on the same machine. An import of
+    the same module on the main thread waits for this one (Python's module locks); an error
+    here is left for that import to raise."""
     def run() -> None:
         with contextlib.suppress(OSError, AttributeError):  # not Linux: normal priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
