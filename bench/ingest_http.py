@@ -157,7 +157,7 @@ _PACE = {"mmfusion": re.compile(r"then (\d+) samples/s"), "img2dataset": re.comp
 
 
 def pace(tool: str, log: Path) -> str:
-    """The tool's own rate once started (mmfusion: after its first task; img2dataset: its
+    """The tool's own rate once started (mmfusion: after its first rows came back; img2dataset: its
     reported images/s), from its log; "?" when the log has none."""
     found = _PACE["mmfusion" if tool == "base" else tool].findall(log.read_text(errors="replace"))
     return found[-1] if found else "?"

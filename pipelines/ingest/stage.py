@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,7 @@ def _guarded(step: str, fn, item, *args):
 
 GROUP = 32  # Refs taken through each step together (see `process_batch`)
 READ_AHEAD_BYTES = 8 << 20  # image bytes a group reads before decoding (the rest: read when decoded)
+STREAM_ROWS = 512  # rows `process_stream` hands back at a time (~4 s of one worker's URLs at 100 ms)
 
 
 @dataclass
@@ -262,7 +264,10 @@ def _serialise(results: list, cfg: DataConfig) -> list:
     for r in results:
         if isinstance(r, _Cleaned):
             h = next(hashes) if r.img is not None else None
-            r = _guarded("serialise", _sample, r, h, cfg) if not isinstance(h, dict) else h  # h: a reject row
+            c, r = r, _guarded("serialise", _sample, r, h, cfg) if not isinstance(h, dict) else h  # h: a reject row
+            # its bytes are in the tar sample now: the callers' lists of Refs (a whole task's
+            # URLs) hold the Ref until the task ends, and must not hold its image that long
+            c.data, c.img, c.aud, c.qa_audio = None, None, None, {}
         out.append(r)
     return out
 
@@ -352,21 +357,52 @@ def process_batch(lines: list[str], cfg_dict: dict, staging_dir: str, hash_files
     and each group is whatever has arrived, cleaned while the rest downloads. With `url_cache`
     (a folder), URLs cleaned by an earlier ingest are not downloaded again (`urlcache.py`).
     """
+    refs, cfg, spec, cache = _setup(lines, cfg_dict, url_cache)
+    first = min(r["order"] for r in refs)
+    return _stage(_results(refs, cfg, spec, hash_files, cache), staging_dir, f"{first:09d}")
+
+
+def process_stream(lines: list[str], cfg_dict: dict, staging_dir: str, hash_files: bool = False,
+                   url_cache: str = "", attempt: int = 0, most: int = STREAM_ROWS) -> Iterator[list[dict]]:
+    """`process_batch` that hands its rows back as it goes: lists of up to `most` rows, in the
+    order the inputs finished. One download pool serves all of `lines`, so that downloads stay
+    in flight until the last URL, rather than draining at the end of each task (the slowest
+    download, up to `data.http_timeout_s`, leaves the other slots idle there).
+
+    Each list's kept samples are in staging files of their own, complete before the list is
+    handed back (`stage-<first input>-r<attempt>-<list number>-<split>.members`): what was
+    handed back stays valid if a later list fails, and a re-run of the inputs not handed back
+    yet (`attempt` + 1, see `driver._stream_rows`) writes other files."""
+    refs, cfg, spec, cache = _setup(lines, cfg_dict, url_cache)
+    first = min(r["order"] for r in refs)
+    results = _results(refs, cfg, spec, hash_files, cache)
+    for part in itertools.count():
+        rows = _stage(itertools.islice(results, most), staging_dir, f"{first:09d}-r{attempt}-{part:05d}")
+        if not rows:
+            return
+        yield rows
+
+
+def _setup(lines: list[str], cfg_dict: dict, url_cache: str) -> tuple[list[dict], DataConfig, ImageSpec, UrlCache | None]:
     quiet_loggers()
     cfg = DataConfig.model_validate(cfg_dict)
     spec = ImageSpec.of(cfg)
     cache = UrlCache(url_cache, spec) if url_cache and cfg.url_cache else None
-    refs = [json.loads(line) for line in lines]
-    first = min(r["order"] for r in refs)
+    return [json.loads(line) for line in lines], cfg, spec, cache
+
+
+def _stage(results: Iterable, staging_dir: str, tag: str) -> list[dict]:
+    """The rows of `results`, in input order, with each kept sample written as tar members to
+    `stage-<tag>-<split>.members` (one file per split, renamed into place when all are written)."""
     rows: list[dict] = []
     writers: dict[str, MemberWriter] = {}  # stage file -> its writer, streaming into the file
     with contextlib.ExitStack() as files:  # each renamed into place when the batch is done
-        for result in _results(refs, cfg, spec, hash_files, cache):
+        for result in results:
             if isinstance(result, dict):
                 rows.append(result)
                 continue
             row, sample = result
-            stage_file = join(staging_dir, f"stage-{first:09d}-{row['split']}.members")
+            stage_file = join(staging_dir, f"stage-{tag}-{row['split']}.members")
             if stage_file not in writers:
                 writers[stage_file] = MemberWriter(files.enter_context(open_atomic(stage_file)))
             offset, length = writers[stage_file].add(sample)

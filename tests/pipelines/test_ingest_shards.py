@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 
+import pytest
 import webdataset as wds
 
 from pipelines.core.dataset import entries_by_split, read_shard
@@ -221,7 +222,8 @@ def test_remote_inputs_clean_in_equal_tasks_a_multiple_of_the_cpus():
         sizes = remote_task_sizes(n, cpus)
         assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and max(sizes) <= REMOTE_TASK_MOST
         assert len(sizes) % cpus == 0
-    assert len(remote_task_sizes(10_000, 2)) == 6
+    assert len(remote_task_sizes(10_000, 2)) == 2  # one task per CPU: rows stream back as it goes
+    assert len(remote_task_sizes(40_000, 2)) == 4
     url = {"image": {"kind": "url", "uri": "https://example.com/a.jpg"}, "audio": None}
     s3 = {"image": {"kind": "path", "uri": "s3://bucket/a.jpg"}}
     local = {"image": {"kind": "path", "uri": "/data/a.jpg"}, "audio": {"kind": "path", "uri": "/data/a.flac"}}
@@ -316,3 +318,57 @@ def test_the_tokenizer_texts_from_the_rows_are_what_the_train_shards_hold(tmp_pa
     assert len(urls) == 2
     assert list(train_texts(result)) == list(sample_texts(urls))
     assert "" in train_texts(result) and "merged?" in train_texts(result)
+
+
+def test_import_soon_imports_on_a_thread_and_leaves_errors_to_the_main_import(tmp_path, monkeypatch):
+    """The driver imports the tokenizer's modules while the workers clean (`import_soon`): the
+    module is loaded once the thread ends, at the lowest CPU priority; a module that fails to
+    import raises nothing there."""
+    import os
+    import sys
+    import threading
+
+    from pipelines.ingest.driver import import_soon
+
+    (tmp_path / "soon_ok.py").write_text("import os, threading\n"
+                                         "NICE = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n")
+    (tmp_path / "soon_bad.py").write_text("raise ImportError('not here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    import_soon("soon_ok").join(timeout=30)
+    assert sys.modules["soon_ok"].NICE == 19  # imported at the lowest priority: only idle CPU time
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's is its own
+    import_soon("soon_bad").join(timeout=30)
+    assert "soon_bad" not in sys.modules
+    with pytest.raises(ImportError, match="not here"):
+        import soon_bad  # noqa: F401
+
+
+def test_a_failed_stream_runs_again_on_the_inputs_whose_rows_have_not_come_back(ray_local):
+    """`_stream_rows`: Ray's own retry would replay a streaming task and expect the same outputs;
+    instead the driver starts it again on the inputs not handed back yet (each row once), up to
+    `retries` times, then raises."""
+    from pipelines.ingest.driver import _stream_rows
+
+    def flaky_stream(lines: list[str], attempt: int, fail_until: int, most: int = 3):
+        """A streaming cleaning task's stand-in (defined here so that Ray ships it by value): rows
+        `most` at a time; attempts below `fail_until` fail with an OSError after one list."""
+        rows = [{"order": json.loads(line)["order"], "attempt": attempt} for line in lines]
+        for start in range(0, len(rows), most):
+            if start and attempt < fail_until:
+                raise OSError(28, "No space left on device")
+            yield rows[start : start + most]
+
+    flaky = ray_local.remote(flaky_stream).options(num_cpus=1, max_retries=0)
+    chunks = [[json.dumps({"order": i}) for i in range(lo, lo + 8)] for lo in (0, 8)]
+    got: list[dict] = []
+    _stream_rows(chunks, lambda lines, attempt: flaky.remote(lines, attempt, fail_until=1), got.extend)
+    assert sorted(r["order"] for r in got) == list(range(16))  # every input once
+    assert sorted((r["order"], r["attempt"]) for r in got if r["order"] < 8) == \
+        [(i, 0) for i in range(3)] + [(i, 1) for i in range(3, 8)]  # the first list kept, the rest run again
+
+    got.clear()
+    with pytest.raises(OSError, match="No space left"):
+        _stream_rows(chunks[:1], lambda lines, attempt: flaky.remote(lines, attempt, fail_until=9), got.extend,
+                     retries=1)
+    assert sorted(r["order"] for r in got) == list(range(6))  # what came back before it gave up

@@ -112,3 +112,54 @@ def test_the_buffer_of_downloaded_bytes_is_bounded():
         assert len(started) <= 3 + 4
         got = [item for batch in dl.batches(8) for item, _ in batch]
     assert sorted(got) == list(range(50))
+
+
+def test_a_stream_hands_back_every_row_once_in_lists_whose_staged_samples_are_complete(tmp_path):
+    """`process_stream` (what a URL cleaning task runs): one download pool for the whole chunk,
+    rows handed back `most` at a time as they are cleaned; each list's kept samples are in
+    staging files of their own, complete (renamed into place) when the list comes back, and
+    named by the attempt, so that a re-run of the rest never rewrites what came back."""
+    import os
+
+    from pipelines.ingest.stage import process_stream
+
+    with WebServer(IMAGES, latency=0.05) as srv:
+        urls = [srv.url(f"/img/{i}.jpg") for i in range(20)] + [srv.url("/missing/x.jpg"), srv.url("/html/y.jpg")]
+        refs = [{"id": f"r{i}", "image": {"kind": "url", "uri": u}, "captions": ["a photo of shapes"], "order": 10 + i,
+                 "key": f"k{i:04d}", "qa": [], "meta": {}, "source": "s", "reject": None} for i, u in enumerate(urls)]
+        stream = process_stream([json.dumps(r) for r in refs], BASE.model_dump(mode="json"), str(tmp_path / "stage"),
+                                attempt=2, most=6)
+        parts = []
+        for rows in stream:
+            files = {r["stage_file"] for r in rows if not r["reason"]}
+            assert all(os.path.isfile(f) for f in files)  # complete before the list is handed back
+            parts.append((rows, files))
+        stats = srv.stats
+    assert [len(rows) for rows, _ in parts] == [6, 6, 6, 4]
+    assert sorted(r["order"] for rows, _ in parts for r in rows) == list(range(10, 32))
+    assert stats.total() == 22  # each URL downloaded once
+    assert sum(1 for rows, _ in parts for r in rows if r["reason"]) == 2
+    names = [os.path.basename(f) for _, files in parts for f in files]
+    assert len(set(names)) == len(names) and all(n.startswith("stage-000000010-r2-") for n in names)
+    for rows, _ in parts:  # each row's sample is where it says
+        for r in rows:
+            if not r["reason"]:
+                with open(r["stage_file"], "rb") as f:
+                    f.seek(r["stage_offset"])
+                    assert r["key"].encode() in f.read(r["nbytes"])
+
+
+def test_a_task_holds_no_image_after_it_is_serialised(tmp_path):
+    """A URL task keeps its Refs until it ends (16,384 at most); once a sample is made, the
+    image's bytes live only in its tar sample, so a worker's memory does not grow with its task
+    (measured before: +16% peak at 4x the URLs, ~30 KB held per cleaned image)."""
+    from pipelines.ingest import stage
+    from pipelines.ingest.imageclean import ImageSpec
+
+    with WebServer(IMAGES, latency=0.0) as srv:
+        refs = [{"id": f"r{i}", "image": {"kind": "url", "uri": srv.url(f"/img/{i}.jpg")}, "captions": ["a photo"],
+                 "order": i, "key": f"k{i:04d}", "qa": [], "meta": {}, "source": "s", "reject": None} for i in range(12)]
+        cleaned = [stage._Cleaned(ref, ["a photo of shapes"], [], []) for ref in refs]
+        out = list(stage._web_results(cleaned, BASE, ImageSpec.of(BASE), None))
+    assert len(out) == 12 and all(isinstance(r, tuple) and r[1]["jpg"] for r in out)  # every sample made
+    assert all(c.img is None and not c.data for c in cleaned)
