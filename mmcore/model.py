@@ -43,6 +43,7 @@ from mmcore.encoders import (
 from mmcore.encoders.text import text_config_from_pretrained
 from mmcore.fusion import FusionConfig, build_fusion, join_modalities
 from mmcore.heads import FusionHeads
+from mmcore.overrides import flatten_overrides
 from mmcore.tasks import AUDIO_TASKS, TASKS
 
 PRESETS = ("debug", "small", "base", "large")
@@ -179,7 +180,7 @@ def model_config(preset: str = "debug", audio_encoder: str | None = None, **over
     cfg = _preset(preset)
     if audio_encoder is not None:
         cfg.audio = audio_encoder_config(audio_encoder)
-    for key, value in _dotted(overrides).items():
+    for key, value in flatten_overrides(overrides).items():
         if value is None:
             continue
         path = _ALIASES.get(key, key).split(".")
@@ -193,19 +194,6 @@ def model_config(preset: str = "debug", audio_encoder: str | None = None, **over
             raise ValueError(f"unknown model override {key!r}; see mmcore.model.FusionModelConfig")
         setattr(target, path[-1], value)
     return cfg
-
-
-def _dotted(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested override dicts as dotted keys: `{"image": {"patch_size": 32}}` (what `--set
-    model.overrides.image.patch_size=32` makes) is `{"image.patch_size": 32}`, never a whole part
-    replaced by a dict."""
-    flat: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mmcore.overrides import flatten_overrides
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ("debug", "local", "cluster")
 SPLIT_NAMES = ("train", "val", "test")  # the splits a dataset version has (`core.dataset.SPLITS`)
@@ -133,13 +135,7 @@ class ModelConfig(_Section):
     @classmethod
     def _dotted_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
         """`--set model.overrides.image.patch_size=32` nests dicts; mmcore takes `image.patch_size`."""
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            if isinstance(item, dict):
-                flat.update({f"{key}.{k}": v for k, v in cls._dotted_overrides(item).items()})
-            else:
-                flat[key] = item
-        return flat
+        return flatten_overrides(value)
 
 
 class TrainConfig(_Section):
