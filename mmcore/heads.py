@@ -16,12 +16,17 @@ class FusionHeads(nn.Module):
     pooled audio into the same space and its own temperature, for audio-text contrastive learning."""
 
     def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07, token_embed: bool = False,
-                 audio: bool = False):
+                 audio: bool = False, itm_pool: str = "cls"):
         super().__init__()
+        if itm_pool not in ("cls", "tokens"):
+            raise ValueError(f"itm_pool must be 'cls' or 'tokens', got {itm_pool!r}")
         self.image_proj = nn.Linear(dim, embed_dim)
         self.text_proj = nn.Linear(dim, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.itm = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        self.itm_pool = itm_pool
+        if itm_pool == "tokens":  # only then: a "cls" model's state dict is unchanged
+            self.itm_weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
         self.token_embed = token_embed
         if token_embed:
             self.patch_proj = nn.Linear(dim, embed_dim)
@@ -60,6 +65,15 @@ class FusionHeads(nn.Module):
         """ITC logit scale 1/T, clamped at 100 as in CLIP so training cannot blow it up."""
         return self.logit_scale.exp().clamp(max=100.0)
 
-    def match(self, fused: Tensor) -> Tensor:
-        """ITM logit `(B,)` from fused tokens `(B, L, D)` (their first, [CLS], position)."""
-        return self.itm(fused[:, 0]).squeeze(-1)
+    def match(self, fused: Tensor, mask: Tensor | None = None) -> Tensor:
+        """ITM logit `(B,)` from fused tokens `(B, L, D)`: with `itm_pool="cls"`, the head on their
+        first ([CLS]) position; with "tokens", each token's logit, averaged with softmax weights the
+        head also reads from the token (padding, `mask (B, L)` == 0, weighs nothing). The weights
+        can settle on the one phrase that does not match the image."""
+        if self.itm_pool == "cls":
+            return self.itm(fused[:, 0]).squeeze(-1)
+        scores = self.itm(fused).squeeze(-1)
+        weights = self.itm_weight(fused).squeeze(-1).float()
+        if mask is not None:
+            weights = weights.masked_fill(mask == 0, float("-inf"))
+        return (weights.softmax(dim=-1).to(scores.dtype) * scores).sum(dim=-1)

@@ -67,6 +67,12 @@ class FusionModelConfig:
     # [CLS] answer`), so that what it learnt from captions about finding a named object serves the
     # answer too; the fused question tokens stay in its memory.
     question_prefix: bool = False
+    # Where the ITM head reads the fused text. "cls": the fused [CLS] state, as in ALBEF. "tokens":
+    # every fused token's own verdict, pooled by learned weights. In a fusion layer the text attends
+    # to itself before it attends to the image, so with one layer [CLS] only sees the image through
+    # its own query and cannot check each phrase of the caption (bench/results/learning-2026-12-03-c.md);
+    # each token, which has read its phrase, can.
+    itm_pool: str = "cls"
     # Hybrid CTC/attention speech recognition (Watanabe et al. 2017): a CTC head on the audio tokens
     # (the vocabulary plus a blank) beside the decoder, for `asr` (`train.ctc_weight`). CTC's
     # monotonic alignment is learnt from far fewer steps than cross-attention's. Needs `audio`.
@@ -130,7 +136,7 @@ def _preset(name: str) -> FusionModelConfig:
             text=TextEncoderConfig(1000, 128, 2, 4, 256, max_positions=64),
             fusion=FusionConfig("cross_attention", num_layers=1, num_heads=4, mlp_ratio=2),
             decoder=DecoderConfig(num_layers=2, num_heads=4, mlp_ratio=2, max_len=64),
-            embed_dim=128, token_embed=True, question_prefix=True, preset="debug",
+            embed_dim=128, token_embed=True, question_prefix=True, itm_pool="tokens", preset="debug",
         )
     if name == "small":
         return FusionModelConfig(
@@ -262,7 +268,7 @@ class FusionModel(nn.Module):
     def itm_logits(self, image_tokens: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         """Matching logit `(B,)` of image tokens `(B, N, D)` with texts `(B, L)` (> 0: match)."""
         text_tokens, _ = self.text_encoder(ids, mask)
-        return self.heads.match(self.fusion(text_tokens, mask, image_tokens))
+        return self.heads.match(self.fusion(text_tokens, mask, image_tokens), mask)
 
     @torch.no_grad()
     def generate(self, images: Tensor, max_len: int, num_beams: int = 1,
@@ -367,12 +373,12 @@ class FusionModel(nn.Module):
         b = ids.shape[0]
         if b < 2:  # no negatives to sample
             fused = self.fusion(text_tokens, mask, image_tokens)
-            return self.heads.match(fused), torch.ones(b, device=ids.device)
+            return self.heads.match(fused, mask), torch.ones(b, device=ids.device)
         neg_text, neg_image = _hard_negatives(out.image_emb, out.text_emb, out.logit_scale, ids)
         texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
         masks = torch.cat([mask, mask[neg_text], mask])
         images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        logits = self.heads.match(self.fusion(texts, masks, images))
+        logits = self.heads.match(self.fusion(texts, masks, images), masks)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
         return logits, labels
 
@@ -537,7 +543,8 @@ def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionM
         TextEncoder(cfg.text),
         build_fusion(cfg.fusion, cfg.dim),
         TextDecoder(cfg.decoder, cfg.dim, cfg.vocab_size),
-        FusionHeads(cfg.dim, cfg.embed_dim, cfg.init_temperature, cfg.token_embed, audio=cfg.audio is not None),
+        FusionHeads(cfg.dim, cfg.embed_dim, cfg.init_temperature, cfg.token_embed, audio=cfg.audio is not None,
+                    itm_pool=cfg.itm_pool),
         cfg,
         audio_encoder=AudioEncoder(cfg.audio, cfg.dim) if cfg.audio is not None else None,
     )

@@ -76,6 +76,34 @@ def test_padding_does_not_change_outputs(tokenizer, batch, fusion):
     assert torch.allclose(vqa2.lm_logits, model(batch, task="vqa").lm_logits, atol=atol)
 
 
+def test_token_pooled_itm_reads_every_token_and_ignores_padding(tokenizer, batch):
+    """itm_pool="tokens": the logit is a softmax-weighted mean of per-token logits over the real
+    tokens; changing one real token's fused state moves it, changing padding does not."""
+    from mmcore.heads import FusionHeads
+
+    torch.manual_seed(0)
+    heads = FusionHeads(16, 8, itm_pool="tokens")
+    fused = torch.randn(3, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    logit = heads.match(fused, mask)
+    per_token = heads.itm(fused).squeeze(-1)
+    weights = heads.itm_weight(fused).squeeze(-1).masked_fill(mask == 0, float("-inf")).softmax(-1)
+    assert torch.allclose(logit, (weights * per_token).sum(-1))
+    padded = fused.clone()
+    padded[0, 4:] = 100.0
+    assert torch.allclose(heads.match(padded, mask)[0], logit[0])
+    moved = fused.clone()
+    moved[0, 2] = torch.randn(16) * 3.0  # a word, not [CLS]
+    assert not torch.allclose(heads.match(moved, mask)[0], logit[0])
+    cls_heads = FusionHeads(16, 8)
+    assert not hasattr(cls_heads, "itm_weight")  # a "cls" model's state dict is what it was
+    assert torch.allclose(cls_heads.match(moved, mask)[0], cls_heads.match(fused, mask)[0])  # [CLS] only
+    with pytest.raises(ValueError, match="itm_pool must be"):
+        FusionHeads(16, 8, itm_pool="mean")
+    model = build_model(tiny_config(tokenizer, itm_pool="tokens"))
+    assert model.heads.itm_pool == "tokens" and model(batch, task="pretrain").itm_logits.shape == (3 * len(batch["image"]),)
+
+
 def test_resnet_image_encoder(tokenizer, batch):
     torch.manual_seed(0)
     model = build_model(tiny_config(tokenizer, image_encoder="resnet18", image_size=64))
