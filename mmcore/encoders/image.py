@@ -39,6 +39,10 @@ class ImageEncoderConfig:
     # (the "hybrid" ViT of Dosovitskiy et al. 2021): residual 3x3 blocks at every scale, for shapes
     # that span several patches.
     stem: str = "patch"
+    # ViT with stem="conv" only: the first convolution's width; each later one doubles it, up to
+    # hidden_dim. On a CPU the stem's early, high-resolution layers cost more than the whole
+    # transformer of the debug preset; 16 halves their cost.
+    stem_width: int = 32
     # ViT only: "learned" = torchvision's position table, trained from a random start; "sincos" = a
     # fixed 2-D sine-cosine table (row and column each get half the channels, as in MAE, He et al.
     # 2021): every patch knows its row and column from the first step.
@@ -154,7 +158,7 @@ def _resnet_stem(patch_size: int, width: int) -> nn.Sequential:
 
 def _conv_stem(cfg: ImageEncoderConfig) -> list[ConvStemConfig] | None:
     """Stride-2 3x3 convolutions (BatchNorm, ReLU) whose strides multiply to the patch size, widths
-    doubling from 32 up to the ViT width; torchvision adds the final 1x1 projection."""
+    doubling from `stem_width` up to the ViT width; torchvision adds the final 1x1 projection."""
     if cfg.stem in ("patch", "resnet"):
         return None
     if cfg.stem != "conv":
@@ -162,7 +166,9 @@ def _conv_stem(cfg: ImageEncoderConfig) -> list[ConvStemConfig] | None:
     n = cfg.patch_size.bit_length() - 1
     if cfg.patch_size < 2 or 2**n != cfg.patch_size:
         raise ValueError(f"a conv stem needs a power-of-two patch_size (stride 2 per layer), got {cfg.patch_size}")
-    widths = [min(32 * 2**i, cfg.hidden_dim) for i in range(n)]
+    if cfg.stem_width < 1:
+        raise ValueError(f"image.stem_width must be at least 1, got {cfg.stem_width}")
+    widths = [min(cfg.stem_width * 2**i, cfg.hidden_dim) for i in range(n)]
     return [ConvStemConfig(out_channels=w, kernel_size=3, stride=2) for w in widths]
 
 

@@ -71,6 +71,13 @@ def test_the_debug_preset_sees_through_a_conv_stem():
     assert [c.stride for c in convs] == [(2, 2)] * 4 + [(1, 1)]  # four stride-2 layers, then the 1x1
     tokens, pooled = enc(torch.zeros(2, 3, 96, 96))
     assert tokens.shape == (2, 1 + 6 * 6, 128) and pooled.shape == (2, 128)
+    assert [c.out_channels for c in convs[:4]] == [32, 64, 128, 128]  # doubling from stem_width, capped
+    narrow = ImageEncoder(ImageEncoderConfig(image_size=96, patch_size=32, hidden_dim=128, stem="conv", stem_width=16), 128)
+    narrow_convs = [m for m in narrow.backbone.conv_proj.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in narrow_convs] == [16, 32, 64, 128, 128, 128]  # 5 stride-2 layers, the 1x1
+    assert narrow(torch.zeros(2, 3, 96, 96))[0].shape == (2, 1 + 3 * 3, 128)
+    with pytest.raises(ValueError, match="stem_width must be at least 1"):
+        ImageEncoder(ImageEncoderConfig(image_size=96, patch_size=32, stem="conv", stem_width=0), 128)
     with pytest.raises(ValueError, match="power-of-two patch_size"):
         ImageEncoder(ImageEncoderConfig(image_size=48, patch_size=12, stem="conv"), 128)
     with pytest.raises(ValueError, match="unknown ViT stem"):
