@@ -34,7 +34,8 @@ SHOWN = ("t2i_r1", "i2t_r5", "cider_d")  # reported without a target
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="local", help="config file or preset (default: local, the default run)")
-    p.add_argument("--rounds", type=int, default=1, help="runs with train.seed 0..N-1 (default 1)")
+    p.add_argument("--rounds", type=int, default=1, help="runs with train.seed S..S+N-1 (default 1)")
+    p.add_argument("--first-seed", type=int, default=0, metavar="S", help="the first round's train.seed (default 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--keep", action="store_true", help="keep each round's state directory")
     return p.parse_args()
@@ -86,11 +87,13 @@ def table(rounds: list[dict]) -> str:
 def main() -> None:
     args = parse()
     rounds = []
-    for seed in range(args.rounds):
-        print(f"[learn] round {seed + 1}/{args.rounds}: mmfusion run --config {args.config} (train.seed={seed})",
+    if any(o.split("=", 1)[0].strip() == "train.seed" for o in args.overrides):
+        raise SystemExit("bench/learn.py sets train.seed per round; use --first-seed S instead of --set train.seed=S")
+    for i, seed in enumerate(range(args.first_seed, args.first_seed + args.rounds)):
+        print(f"[learn] round {i + 1}/{args.rounds}: mmfusion run --config {args.config} (train.seed={seed})",
               flush=True)
         rounds.append(one_round(args, seed))
-        print(f"[learn] round {seed + 1} done in {rounds[-1]['wall_s']:.0f}s", flush=True)
+        print(f"[learn] round {i + 1} done in {rounds[-1]['wall_s']:.0f}s", flush=True)
         for gen, ref in rounds[-1]["examples"]:
             print(f"    model: {gen}\n    truth: {ref}")
     print(table(rounds))
