@@ -3,7 +3,7 @@
 1. list the source into small Refs on the driver (ids checked, keys and input order assigned);
 2. clean the Refs in Ray tasks (`stage.process_batch`; `process_stream` for URLs) on all Ray
    CPUs (fetch, verify, clean, hash, stage the cleaned bytes), collecting only small accounting
-   rows;
+   rows; while Ray starts, the driver cleans the first Refs itself (`_HeadStart`);
 3. fingerprint the inputs (the workers hashed the image files they read) -> the version id;
 4. deduplicate globally on the driver (`dedup.py`), plan shards per split (`shards.py`);
 5. write the shards in parallel (one Ray task each: a copy of staged tar members), each atomically;
@@ -205,7 +205,7 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
     if first:  # what start-up costs, and the pace after it (when enough came after it to say)
         after = time.time() - first[0][0]
         pace = f", then {(len(rows) - first[0][1]) / after:.0f} samples/s" if after >= 1.0 else ""
-        log(f"first rows back after {first[0][0] - t0:.1f}s (workers starting){pace}")
+        log(f"first rows back after {first[0][0] - t0:.1f}s{pace}")
     return sorted(rows, key=lambda r: r["order"])
 
 
