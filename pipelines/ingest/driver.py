@@ -55,7 +55,7 @@ URL_CACHE_DIR = "_urlcache"
 # task may be long (~1-3 min of one CPU's downloads at 100-250 images/s); a worker holds its
 # task's Refs (~1-2 KB each) until the task ends.
 REMOTE_TASK_MOST = 16384
-HEAD_MOST = 4096  # inputs the driver may clean itself while Ray starts (`_HeadStart`): ~5-10 s of one CPU
+HEAD_MOST = 4096  # inputs the driver may clean while Ray starts (`_HeadStart`); it cleaned ~400-600 in 3-7 s
 STALE_STAGING_S = 24 * 3600  # a staging folder untouched this long is a killed run's: removed
 
 
@@ -230,8 +230,8 @@ def _clean_on_ray(refs: list[dict], kwargs: dict[str, Any], took: Callable[[list
 class _HeadStart:
     """The driver cleans the first inputs on a thread while Ray starts, and hands Ray the rest.
 
-    A local Ray takes ~3-4 s to start on 2 cores, its processes using about half the CPU (and
-    ~1 s more before its workers run a task), while the driver would only wait: on 4,000 local
+    A local Ray takes ~3-5 s to start on 2 cores, its processes using about half the CPU (and
+    ~0.3 s more before its workers run a task), while the driver would only wait: on 4,000 local
     photos it cleaned ~600 meanwhile, with Ray's start ~0.2 s later; on a URL list its downloads
     (up to `data.fetch_per_host` to a host, as one more worker) start ~4 s sooner. It runs
     `stage.process_stream`, the code a URL task runs, so every input gives the same row and
@@ -281,8 +281,10 @@ class _HeadStart:
                 except OSError as e:
                     with self.lock:
                         left = [line for line in self.lines if json.loads(line)["order"] in self.claimed - self.got]
-                    if attempt >= self.retries or not left:
+                    if attempt >= self.retries:
                         raise
+                    if not left:  # nothing of its own is missing: the rest is Ray's
+                        return
                     log(f"the driver's cleaning failed ({type(e).__name__}); its {len(left)} inputs not cleaned yet run again")
                     lines, claim = left, lambda orders: True  # its own already: tagged -h<attempt>- still
         except BaseException as e:  # noqa: BLE001 - raised on the main thread by `join`

@@ -217,3 +217,37 @@ def test_a_claimed_stream_cleans_only_what_it_claimed_and_names_its_files_apart(
     assert requests == (limit if kind == "url" else 0)
     names = {os.path.basename(r["stage_file"]) for r in rows if not r["reason"]}
     assert names and all(n.startswith("stage-000000000-h0-") for n in names)
+
+
+def test_the_drivers_head_start_runs_its_own_inputs_again_when_its_staging_fails(tmp_path, monkeypatch):
+    """`driver._HeadStart`: a stream whose staging files fail (an OSError) runs again on the
+    inputs it claimed and has not handed back, each of them once; what it had not claimed then is
+    left to Ray."""
+    from pipelines.ingest import driver, stage
+
+    (tmp_path / "img").mkdir()
+    refs = []
+    for i in range(70):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(IMAGES[i % 8])
+        refs.append({"id": f"r{i}", "image": {"kind": "path", "uri": str(tmp_path / "img" / f"{i}.jpg")},
+                     "captions": ["a photo of shapes"], "order": i, "key": f"k{i:04d}", "qa": [], "meta": {},
+                     "source": "s", "reject": None})
+    real, calls = stage._stage, []
+
+    def flaky(results, staging_dir, tag):
+        calls.append(tag)
+        if len(calls) == 2:  # the second list of rows, cleaned (and claimed): the first came back already
+            list(results)
+            raise OSError("disk full")
+        return real(results, staging_dir, tag)
+
+    monkeypatch.setattr(stage, "_stage", flaky)
+    got = []
+    kwargs = {"cfg_dict": BASE.model_dump(mode="json"), "staging_dir": str(tmp_path / "stage"), "hash_files": True,
+              "url_cache": "", "most": 32}
+    head = driver._HeadStart(refs, kwargs, got.extend)
+    head.thread.join(timeout=60)
+    assert head.close() == set(range(64))  # two groups claimed when the second list failed
+    head.join()
+    assert sorted(r["order"] for r in got) == list(range(64))
+    assert calls[0].endswith("-h0-00000") and any("-h1-" in tag for tag in calls)
