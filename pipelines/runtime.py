@@ -85,18 +85,17 @@ def init_ray(cfg: Config | None = None, **kwargs):
     if ray.is_initialized():
         return ray
     address = ray_address(cfg) if cfg is not None else os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in QUIET_ENV}
-    # Where object storage is (not who may use it: credentials belong on the nodes, never in a
-    # runtime env the dashboard shows).
-    env_vars.update({k: os.environ[k] for k in STORAGE_ENV if k in os.environ})
-    runtime_env = {"env_vars": env_vars}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        env_vars = {k: os.environ[k] for k in QUIET_ENV}
+        # Where object storage is (not who may use it: credentials belong on the nodes, never in a
+        # runtime env the dashboard shows).
+        env_vars.update({k: os.environ[k] for k in STORAGE_ENV if k in os.environ})
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True, **kwargs)
     else:
         local_token_auth()
         # One local node is never preempted: Ray Train's preemption watcher would be one more
         # actor (a few CPU-seconds of imports, then polling) taking CPU from training.
-        env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         num_cpus = cfg.services.ray_num_cpus if cfg is not None else None
         ray.init(
             # "local": a new in-process cluster even when `ray start` left one running on this
@@ -105,7 +104,10 @@ def init_ray(cfg: Config | None = None, **kwargs):
             num_cpus=num_cpus,
             include_dashboard=kwargs.pop("include_dashboard", None),
             dashboard_host=kwargs.pop("dashboard_host", LOCAL_DASHBOARD_HOST),
-            runtime_env=runtime_env,
+            # No runtime env: the raylet this process starts, and the workers it starts, inherit
+            # this process's environment (the quiet variables above, where object storage is).
+            # A job with one gets no worker Ray prestarted, and waited ~0.8 s for new ones
+            # before its first task ran (measured: 1.1 s after `ray.init` against 0.3 s).
             _temp_dir=kwargs.pop("_temp_dir", None),
             **kwargs,
         )

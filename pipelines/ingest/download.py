@@ -40,11 +40,15 @@ class DownloadLimits:
 class Downloads:
     """`fetch(item)` for each of `items` on a thread pool; iterate for (item, bytes or the
     exception it raised) in completion order. Use as a context manager: leaving it early cancels
-    the downloads not started yet and waits for none of the others."""
+    the downloads not started yet and waits for none of the others.
+
+    With `claim`, each download starts only once `claim(item)` says yes; at the first no, none
+    of the items not started yet will be (the driver's head start hands them to Ray, see
+    `driver._HeadStart`), and iterating ends with the downloads already started."""
 
     def __init__(self, items: list, host: Callable[[Any], str], fetch: Callable[[Any], bytes],
-                 limits: DownloadLimits):
-        self.limits, self.fetch, self.total = limits, fetch, len(items)
+                 limits: DownloadLimits, claim: Callable[[Any], bool] | None = None):
+        self.limits, self.fetch, self.total, self.claim = limits, fetch, len(items), claim
         self.queues: dict[str, deque] = {}
         for item in items:
             self.queues.setdefault(host(item), deque()).append(item)
@@ -76,6 +80,11 @@ class Downloads:
                and self.held < lim.buffer_bytes):
             host = self.ready.popleft()
             item = self.queues[host].popleft()
+            if self.claim is not None and not self.claim(item):
+                self.total = self.taken + self.running + len(self.done)  # what was started
+                self.queues.clear()
+                self.ready.clear()
+                return
             self.per_host[host] += 1
             self.running += 1
             if self.queues[host] and self.per_host[host] < lim.per_host:

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,20 +286,32 @@ def _host(c: _Cleaned) -> str:
         return ""
 
 
+Claim = Callable[[list[int]], bool]  # may these inputs (by `order`) be started? See `process_stream`
+
+
+def _order(r: dict | _Cleaned) -> int:
+    return r.ref["order"] if isinstance(r, _Cleaned) else r["order"]
+
+
 def _results(refs: list[dict], cfg: DataConfig, spec: ImageSpec, hash_files: bool,
-             cache: UrlCache | None) -> Iterator:
+             cache: UrlCache | None, claim: Claim | None = None) -> Iterator:
     """Every Ref's result (reject row or (row, tar sample)): local images a group at a time,
-    URLs as their downloads finish (`_web_results`)."""
+    URLs as their downloads finish (`_web_results`). With `claim`, each group (each download)
+    is claimed first, and the first refusal ends the inputs started."""
     texts = [_guarded("clean_text", _clean_text, ref, cfg) for ref in refs]
     web = [r for r in texts if _is_web(r)]
     rest = [r for r in texts if not _is_web(r)]
     for start in range(0, len(rest), GROUP):
-        yield from _process_group(rest[start : start + GROUP], cfg, spec, hash_files)
+        group = rest[start : start + GROUP]
+        if claim is not None and not claim([_order(r) for r in group]):
+            return
+        yield from _process_group(group, cfg, spec, hash_files)
     if web:
-        yield from _web_results(web, cfg, spec, cache)
+        yield from _web_results(web, cfg, spec, cache, claim)
 
 
-def _web_results(cleaned: list[_Cleaned], cfg: DataConfig, spec: ImageSpec, cache: UrlCache | None) -> Iterator:
+def _web_results(cleaned: list[_Cleaned], cfg: DataConfig, spec: ImageSpec, cache: UrlCache | None,
+                 claim: Claim | None = None) -> Iterator:
     """URL images: those cleaned by an earlier ingest from `cache`, the others downloaded many
     at a time (`download.py`) and cleaned as they arrive, while the rest download."""
     todo, done = [], []
@@ -311,9 +323,13 @@ def _web_results(cleaned: list[_Cleaned], cfg: DataConfig, spec: ImageSpec, cach
             c = _row(c.ref, got[0], got[1])
         (todo if got is None else done).append(c)
     for start in range(0, len(done), GROUP):
-        yield from _serialise(done[start : start + GROUP], cfg)
+        group = done[start : start + GROUP]
+        if claim is not None and not claim([_order(r) for r in group]):
+            return
+        yield from _serialise(group, cfg)
     limits = FetchLimits.of(cfg)
-    with Downloads(todo, _host, lambda c: fetch(c.ref["image"], limits=limits), DownloadLimits.of(cfg)) as dl:
+    one = None if claim is None else lambda c: claim([c.ref["order"]])
+    with Downloads(todo, _host, lambda c: fetch(c.ref["image"], limits=limits), DownloadLimits.of(cfg), one) as dl:
         for arrived in dl.batches(GROUP):
             yield from _serialise([_guarded("clean_image", _clean_fetched, c, got, cfg, spec, cache)
                                    for c, got in arrived], cfg)
@@ -363,7 +379,8 @@ def process_batch(lines: list[str], cfg_dict: dict, staging_dir: str, hash_files
 
 
 def process_stream(lines: list[str], cfg_dict: dict, staging_dir: str, hash_files: bool = False,
-                   url_cache: str = "", attempt: int = 0, most: int = STREAM_ROWS) -> Iterator[list[dict]]:
+                   url_cache: str = "", attempt: int = 0, most: int = STREAM_ROWS,
+                   claim: Claim | None = None) -> Iterator[list[dict]]:
     """`process_batch` that hands its rows back as it goes: lists of up to `most` rows, in the
     order the inputs finished. One download pool serves all of `lines`, so that downloads stay
     in flight until the last URL, rather than draining at the end of each task (the slowest
@@ -372,12 +389,19 @@ def process_stream(lines: list[str], cfg_dict: dict, staging_dir: str, hash_file
     Each list's kept samples are in staging files of their own, complete before the list is
     handed back (`stage-<first input>-r<attempt>-<list number>-<split>.members`): what was
     handed back stays valid if a later list fails, and a re-run of the inputs not handed back
-    yet (`attempt` + 1, see `driver._stream_rows`) writes other files."""
+    yet (`attempt` + 1, see `driver._stream_rows`) writes other files.
+
+    With `claim` (the driver's head start while Ray starts, `driver._HeadStart`), an input is
+    started only once `claim([its order, ...])` says yes, a group of local files or one download
+    at a time; after the first no, the stream ends with the inputs already started, and the
+    others are left to whoever claims them. Its files are then named `-h<attempt>-` (never
+    those of a Ray task on the same first input)."""
     refs, cfg, spec, cache = _setup(lines, cfg_dict, url_cache)
     first = min(r["order"] for r in refs)
-    results = _results(refs, cfg, spec, hash_files, cache)
+    results = _results(refs, cfg, spec, hash_files, cache, claim)
+    who = "h" if claim is not None else "r"
     for part in itertools.count():
-        rows = _stage(itertools.islice(results, most), staging_dir, f"{first:09d}-r{attempt}-{part:05d}")
+        rows = _stage(itertools.islice(results, most), staging_dir, f"{first:09d}-{who}{attempt}-{part:05d}")
         if not rows:
             return
         yield rows

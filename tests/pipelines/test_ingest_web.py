@@ -163,3 +163,91 @@ def test_a_task_holds_no_image_after_it_is_serialised(tmp_path):
         out = list(stage._web_results(cleaned, BASE, ImageSpec.of(BASE), None))
     assert len(out) == 12 and all(isinstance(r, tuple) and r[1]["jpg"] for r in out)  # every sample made
     assert all(c.img is None and not c.data for c in cleaned)
+
+
+def test_downloads_with_a_claim_start_nothing_after_its_first_no():
+    """The driver's head start claims each download before it starts; once a claim is refused
+    (Ray is up), no other download starts and iterating ends with those already started."""
+    started, lock = [], threading.Lock()
+
+    def fetch_one(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.01)
+        return b"x"
+
+    answers = iter([True] * 7 + [False] * 100)
+    with Downloads(list(range(50)), lambda i: "h", fetch_one, DownloadLimits(4, 4, 1 << 20), lambda i: next(answers)) as dl:
+        got = [item for batch in dl.batches(8) for item, _ in batch]
+    assert sorted(got) == sorted(started) == list(range(7))
+
+
+@pytest.mark.parametrize("kind", ["url", "path"])
+def test_a_claimed_stream_cleans_only_what_it_claimed_and_names_its_files_apart(tmp_path, kind):
+    """`process_stream` with `claim` (the driver while Ray starts): each group of local files,
+    each download, is claimed before it starts; after the first refusal the stream ends with a
+    row for every input it claimed (and no other), its samples staged in `-h<attempt>-` files."""
+    import os
+
+    from pipelines.ingest.stage import GROUP, process_stream
+
+    claimed, limit = [], {"url": 9, "path": 2 * GROUP}[kind]
+
+    def claim(orders):
+        if len(claimed) + len(orders) > limit:
+            return False
+        claimed.extend(orders)
+        return True
+
+    (tmp_path / "img").mkdir()
+    with WebServer(IMAGES, latency=0.02) as srv:
+        def loc(i):
+            if kind == "url":
+                return {"kind": "url", "uri": srv.url(f"/img/{i % 8}.jpg")}
+            (tmp_path / "img" / f"{i}.jpg").write_bytes(IMAGES[i % 8])
+            return {"kind": "path", "uri": str(tmp_path / "img" / f"{i}.jpg")}
+
+        refs = [{"id": f"r{i}", "image": loc(i), "captions": ["a photo of shapes"], "order": i, "key": f"k{i:04d}",
+                 "qa": [], "meta": {}, "source": "s", "reject": None} for i in range(100)]
+        data = BASE.model_copy(update={"fetch_concurrency": 4, "fetch_per_host": 4, "url_cache": False})
+        rows = [r for out in process_stream([json.dumps(r) for r in refs], data.model_dump(mode="json"),
+                                            str(tmp_path / "stage"), claim=claim) for r in out]
+        requests = srv.stats.total()
+    assert sorted(r["order"] for r in rows) == sorted(claimed) and len(claimed) == limit
+    assert requests == (limit if kind == "url" else 0)
+    names = {os.path.basename(r["stage_file"]) for r in rows if not r["reason"]}
+    assert names and all(n.startswith("stage-000000000-h0-") for n in names)
+
+
+def test_the_drivers_head_start_runs_its_own_inputs_again_when_its_staging_fails(tmp_path, monkeypatch):
+    """`driver._HeadStart`: a stream whose staging files fail (an OSError) runs again on the
+    inputs it claimed and has not handed back, each of them once; what it had not claimed then is
+    left to Ray."""
+    from pipelines.ingest import driver, stage
+
+    (tmp_path / "img").mkdir()
+    refs = []
+    for i in range(70):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(IMAGES[i % 8])
+        refs.append({"id": f"r{i}", "image": {"kind": "path", "uri": str(tmp_path / "img" / f"{i}.jpg")},
+                     "captions": ["a photo of shapes"], "order": i, "key": f"k{i:04d}", "qa": [], "meta": {},
+                     "source": "s", "reject": None})
+    real, calls = stage._stage, []
+
+    def flaky(results, staging_dir, tag):
+        calls.append(tag)
+        if len(calls) == 2:  # the second list of rows, cleaned (and claimed): the first came back already
+            list(results)
+            raise OSError("disk full")
+        return real(results, staging_dir, tag)
+
+    monkeypatch.setattr(stage, "_stage", flaky)
+    got = []
+    kwargs = {"cfg_dict": BASE.model_dump(mode="json"), "staging_dir": str(tmp_path / "stage"), "hash_files": True,
+              "url_cache": "", "most": 32}
+    head = driver._HeadStart(refs, kwargs, got.extend)
+    head.thread.join(timeout=60)
+    assert head.close() == set(range(64))  # two groups claimed when the second list failed
+    head.join()
+    assert sorted(r["order"] for r in got) == list(range(64))
+    assert calls[0].endswith("-h0-00000") and any("-h1-" in tag for tag in calls)
