@@ -163,14 +163,7 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
 
     Ray is reached here (`_ensure_ray(connect)`) when it is not up yet, and while it starts (a
     local Ray: ~3-4 s, with ~half the CPU idle) the driver cleans the first inputs itself
-    (`_HeadStart`); Ray cleans the others. Local files: one plain Ray task per chunk
-    (`_clean_task`), all submitted at once: Ray runs one per CPU and starts the next as one
-    ends, and the rows are taken as tasks end. A task whose staging files fail (an OSError) or
-    whose worker dies is run again; it rewrites the same files (named by its first input).
-    Inputs over a network: one streaming task per chunk, a whole number per CPU
-    (`_stream_rows`), whose rows come back as it goes. Not a Ray Data job: the chunks are
-    planned here and the outputs are small rows, so Ray Data added only its start: importing it
-    in the driver and in each worker, and starting its executor.
+    (`_HeadStart`); Ray cleans the others (`_clean_on_ray`).
     """
     import ray
 
@@ -210,7 +203,16 @@ def _clean_all(refs: list[dict], cfg: DataConfig, staging: str, hash_files: bool
 
 
 def _clean_on_ray(refs: list[dict], kwargs: dict[str, Any], took: Callable[[list[dict]], None]) -> None:
-    """`refs` cleaned in Ray tasks (see `_clean_all`), each list of rows handed to `took`."""
+    """`refs` cleaned in Ray tasks, each list of rows handed to `took`.
+
+    Local files: one plain Ray task per chunk (`_clean_task`), all submitted at once: Ray runs
+    one per CPU and starts the next as one ends, and the rows are taken as tasks end. A task
+    whose staging files fail (an OSError) or whose worker dies is run again; it rewrites the
+    same files (named by its first input). Inputs over a network: one streaming task per chunk,
+    a whole number per CPU (`_stream_rows`), whose rows come back as it goes. Not a Ray Data
+    job: the chunks are planned here and the outputs are small rows, so Ray Data added only its
+    start: importing it in the driver and in each worker, and starting its executor.
+    """
     import ray
 
     chunks = ref_chunks(refs, cleaning_task_sizes(refs, int(ray.cluster_resources().get("CPU", 1))))
