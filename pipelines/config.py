@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmcore.overrides import flatten_overrides
 
@@ -174,6 +174,11 @@ class TrainConfig(_Section):
     # ITM also trains on each caption with one word swapped for the word another caption of the
     # batch has in its place, a negative as close as evaluation's hardest (mmcore.data.negatives).
     itm_edit_negatives: bool = False
+    # With itm_edit_negatives: the share of those negatives that instead swap two words of one kind
+    # within the caption ("a red circle left of a blue square" -> "a blue circle left of a red
+    # square"): the same words as the truth, bound to the wrong objects, which is the negative a
+    # bag of words cannot reject (mmcore.data.negatives).
+    itm_swap_negatives: float = Field(0.0, ge=0, le=1)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 100
@@ -200,6 +205,13 @@ class TrainConfig(_Section):
     # "champion": the retrain flow fine-tunes the registered champion's weights on the new data
     # (no pretraining); None, or no champion yet: pretrain, then fine-tune.
     init_from: Literal["champion"] | None = None
+
+    @model_validator(mode="after")
+    def _swaps_need_edits(self) -> TrainConfig:
+        if self.itm_swap_negatives and not self.itm_edit_negatives:
+            raise ValueError(f"train.itm_swap_negatives={self.itm_swap_negatives} is a share of the edited ITM "
+                             "negatives, and train.itm_edit_negatives is off; set train.itm_edit_negatives=true")
+        return self
 
 
 class ScalingConfig(_Section):

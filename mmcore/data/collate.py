@@ -23,7 +23,7 @@ def pad_ids(seqs: list[Tensor], pad_id: int = 0) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], pad_id: int = 0, swap_share: float = 0.0) -> dict[str, Any]:
     """Decoded samples -> batch: tensors `image (B, 3, S, S)`, `caption_ids/_mask`, `question_ids/_mask`,
     `answer_ids/_mask` `(B, L*)`, `has_qa (B,)`; lists `key`, `captions`, `qa`; and the audio fields
     of `collate_audio` when the samples carry audio.
@@ -33,7 +33,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     rest) and `question_image (M,)` says which image each row asks about. Samples that carry
     `caption_variants` add `edit_neg_ids/_mask (B', L)` and `edit_neg_image (B',)`: one-word-edited
     captions that match no caption of their image (`mmcore.data.negatives`), for the B' samples
-    that have one."""
+    that have one; `swap_share` of them swap two words of one kind within the caption instead."""
     if not samples:
         raise ValueError("collate got an empty list of samples")
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
@@ -46,7 +46,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     if len(rows) > len(samples):
         batch["question_image"] = torch.tensor([r[0] for r in rows])
     if len(samples) > 1 and all("caption_variants" in s for s in samples):
-        _add_edit_negatives(batch, samples, pad_id)
+        _add_edit_negatives(batch, samples, pad_id, swap_share)
     if "audio" in samples[0]:
         batch.update(collate_audio(samples, pad_id))
     for name in ("key", "captions", "qa"):
@@ -54,12 +54,12 @@ def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     return batch
 
 
-def _add_edit_negatives(batch: dict[str, Any], samples: list[dict[str, Any]], pad_id: int) -> None:
+def _add_edit_negatives(batch: dict[str, Any], samples: list[dict[str, Any]], pad_id: int, swap_share: float) -> None:
     """`edit_neg_ids/_mask` and `edit_neg_image` into `batch`; the edits are drawn from a generator
     seeded by the samples' keys, so a batch gets the same negatives every time it is built."""
     rng = random.Random(zlib.crc32("\n".join(str(s["key"]) for s in samples).encode()))
     captions = [s["caption_ids"].tolist() for s in samples]
-    negatives = batch_edit_negatives(captions, [s["caption_variants"] for s in samples], rng)
+    negatives = batch_edit_negatives(captions, [s["caption_variants"] for s in samples], rng, swap_share)
     kept = [(b, torch.tensor(n)) for b, n in enumerate(negatives) if n is not None]
     if kept:
         batch["edit_neg_ids"], batch["edit_neg_mask"] = pad_ids([n for _, n in kept], pad_id)

@@ -26,6 +26,9 @@ class SampleConfig:
     # can build one-word-edited ITM negatives that no caption of the image reads like
     # (`mmcore.data.negatives`).
     caption_variants: bool = False
+    # With caption_variants: the share of those negatives that swap two words of one kind within
+    # the caption instead ("red ... blue" -> "blue ... red"), for `collate`.
+    swap_share: float = 0.0
     # Also decode the audio (a model with an audio encoder): the spoken caption and the chosen QA
     # pair's spoken question, as waveforms the caller has decoded already (mmcore reads no FLAC).
     audio: bool = False

@@ -254,7 +254,8 @@ def build_job(cfg: Config, data_dir: str, task: str, init_from=None, run_name: s
     text_positions = model_cfg.text.max_positions or cfg.model.max_text_len
     sample = SampleConfig(image_size=model_cfg.image.image_size, max_answer_len=cfg.model.max_answer_len,
                           max_text_len=min(cfg.model.max_text_len, text_positions), audio=model_cfg.audio is not None,
-                          qa_per_sample=t.qa_per_sample, caption_variants=t.itm_edit_negatives)
+                          qa_per_sample=t.qa_per_sample, caption_variants=t.itm_edit_negatives,
+                          swap_share=t.itm_swap_negatives)
     data = DataSpec(train_urls, val_urls, tokenizer, sample, eval_batch_size=cfg.eval.batch_size)
     tracking = Tracking(mlflow_tracking_uri(cfg), cfg.registry.experiment, artifact_location(cfg))
     return TrainJob(run, data, model_cfg, train=t, scaling=cfg.scaling, tracking=tracking)

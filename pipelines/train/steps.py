@@ -189,8 +189,8 @@ def sample_codec(job: TrainJob, train: bool):
         return decode_sample(raw, job.data.tokenizer, cfg, train=train, rng=rng)
 
     if job.train.compile:
-        return decode, lambda samples: pad_static(collate(samples, pad_id=pad_id), lengths, pad_id)
-    return decode, lambda samples: collate(samples, pad_id=pad_id)
+        return decode, lambda samples: pad_static(collate(samples, pad_id, cfg.swap_share), lengths, pad_id)
+    return decode, lambda samples: collate(samples, pad_id, cfg.swap_share)
 
 
 def pad_static(batch: Batch, lengths: dict[str, int], pad_id: int) -> Batch:

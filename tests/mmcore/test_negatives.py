@@ -9,7 +9,8 @@ import torch
 from mmcore_support import tiny_config
 
 from mmcore.data import SampleConfig, collate, decode_sample, decode_text
-from mmcore.data.negatives import batch_edit_negatives, edit_candidates, edit_negative, likeness
+from mmcore.data.negatives import (batch_edit_negatives, edit_candidates, edit_negative, likeness, swap_negative,
+                                   word_kinds)
 from mmcore.losses import build_loss
 from mmcore.model import build_model
 
@@ -55,6 +56,46 @@ def test_the_likest_caption_gives_the_edit():
         negs = batch_edit_negatives([cap, other_form, same_form], [[cap], [other_form], [same_form]],
                                     random.Random(seed))
         assert negs[0] == same_form  # never "one"/"in"/"middle" from the other form
+
+
+# [CLS]=2 [SEP]=3 a=5 small=10 large=13 red=11 blue=14 circle=12 square=15 left=20 of=21 there=30 is=31
+TWO = (2, 5, 10, 11, 12, 20, 21, 5, 13, 14, 15, 3)  # a small red circle left of a large blue square
+TWO_B = (2, 5, 13, 14, 12, 20, 21, 5, 10, 11, 15, 3)  # a large blue circle left of a small red square
+OTHER_FORM = (2, 30, 31, 5, 10, 11, 12, 20, 21, 13, 14, 3)  # there is a small red circle left of large blue
+
+
+def test_word_kinds_join_words_in_one_place_of_one_form_only():
+    kinds = word_kinds([TWO, TWO_B], [[TWO_B], [TWO]])
+    assert kinds[10] == kinds[13] and kinds[11] == kinds[14]  # size with size, colour with colour
+    assert len({kinds[10], kinds[11]}) == 2 and 12 not in kinds  # the circle stayed in place
+    # A caption of another form (same length, few places alike) aligns "a" with "there": ignored.
+    assert likeness(TWO, OTHER_FORM) * 2 < len(TWO)
+    assert word_kinds([TWO, OTHER_FORM], [[OTHER_FORM], [TWO]]) == {}
+
+
+def test_swap_negative_exchanges_two_words_of_one_kind_and_never_gives_an_own_caption():
+    kinds = {10: 0, 13: 0, 11: 1, 14: 1, 12: 2, 15: 2}
+    seen = set()
+    for seed in range(40):
+        neg = swap_negative(TWO, kinds, {TWO}, random.Random(seed))
+        changed = [i for i, (x, y) in enumerate(zip(neg, TWO, strict=True)) if x != y]
+        assert sorted(neg) == sorted(TWO) and len(changed) == 2  # the same words, two places
+        assert kinds[TWO[changed[0]]] == kinds[TWO[changed[1]]]
+        seen.add(neg)
+    assert len(seen) == 3  # sizes, colours or shapes swapped
+    every = seen | {TWO}
+    assert swap_negative(TWO, kinds, every, random.Random(0)) is None
+    assert swap_negative((2, 5, 10, 11, 12, 3), kinds, set(), random.Random(0)) is None  # one of each kind
+
+
+def test_batch_swap_negatives_hold_the_captions_words_and_leave_the_edits_as_they_were():
+    caps = [TWO, TWO_B, (2, 5, 10, 14, 15, 20, 21, 5, 13, 11, 12, 3)]
+    own = [[c] for c in caps]
+    plain = batch_edit_negatives(caps, own, random.Random(3))
+    assert batch_edit_negatives(caps, own, random.Random(3), swap_share=0.0) == plain  # no share: unchanged
+    swapped = batch_edit_negatives(caps, own, random.Random(3), swap_share=1.0)
+    for cap, neg in zip(caps, swapped, strict=True):
+        assert neg not in own and sorted(neg) == sorted(cap) and neg != cap
 
 
 def _train_items(samples, tokenizer, cfg, n=4):

@@ -12,10 +12,13 @@ import pickle
 
 import pytest
 
+import torch
+
 from mmcore.data import SampleConfig, special_token_ids, train_tokenizer
 from mmcore.model import FusionModelConfig, model_config
 from pipelines.config import load_config
 from pipelines.train.job import DataSpec, RunSpec, Tracking, TrainJob
+from pipelines.train.steps import sample_codec
 
 # The params every training run has logged to MLflow (before the job had parts), and those added
 # with `train.activation_checkpointing` and the pretraining curriculum.
@@ -59,7 +62,7 @@ def test_describe_keeps_the_flat_mlflow_params(job):
     assert params["lr"] == 0.0002 and params["total_steps"] == 7 and params["tasks"] == ["caption", "vqa"]
     assert params["grad_accum"] == 1  # train.grad_accum=0 means 1, as it always did
     assert params["sample_config"] == {"image_size": 64, "max_text_len": 16, "max_answer_len": 4, "qa_per_sample": 1,
-                                       "caption_variants": False, "audio": False}
+                                       "caption_variants": False, "swap_share": 0.0, "audio": False}
     assert params["loss_weights"] == {"itc_weight": 1.0, "itm_weight": 1.0, "lm_weight": 1.0,
                                       "token_itc_weight": 0.5, "label_smoothing": 0.1, "ctc_weight": 0.3}
     assert params["fail_marker"] == "/runs/caption-x/.fail-at-step-3"
@@ -104,3 +107,27 @@ def test_nested_model_overrides_from_set_reach_one_field(tmp_path):
         assert cfg.model.overrides == {"fusion.num_layers": 2, "image.patch_size": 32}
         _, mcfg = tokenizer_and_model_config(cfg, str(tmp_path), None)
         assert (mcfg.fusion.num_layers, mcfg.fusion.kind, mcfg.image.patch_size, mcfg.image.stem) == (2, "gated", 32, "conv")
+
+
+def test_the_swap_share_reaches_the_training_batches(job):
+    """`train.itm_swap_negatives` travels in the job's sample config to the collate the workers use."""
+    tok = job.data.tokenizer
+    texts = ["a red circle and a blue square", "a blue circle and a red square", "a green circle and a red square"]
+
+    def item(i, text):
+        ids = torch.tensor(tok(text)["input_ids"])
+        return {"image": torch.zeros(3, 8, 8), "caption_ids": ids, "question_ids": ids, "answer_ids": ids[:2],
+                "has_qa": True, "caption_variants": [tuple(ids.tolist())], "key": str(i), "captions": [text], "qa": []}
+
+    items = [item(i, t) for i, t in enumerate(texts)]
+    for share, same_words in ((0.0, False), (1.0, True)):
+        sample = SampleConfig(image_size=8, max_text_len=16, max_answer_len=4, caption_variants=True, swap_share=share)
+        swapping = TrainJob(job.run, DataSpec([], [], tok, sample), job.model, train=job.train)
+        batch = sample_codec(swapping, train=True)[1](items)
+        for row, b in enumerate(batch["edit_neg_image"].tolist()):
+            neg = batch["edit_neg_ids"][row][batch["edit_neg_mask"][row] > 0].tolist()
+            cap = items[b]["caption_ids"].tolist()
+            assert neg != cap and (sorted(neg) == sorted(cap)) == same_words
+    assert load_config("local", ["train.itm_swap_negatives=0.5"]).train.itm_swap_negatives == 0.5
+    with pytest.raises(ValueError, match="itm_edit_negatives=true"):
+        load_config("local", ["train.itm_swap_negatives=0.5", "train.itm_edit_negatives=false"])
