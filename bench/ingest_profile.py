@@ -143,10 +143,10 @@ def one_round(rnd: int, src: Path, refs: list[dict], cfg, spec) -> dict[str, flo
 
 def _role(p: psutil.Process, driver: int) -> str:
     if p.pid == driver:
-        return "driver (listing, head start, dedup, shards, tokenizer)"
-    name = " ".join(p.cmdline()[:1]) or p.name()
-    if name.startswith("ray::") and "Actor" not in name:
-        return "Ray's workers (cleaning tasks)"
+        return "driver (imports, listing, head start, dedup, shards, tokenizer)"
+    cmd = " ".join(p.cmdline()[:2])
+    if cmd.startswith("ray::") or "default_worker.py" in cmd:  # a worker's title is set once it runs
+        return "Ray's workers (imports, cleaning tasks)"
     return "Ray's services (raylet, GCS, agents, monitors)"
 
 
@@ -164,7 +164,7 @@ def command_cpu(src: Path, out: Path, env: dict) -> tuple[float, dict[str, float
         for p in procs:
             try:
                 c = p.cpu_times()
-                seen[p.pid] = (seen.get(p.pid, ("", 0.0))[0] or _role(p, proc.pid), c.user + c.system)
+                seen[p.pid] = (_role(p, proc.pid), c.user + c.system)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         time.sleep(0.1)
