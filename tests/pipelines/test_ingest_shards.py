@@ -111,6 +111,26 @@ def test_member_writer_streams_to_a_file_without_the_end_marker(tmp_path):
         assert parse_members(data[offset : offset + length], s["__key__"]) == s
 
 
+def test_member_headers_are_tarfiles_for_any_name_and_size():
+    """The headers built from parts (ASCII names up to 100 bytes) and those `tarfile` makes (pax
+    headers: longer or non-ASCII names) give the tar webdataset's TarWriter writes."""
+    samples = [
+        {"__key__": "k", "jpg": b"", "txt": b"x" * 512, "json": b"{}" * 300},
+        {"__key__": "a" * 96, "txt": b"exactly a 100-byte name", "jpg": bytes(513)},
+        {"__key__": "b" * 97, "txt": b"a 101-byte name: pax", "json": bytes(1023)},
+        {"__key__": "ünïcode-é", "txt": b"non-ASCII name: pax", "jpg": bytes(range(256)) * 9},
+        {"__key__": "0" * 64, "txt": memoryview(b"a memoryview"), "jpg": bytearray(b"\xff" * 4097)},
+    ]
+    writer = MemberWriter()
+    spans = [writer.add(s) for s in samples]
+    data = writer.getvalue()
+    assert _reference_tar(samples) == data + archive_end(len(data))
+    assert writer.finish() == len(data) == spans[-1][0] + spans[-1][1]
+    for s, (offset, length) in zip(samples, spans, strict=True):
+        assert parse_members(data[offset : offset + length], s["__key__"]) == {k: bytes(v) if k != "__key__" else v
+                                                                           for k, v in s.items()}
+
+
 def test_byte_cap_counts_merged_captions(tmp_path):
     samples = [_sample(i, [f"caption {i}"]) for i in range(6)]
     rows = _stage(tmp_path, "a.members", samples)
