@@ -73,6 +73,11 @@ class FusionModelConfig:
     # its own query and cannot check each phrase of the caption (bench/results/learning-2026-12-03-c.md);
     # each token, which has read its phrase, can.
     itm_pool: str = "cls"
+    # How many of the cross-attention fusion's layers ITM reads (0: all). With two layers the
+    # second one mixes the tokens' verdicts again before the head pools them; ITM on the first
+    # layer alone (its own final LayerNorm shared) keeps each token's reading of its own phrase,
+    # and costs one layer instead of two on the 3B + B' pairs. Cross-attention fusion only.
+    itm_layers: int = 0
     # Hybrid CTC/attention speech recognition (Watanabe et al. 2017): a CTC head on the audio tokens
     # (the vocabulary plus a blank) beside the decoder, for `asr` (`train.ctc_weight`). CTC's
     # monotonic alignment is learnt from far fewer steps than cross-attention's. Needs `audio`.
@@ -268,7 +273,13 @@ class FusionModel(nn.Module):
     def itm_logits(self, image_tokens: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         """Matching logit `(B,)` of image tokens `(B, N, D)` with texts `(B, L)` (> 0: match)."""
         text_tokens, _ = self.text_encoder(ids, mask)
-        return self.heads.match(self.fusion(text_tokens, mask, image_tokens), mask)
+        return self._match(text_tokens, mask, image_tokens)
+
+    def _match(self, text_tokens: Tensor, mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """ITM logits `(B,)` of text tokens `(B, L, D)` fused with image tokens `(B, N, D)`,
+        through the first `cfg.itm_layers` fusion layers (all when 0)."""
+        depth = {"depth": self.cfg.itm_layers} if self.cfg.itm_layers else {}
+        return self.heads.match(self.fusion(text_tokens, mask, image_tokens, **depth), mask)
 
     @torch.no_grad()
     def generate(self, images: Tensor, max_len: int, num_beams: int = 1,
@@ -372,13 +383,12 @@ class FusionModel(nn.Module):
         text with a hard-negative image, sampled in proportion to their ITC similarity."""
         b = ids.shape[0]
         if b < 2:  # no negatives to sample
-            fused = self.fusion(text_tokens, mask, image_tokens)
-            return self.heads.match(fused, mask), torch.ones(b, device=ids.device)
+            return self._match(text_tokens, mask, image_tokens), torch.ones(b, device=ids.device)
         neg_text, neg_image = _hard_negatives(out.image_emb, out.text_emb, out.logit_scale, ids)
         texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
         masks = torch.cat([mask, mask[neg_text], mask])
         images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        logits = self.heads.match(self.fusion(texts, masks, images), masks)
+        logits = self._match(texts, masks, images)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
         return logits, labels
 
@@ -536,6 +546,9 @@ def build_model(cfg: FusionModelConfig, load_pretrained: bool = True) -> FusionM
                 f"the tokenizer has {wanted} tokens but the BERT in {cfg.text.pretrained} knows only "
                 f"{cfg.text.vocab_size}; use that directory's own tokenizer (model.tokenizer)"
             )
+    if cfg.itm_layers and (cfg.fusion.kind != "cross_attention" or not 1 <= cfg.itm_layers <= cfg.fusion.num_layers):
+        raise ValueError(f"itm_layers {cfg.itm_layers} needs cross_attention fusion with at least that many layers "
+                         f"(fusion: {cfg.fusion.kind}, {cfg.fusion.num_layers} layer(s)); use 0 for all of them")
     if cfg.decoder.num_heads and cfg.dim % cfg.decoder.num_heads:
         raise ValueError(f"model width {cfg.dim} is not divisible by decoder.num_heads {cfg.decoder.num_heads}")
     model = FusionModel(

@@ -34,10 +34,12 @@ class CrossAttentionFusion(nn.Module):
         self.layers = nn.ModuleList(CrossAttentionLayer(dim, cfg) for _ in range(cfg.num_layers))
         self.ln = nn.LayerNorm(dim)
 
-    def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, context_mask: Tensor | None = None) -> Tensor:
+    def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, context_mask: Tensor | None = None,
+                depth: int | None = None) -> Tensor:
+        """`depth`: run only the first `depth` layers (then the final LayerNorm); None runs all."""
         # Padding keys are masked out so padded and unpadded inputs fuse identically.
         mask, context = attention_mask(text_mask), _context_mask(context_mask)
-        for layer in self.layers:
+        for layer in self.layers[:depth]:
             text = layer(text, mask, image, context)
         return self.ln(text)
 

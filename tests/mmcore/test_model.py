@@ -104,6 +104,29 @@ def test_token_pooled_itm_reads_every_token_and_ignores_padding(tokenizer, batch
     assert model.heads.itm_pool == "tokens" and model(batch, task="pretrain").itm_logits.shape == (3 * len(batch["image"]),)
 
 
+def test_itm_layers_reads_only_the_first_fusion_layers(tokenizer, batch):
+    """itm_layers=1 on a two-layer fusion: ITM's logits do not depend on the second layer (VQA's
+    memory does), and they equal the head on layer 1 followed by the fusion's final LayerNorm."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer, itm_pool="tokens", itm_layers=1, **{"fusion.num_layers": 2})).eval()
+    tokens, _ = model.encode_image(batch["image"])
+    ids, mask = batch["caption_ids"], batch["caption_mask"]
+    text, _ = model.encode_text(ids, mask)
+    one_layer = model.fusion(text, mask, tokens, depth=1)
+    logits = model.itm_logits(tokens, ids, mask)
+    assert torch.allclose(logits, model.heads.match(one_layer, mask))
+    memory = model._vqa_memory(tokens, batch["question_ids"], batch["question_mask"])[0]
+    with torch.no_grad():
+        for p in model.fusion.layers[1].parameters():
+            p.add_(torch.randn_like(p))
+    assert torch.allclose(model.itm_logits(tokens, ids, mask), logits)
+    assert not torch.allclose(model._vqa_memory(tokens, batch["question_ids"], batch["question_mask"])[0], memory)
+    assert model(batch, task="retrieval").itm_logits.shape == (3 * len(ids),)
+    for bad in ({"itm_layers": 3, "fusion.num_layers": 2}, {"itm_layers": 1, "fusion": "gated"}):
+        with pytest.raises(ValueError, match="itm_layers"):
+            build_model(tiny_config(tokenizer, **bad))
+
+
 def test_resnet_image_encoder(tokenizer, batch):
     torch.manual_seed(0)
     model = build_model(tiny_config(tokenizer, image_encoder="resnet18", image_size=64))
