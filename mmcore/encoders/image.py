@@ -47,6 +47,12 @@ class ImageEncoderConfig:
     # fixed 2-D sine-cosine table (row and column each get half the channels, as in MAE, He et al.
     # 2021): every patch knows its row and column from the first step.
     pos_embed: str = "learned"
+    # ViT only: add a learned position table, initialised to the 2-D sine-cosine one, to the output
+    # tokens, so that every reader of the tokens (the decoder's and the fusion's cross-attention)
+    # gets each patch's row and column afresh. After the ViT's layers the input table is mixed
+    # with the content, and "what shape is on the left?" needs a lookup by column (DETR adds
+    # positions to the keys of every cross-attention layer for the same reason).
+    output_pos: bool = False
     dropout: float = 0.0
     pretrained: str | None = None  # torchvision state-dict file (.pth), loaded by build
 
@@ -68,12 +74,18 @@ class ImageEncoder(nn.Module):
         else:
             raise ValueError(f"unknown image encoder arch {cfg.arch!r}; use vit, resnet18 or resnet50")
         self.proj = nn.Identity() if width == out_dim else nn.Linear(width, out_dim)
+        if cfg.output_pos:  # only then: the state dict is otherwise unchanged
+            if cfg.arch != "vit":
+                raise ValueError(f"image.output_pos needs the vit image encoder, not {cfg.arch!r}")
+            self.output_pos = nn.Parameter(sincos_2d(cfg.image_size // cfg.patch_size, out_dim))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images `(B, 3, H, W)` normalised -> `(tokens (B, N, D), pooled (B, D))`."""
         if self.cfg.arch == "vit":
             tokens = _vit_tokens(self.backbone, images)
             tokens = self.proj(tokens)
+            if self.cfg.output_pos:
+                tokens = tokens + self.output_pos
             return tokens, tokens[:, 0]
         tokens = self.proj(_resnet_tokens(self.backbone, images))
         return tokens, tokens.mean(dim=1)

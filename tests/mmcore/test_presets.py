@@ -129,3 +129,29 @@ def test_a_sincos_position_table_tells_each_patch_its_row_and_column():
     assert tokens.shape == (2, 17, 64)
     with pytest.raises(ValueError, match="unknown image.pos_embed"):
         ImageEncoder(ImageEncoderConfig(pos_embed="rotary"), 128)
+
+
+def test_output_pos_adds_a_trained_position_table_to_the_output_tokens():
+    """image.output_pos: a parameter, initialised to the sine-cosine table in the model width,
+    added to every output token (the class token's row starts at zero); it trains; off, the state
+    dict has no such key. A ResNet has no patch grid of the ViT's kind and is refused."""
+    import torch
+
+    from mmcore.encoders import ImageEncoder, ImageEncoderConfig
+    from mmcore.encoders.image import sincos_2d
+
+    torch.manual_seed(0)
+    base = dict(image_size=32, patch_size=8, hidden_dim=64, stem="conv", pos_embed="sincos")
+    plain = ImageEncoder(ImageEncoderConfig(**base), 32)
+    enc = ImageEncoder(ImageEncoderConfig(**base, output_pos=True), 32)
+    assert "output_pos" not in plain.state_dict()
+    assert torch.equal(enc.output_pos.detach(), sincos_2d(4, 32))
+    enc.load_state_dict({**plain.state_dict(), "output_pos": enc.output_pos.detach()})  # same weights otherwise
+    images = torch.randn(2, 3, 32, 32)
+    tokens, pooled = enc(images)
+    assert torch.allclose(tokens, plain(images)[0] + sincos_2d(4, 32), atol=1e-6)
+    assert torch.equal(pooled, tokens[:, 0])
+    tokens[:, 1:].sum().backward()
+    assert enc.output_pos.grad[0, 1:].abs().sum() > 0
+    with pytest.raises(ValueError, match="output_pos needs the vit"):
+        ImageEncoder(ImageEncoderConfig(arch="resnet18", output_pos=True), 32)
