@@ -160,6 +160,9 @@ class TrainConfig(_Section):
     lr: float = 1e-3
     finetune_lr: float = 5e-4
     weight_decay: float = 0.05
+    # The image encoder's lr as a multiple of the rest's (both phases): it learns what every task
+    # reads from scratch, from gradients that reach it through the fusion and the decoder.
+    image_lr_scale: float = Field(1.0, gt=0)
     warmup_steps: int = 30
     grad_clip: float = 1.0
     itc_weight: float = 1.0

@@ -8,17 +8,27 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: decaying biases, norm gains and 1-D embeddings' scales hurts."""
-    decay, no_decay = [], []
-    for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Decay matrices only: decaying biases, norm gains and 1-D embeddings' scales hurts.
+    `lr_scales` (`{"image_encoder.": 2.0}`): parameters whose name contains a key get their own
+    groups at `lr` times its scale; scales of 1 add no group, so the groups are the usual two."""
+    scales = {k: v for k, v in (lr_scales or {}).items() if v != 1.0}
+    if scales and lr is None:
+        raise ValueError("param_groups: lr_scales need the base lr")
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        scale = next((v for k, v in scales.items() if k in name), 1.0)
+        groups.setdefault((scale, param.ndim >= 2), []).append(param)
+    out = []
+    for (scale, decay), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if scale != 1.0:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -43,9 +53,11 @@ def build_optimizer(
     total_steps: int,
     min_ratio: float,
     fused: bool = False,
+    lr_scales: dict[str, float] | None = None,
 ):
-    """(AdamW, LambdaLR). `fused` AdamW on CUDA saves a kernel launch per parameter."""
-    groups = param_groups(model, weight_decay)
+    """(AdamW, LambdaLR). `fused` AdamW on CUDA saves a kernel launch per parameter. `lr_scales`:
+    see `param_groups`; the schedule scales every group's lr alike."""
+    groups = param_groups(model, weight_decay, lr, lr_scales)
     kwargs = {"fused": True} if fused else {}
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, min_ratio))

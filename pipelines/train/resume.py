@@ -132,7 +132,7 @@ def build_state(job: TrainJob, worker: Worker, resume_dirs: list[str]):
             optimizer, scheduler = build_optimizer(
                 model, job.run.lr, job.train.weight_decay, job.train.warmup_steps, job.run.total_steps,
                 job.train.min_lr_ratio,
-                fused=worker.device.type == "cuda",
+                fused=worker.device.type == "cuda", lr_scales={"image_encoder.": job.train.image_lr_scale},
             )
             if resume_dir is None:
                 return model, optimizer, scheduler, fresh_state(job, worker)

@@ -17,7 +17,7 @@ from pipelines.train.data import (
     raw_stream,
     train_loader,
 )
-from pipelines.train.optim import build_optimizer, warmup_cosine
+from pipelines.train.optim import build_optimizer, param_groups, warmup_cosine
 from pipelines.train.state import (
     latest_checkpoint,
     optimizer_from_files,
@@ -178,6 +178,30 @@ def test_optimizer_and_scheduler_round_trip_without_pickle(tmp_path):
         for name, value in a["state"][pid].items():
             assert torch.equal(value, b["state"][pid][name])
     assert sched2.get_last_lr() == sched.get_last_lr() and sched2.last_epoch == 3
+
+
+def test_lr_scales_give_the_named_parameters_their_own_rate_through_the_schedule():
+    """train.image_lr_scale's groups: parameters whose name holds the key run at lr x scale, the
+    warm-up and cosine scaling both rates alike; decay still skips 1-D parameters; a scale of 1
+    leaves the usual two groups."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"image_encoder": torch.nn.Linear(4, 3), "decoder": torch.nn.Linear(3, 2)})
+    assert len(build_optimizer(model, 1e-2, 0.1, 2, 10, 0.1, lr_scales={"image_encoder.": 1.0})[0].param_groups) == 2
+    opt, sched = build_optimizer(model, 1e-2, 0.1, warmup_steps=2, total_steps=10, min_ratio=0.1,
+                                 lr_scales={"image_encoder.": 3.0})
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    enc, dec = model["image_encoder"], model["decoder"]
+    assert by_param[id(enc.weight)]["weight_decay"] == 0.1 and by_param[id(enc.bias)]["weight_decay"] == 0.0
+    for _ in range(4):
+        ratio = by_param[id(enc.weight)]["lr"] / by_param[id(dec.weight)]["lr"]
+        assert ratio == pytest.approx(3.0) and by_param[id(enc.bias)]["lr"] == by_param[id(enc.weight)]["lr"]
+        dec(enc(torch.randn(5, 4))).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert by_param[id(dec.weight)]["lr"] < 1e-2  # the cosine has begun
+    with pytest.raises(ValueError, match="lr_scales need the base lr"):
+        param_groups(model, 0.1, lr_scales={"image_encoder.": 2.0})
 
 
 def test_warmup_cosine_schedule_shape():
