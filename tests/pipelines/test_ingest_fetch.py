@@ -285,3 +285,32 @@ def test_config_keys_reach_the_cleaning_workers(tmp_path):
         small = trusted.model_copy(update={"max_image_bytes": 100})
         rows = process_batch(_batch([dict(r) for r in refs[:1]]), small.model_dump(mode="json"), str(tmp_path / "c"))
         assert rows[0]["reason"] == "too_large"
+
+
+
+def _image_after_100ms(h):
+    """A remote host's reply: 100 ms, then the headers and a 30 kB body in two writes, with
+    Nagle's algorithm on (http.server's default): the body waits for the client's ACK of the
+    headers whenever they are still unacknowledged."""
+    time.sleep(0.1)
+    h._send(200, "image/jpeg", bytes(30_000))
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux's")
+def test_kept_alive_downloads_are_not_held_by_delayed_acks():
+    """On kept-alive connections the kernel delays ACKs (40 ms on Linux) unless the client asks
+    for quick ones (`fetch._quickack`); a server writing as `_image_after_100ms` then sends a
+    body ~40 ms late. Without it, 144 of these 160 downloads (16 in flight, as a worker's per-host
+    cap) took 35 ms or more over the server's 100 ms (`ingest-2026-12-03-e.md`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> float:
+        t = time.perf_counter()
+        assert len(fetch({"kind": "url", "uri": srv.url(f"/img/{i}")}, limits=OPEN)) == 30_000
+        return time.perf_counter() - t - 0.1
+
+    with Server({"/img": _image_after_100ms}) as srv, ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(16)))  # the connections, opened
+        took = list(pool.map(one, range(160)))
+    slow = [round(s * 1000) for s in took if s >= 0.035]
+    assert len(slow) <= 8, f"{len(slow)} of 160 downloads took >= 35 ms over the server's 100 ms: {slow}"
