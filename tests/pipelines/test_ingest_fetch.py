@@ -287,7 +287,6 @@ def test_config_keys_reach_the_cleaning_workers(tmp_path):
         assert rows[0]["reason"] == "too_large"
 
 
-
 def _image_after_100ms(h):
     """A remote host's reply: 100 ms, then the headers and a 30 kB body in two writes, with
     Nagle's algorithm on (http.server's default): the body waits for the client's ACK of the
@@ -313,4 +312,5 @@ def test_kept_alive_downloads_are_not_held_by_delayed_acks():
         list(pool.map(one, range(16)))  # the connections, opened
         took = list(pool.map(one, range(160)))
     slow = [round(s * 1000) for s in took if s >= 0.035]
-    assert len(slow) <= 8, f"{len(slow)} of 160 downloads took >= 35 ms over the server's 100 ms: {slow}"
+    # Without quick ACKs ~90% are held; a loaded machine (CI) delays a few for its own reasons.
+    assert len(slow) <= 40, f"{len(slow)} of 160 downloads took >= 35 ms over the server's 100 ms: {slow}"
