@@ -78,6 +78,11 @@ class FusionModelConfig:
     # layer alone (its own final LayerNorm shared) keeps each token's reading of its own phrase,
     # and costs one layer instead of two on the 3B + B' pairs. Cross-attention fusion only.
     itm_layers: int = 0
+    # ITM's loss does not reach the image encoder (its image tokens are detached): the encoder
+    # learns from the other tasks, ITM learns to read what they taught it. With itm_layers=1, ITM
+    # rose and grounding fell, as if ITM's gradient pulled the encoder away from what captioning
+    # needs (bench/results/learning-2026-12-03-e.md).
+    itm_detach_image: bool = False
     # Hybrid CTC/attention speech recognition (Watanabe et al. 2017): a CTC head on the audio tokens
     # (the vocabulary plus a blank) beside the decoder, for `asr` (`train.ctc_weight`). CTC's
     # monotonic alignment is learnt from far fewer steps than cross-attention's. Needs `audio`.
@@ -279,6 +284,8 @@ class FusionModel(nn.Module):
         """ITM logits `(B,)` of text tokens `(B, L, D)` fused with image tokens `(B, N, D)`,
         through the first `cfg.itm_layers` fusion layers (all when 0)."""
         depth = {"depth": self.cfg.itm_layers} if self.cfg.itm_layers else {}
+        if self.cfg.itm_detach_image:
+            image_tokens = image_tokens.detach()
         return self.heads.match(self.fusion(text_tokens, mask, image_tokens, **depth), mask)
 
     @torch.no_grad()
