@@ -98,17 +98,45 @@ class LocalCluster:
         self.root, self.env = root, env
         self.nodes: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
+        self.logs: dict[str, Path] = {}
         self.gcs_port = free_ports(1)[0]
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def start(self, name: str, head: bool, num_cpus: int, worker_ports: tuple[int, int]) -> None:
+    def start(self, name: str, head: bool, num_cpus: int, worker_ports: tuple[int, int], tries: int = 3) -> None:
+        """Start a node and wait until its `ray start` says the runtime is up. On a loaded 2-core
+        machine a raylet can abort during startup (seen in CI: it timed out waiting for its
+        dashboard agent's port file, and `ray start` exited 1); such a node is started again, on
+        fresh ports and a fresh temp dir, up to `tries` times in all."""
+        for attempt in range(1, tries + 1):
+            label = name if attempt == 1 else f"{name}{attempt}"
+            if head and attempt > 1:  # a new GCS port: the dead head's may not be free yet
+                self.gcs_port = free_ports(1)[0]
+            self._launch(name, label, head, num_cpus, worker_ports)
+            if self._wait_started(name, label, timeout=150):
+                return
+            self.kill(name)
+        raise RuntimeError(f"node {name} did not start in {tries} tries:\n{self.report()}")
+
+    def _wait_started(self, name: str, label: str, timeout: float) -> bool:
+        """True once the node's log says the runtime started; False if `ray start` exited first."""
+        deadline = time.monotonic() + timeout
+        log = self.root / f"{label}.log"
+        while time.monotonic() < deadline:
+            if "Ray runtime started." in log.read_text(errors="replace"):
+                return True
+            if self.nodes[name].poll() is not None:
+                return False
+            time.sleep(0.5)
+        return False
+
+    def _launch(self, name: str, label: str, head: bool, num_cpus: int, worker_ports: tuple[int, int]) -> None:
         manager, objects, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
         cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
                "--num-gpus=0", "--object-store-memory=80000000", "--disable-usage-stats",
-               f"--temp-dir={self.root / name}", f"--node-manager-port={manager}",
+               f"--temp-dir={self.root / label}", f"--node-manager-port={manager}",
                f"--object-manager-port={objects}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
                f"--metrics-export-port={metrics}", f"--min-worker-port={worker_ports[0]}",
@@ -118,7 +146,8 @@ class LocalCluster:
                     f"--ray-client-server-port={client}"]
         else:
             cmd += [f"--address={self.address}"]
-        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        self.logs[name] = self.root / f"{label}.log"
+        log = open(self.logs[name], "w")  # noqa: SIM115 (closed with the process)
         self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         self.ports[name] = manager
@@ -150,7 +179,7 @@ class LocalCluster:
         """Which nodes' `ray start` still runs, and the end of each one's log (for a failure)."""
         lines = []
         for name, proc in self.nodes.items():
-            log = (self.root / f"{name}.log").read_text(errors="replace")[-1500:]
+            log = self.logs[name].read_text(errors="replace")[-1500:]
             lines.append(f"--- node {name}: {'running' if proc.poll() is None else f'exited {proc.returncode}'}\n{log}")
         return "\n".join(lines)
 
@@ -162,10 +191,9 @@ class LocalCluster:
         return killed
 
 
-@pytest.fixture
-def cluster():
-    root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": "",
+def cluster_env() -> dict[str, str]:
+    """The nodes' environment: token auth with a fresh token, and health checks for a busy machine."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": "",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "RAY_TRAIN_V2_ENABLED": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",
            # The GCS declares a killed node dead after ~10 s (10 refused checks a second apart)
@@ -173,7 +201,12 @@ def cluster():
            # of 5 s each: with 0.5 s x 4 a busy machine killed healthy nodes before training began.
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000",
            "RAY_health_check_failure_threshold": "10"}
-    c = LocalCluster(root, env)
+
+
+@pytest.fixture
+def cluster():
+    root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    c = LocalCluster(root, cluster_env())
     try:
         c.start("head", head=True, num_cpus=0, worker_ports=(21000, 21099))
         c.start("a", head=False, num_cpus=1, worker_ports=(21100, 21199))
@@ -184,6 +217,32 @@ def cluster():
         _, alive = psutil.wait_procs(killed, timeout=30)
         shutil.rmtree(root, ignore_errors=True)
         assert not alive, f"cluster processes survived teardown: {[p.pid for p in alive]}"
+
+
+class FirstStartDies(LocalCluster):
+    """A cluster whose worker node's first `ray start` is killed at once, as a raylet that aborts
+    during startup on a loaded machine ends its `ray start`."""
+
+    def _launch(self, name, label, head, num_cpus, worker_ports):
+        super()._launch(name, label, head, num_cpus, worker_ports)
+        if label == "a":
+            os.killpg(self.nodes[name].pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_whose_start_dies_is_started_again():
+    root = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+    c = FirstStartDies(root, cluster_env())
+    try:
+        c.start("head", head=True, num_cpus=0, worker_ports=(21000, 21099))
+        c.start("a", head=False, num_cpus=1, worker_ports=(21100, 21199))
+        assert (root / "a.log").exists() and c.logs["a"] == root / "a2.log"
+        assert c.nodes["a"].poll() is None and "Ray runtime started." in c.logs["a"].read_text()
+    finally:
+        killed = c.close()
+        _, alive = psutil.wait_procs(killed, timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not alive, f"cluster processes survived teardown: {[p.pid for p in alive]}"
 
 
 def checkpoint_world_sizes(run_dir: Path) -> list[tuple[str, int]]:
