@@ -16,7 +16,7 @@ class FusionHeads(nn.Module):
     pooled audio into the same space and its own temperature, for audio-text contrastive learning."""
 
     def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07, token_embed: bool = False,
-                 audio: bool = False, itm_pool: str = "cls"):
+                 audio: bool = False, itm_pool: str = "cls", itm_lm: bool = False):
         super().__init__()
         if itm_pool not in ("cls", "tokens"):
             raise ValueError(f"itm_pool must be 'cls' or 'tokens', got {itm_pool!r}")
@@ -27,6 +27,10 @@ class FusionHeads(nn.Module):
         self.itm_pool = itm_pool
         if itm_pool == "tokens":  # only then: a "cls" model's state dict is unchanged
             self.itm_weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+        if itm_lm:  # weights of the caption decoder's (mean, lowest) token log-probability in ITM
+            self.itm_lm = nn.Linear(2, 1)
+            nn.init.ones_(self.itm_lm.weight)  # a likelier caption is a likelier match from the start
+            nn.init.zeros_(self.itm_lm.bias)
         self.token_embed = token_embed
         if token_embed:
             self.patch_proj = nn.Linear(dim, embed_dim)

@@ -142,6 +142,30 @@ def test_itm_detach_image_keeps_itm_loss_off_the_image_encoder(tokenizer, batch)
     assert images.grad.abs().sum() > 0
 
 
+def test_itm_lm_adds_the_caption_decoders_evidence(tokenizer, batch):
+    """itm_lm: ITM's logit is the head's plus learned weights of the decoder's (mean, lowest)
+    teacher-forced token log-probability; the evidence matches a hand computation, carries no
+    gradient to the decoder, and the weights train through the ITM logits."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer, itm_lm=True)).eval()
+    tokens, _ = model.encode_image(batch["image"])
+    ids, mask = batch["caption_ids"], batch["caption_mask"]
+    evidence = model.caption_evidence(ids, mask, tokens)
+    logp = model.decoder(ids[:, :-1], tokens, None).log_softmax(-1)
+    for i in range(len(ids)):
+        n = int(mask[i].sum())  # BOS .. EOS: n - 1 predicted tokens
+        token_logp = logp[i, torch.arange(n - 1), ids[i, 1:n]]
+        assert torch.allclose(evidence[i], torch.stack([token_logp.mean(), token_logp.min()]), atol=1e-5)
+    text, _ = model.encode_text(ids, mask)
+    head = model.heads.match(model.fusion(text, mask, tokens), mask)
+    assert torch.allclose(model.itm_logits(tokens, ids, mask), head + evidence.sum(-1), atol=1e-5)  # weights start at 1
+    model.train()
+    model(batch, task="retrieval").itm_logits.sum().backward()
+    assert model.heads.itm_lm.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.decoder.parameters())  # retrieval trains no decoder; ITM must not either
+    assert "heads.itm_lm.weight" not in build_model(tiny_config(tokenizer)).state_dict()
+
+
 def test_resnet_image_encoder(tokenizer, batch):
     torch.manual_seed(0)
     model = build_model(tiny_config(tokenizer, image_encoder="resnet18", image_size=64))
