@@ -240,6 +240,9 @@ class FusionOutput:
     logit_scale: Tensor | None = None
     itm_logits: Tensor | None = None
     itm_labels: Tensor | None = None
+    # With `itm_lm`: the ITM head's own logits (itm_logits are then head.detach() + the weighted
+    # decoder evidence); the loss trains the head on these and the evidence's weights on the sum.
+    itm_head_logits: Tensor | None = None
     lm_logits: Tensor | None = None
     lm_labels: Tensor | None = None
     patch_emb: Tensor | None = None
@@ -287,17 +290,26 @@ class FusionModel(nn.Module):
         text_tokens, _ = self.text_encoder(ids, mask)
         return self._match(text_tokens, ids, mask, image_tokens)
 
-    def _match(self, text_tokens: Tensor, ids: Tensor, mask: Tensor, image_tokens: Tensor) -> Tensor:
+    def _match(self, text_tokens: Tensor, ids: Tensor, mask: Tensor, image_tokens: Tensor,
+               out: FusionOutput | None = None) -> Tensor:
         """ITM logits `(B,)` of text tokens `(B, L, D)` fused with image tokens `(B, N, D)`,
-        through the first `cfg.itm_layers` fusion layers (all when 0); with `cfg.itm_lm`, plus the
-        weighted caption-decoder evidence of `caption_evidence`."""
+        through the first `cfg.itm_layers` fusion layers (all when 0). With `cfg.itm_lm`, plus the
+        weighted caption-decoder evidence of `caption_evidence`; in training (`out` given) the
+        head's own logits are appended to `out.itm_head_logits` and the sum returned holds them
+        detached, so that the head learns exactly as it would alone and the sum's loss trains only
+        the evidence's weights."""
         depth = {"depth": self.cfg.itm_layers} if self.cfg.itm_layers else {}
         if self.cfg.itm_detach_image:
             image_tokens = image_tokens.detach()
-        logits = self.heads.match(self.fusion(text_tokens, mask, image_tokens, **depth), mask)
-        if self.cfg.itm_lm:
-            logits = logits + self.heads.itm_lm(self.caption_evidence(ids, mask, image_tokens)).squeeze(-1)
-        return logits
+        head = self.heads.match(self.fusion(text_tokens, mask, image_tokens, **depth), mask)
+        if not self.cfg.itm_lm:
+            return head
+        evidence = self.heads.itm_lm(self.caption_evidence(ids, mask, image_tokens)).squeeze(-1)
+        if out is None:
+            return head + evidence
+        seen = out.itm_head_logits
+        out.itm_head_logits = head if seen is None else torch.cat([seen, head])
+        return head.detach() + evidence
 
     @torch.no_grad()
     def caption_evidence(self, ids: Tensor, mask: Tensor, image_tokens: Tensor) -> Tensor:
@@ -360,7 +372,9 @@ class FusionModel(nn.Module):
                            self.heads.scale())
         out.itm_logits, out.itm_labels = self._itm(image_tokens, text_tokens, ids, mask, out)
         if "edit_neg_ids" in batch:
-            logits = self.itm_logits(image_tokens[batch["edit_neg_image"]], batch["edit_neg_ids"], batch["edit_neg_mask"])
+            edit_ids, edit_mask = batch["edit_neg_ids"], batch["edit_neg_mask"]
+            edit_tokens, _ = self.text_encoder(edit_ids, edit_mask)
+            logits = self._match(edit_tokens, edit_ids, edit_mask, image_tokens[batch["edit_neg_image"]], out)
             out.itm_logits = torch.cat([out.itm_logits, logits])
             out.itm_labels = torch.cat([out.itm_labels, torch.zeros_like(logits)])
         if self.heads.token_embed:
@@ -413,13 +427,13 @@ class FusionModel(nn.Module):
         text with a hard-negative image, sampled in proportion to their ITC similarity."""
         b = ids.shape[0]
         if b < 2:  # no negatives to sample
-            return self._match(text_tokens, ids, mask, image_tokens), torch.ones(b, device=ids.device)
+            return self._match(text_tokens, ids, mask, image_tokens, out), torch.ones(b, device=ids.device)
         neg_text, neg_image = _hard_negatives(out.image_emb, out.text_emb, out.logit_scale, ids)
         texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
         all_ids = torch.cat([ids, ids[neg_text], ids])
         masks = torch.cat([mask, mask[neg_text], mask])
         images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        logits = self._match(texts, all_ids, masks, images)
+        logits = self._match(texts, all_ids, masks, images, out)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits.device)
         return logits, labels
 

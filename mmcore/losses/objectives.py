@@ -40,6 +40,8 @@ class RetrievalLoss(nn.Module):
             "itc": self.itc(output.image_emb, output.text_emb, output.logit_scale),
             "itm": self.itm(output.itm_logits, output.itm_labels),
         }
+        if output.itm_head_logits is not None:  # itm_lm: the head alone, and the sum (head detached)
+            parts["itm"] = parts["itm"] + self.itm(output.itm_head_logits, output.itm_labels)
         if output.patch_emb is not None:
             parts["token_itc"] = _word_region(self.token_itc, output)
         return parts

@@ -7,7 +7,7 @@ import torch
 from mmcore_support import tiny_config
 
 from mmcore.data import pad_ids
-from mmcore.losses import PretrainLoss
+from mmcore.losses import MatchingLoss, PretrainLoss, RetrievalLoss
 from mmcore.model import FusionModelConfig, build_model, model_config
 
 torch.set_num_threads(1)
@@ -159,10 +159,20 @@ def test_itm_lm_adds_the_caption_decoders_evidence(tokenizer, batch):
     text, _ = model.encode_text(ids, mask)
     head = model.heads.match(model.fusion(text, mask, tokens), mask)
     assert torch.allclose(model.itm_logits(tokens, ids, mask), head + evidence.sum(-1), atol=1e-5)  # weights start at 1
+    # Training: the sum holds the head's logits detached, so its loss trains only the evidence's
+    # weights; the head learns from its own logits as it would without itm_lm.
     model.train()
-    model(batch, task="retrieval").itm_logits.sum().backward()
+    out = model(batch, task="retrieval")
+    assert out.itm_head_logits.shape == out.itm_logits.shape == (3 * len(ids),)
+    out.itm_logits.sum().backward(retain_graph=True)
     assert model.heads.itm_lm.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.heads.itm.parameters())
     assert all(p.grad is None for p in model.decoder.parameters())  # retrieval trains no decoder; ITM must not either
+    out.itm_head_logits.sum().backward()
+    assert all(p.grad is not None for p in model.heads.itm.parameters())
+    parts = RetrievalLoss().parts(out)
+    both = MatchingLoss()(out.itm_logits, out.itm_labels) + MatchingLoss()(out.itm_head_logits, out.itm_labels)
+    assert torch.allclose(parts["itm"], both)
     assert "heads.itm_lm.weight" not in build_model(tiny_config(tokenizer)).state_dict()
 
 

@@ -9,8 +9,14 @@ import torch
 from mmcore_support import tiny_config
 
 from mmcore.data import SampleConfig, collate, decode_sample, decode_text
-from mmcore.data.negatives import (batch_edit_negatives, edit_candidates, edit_negative, likeness, swap_negative,
-                                   word_kinds)
+from mmcore.data.negatives import (
+    batch_edit_negatives,
+    edit_candidates,
+    edit_negative,
+    likeness,
+    swap_negative,
+    word_kinds,
+)
 from mmcore.losses import build_loss
 from mmcore.model import build_model
 
