@@ -28,9 +28,11 @@ class FusionHeads(nn.Module):
         if itm_pool == "tokens":  # only then: a "cls" model's state dict is unchanged
             self.itm_weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
         if itm_lm:  # weights of the caption decoder's (mean, lowest) token log-probability in ITM
-            self.itm_lm = nn.Linear(2, 1)
-            nn.init.ones_(self.itm_lm.weight)  # a likelier caption is a likelier match from the start
-            nn.init.zeros_(self.itm_lm.bias)
+            # Built without drawing random numbers: the modules after it initialise as without it.
+            self.itm_lm = nn.utils.skip_init(nn.Linear, 2, 1)
+            with torch.no_grad():
+                self.itm_lm.weight.fill_(1.0)  # a likelier caption is a likelier match from the start
+                self.itm_lm.bias.zero_()
         self.token_embed = token_embed
         if token_embed:
             self.patch_proj = nn.Linear(dim, embed_dim)

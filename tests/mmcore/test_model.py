@@ -173,7 +173,13 @@ def test_itm_lm_adds_the_caption_decoders_evidence(tokenizer, batch):
     parts = RetrievalLoss().parts(out)
     both = MatchingLoss()(out.itm_logits, out.itm_labels) + MatchingLoss()(out.itm_head_logits, out.itm_labels)
     assert torch.allclose(parts["itm"], both)
-    assert "heads.itm_lm.weight" not in build_model(tiny_config(tokenizer)).state_dict()
+    # Adding it draws no random numbers: every other weight initialises as without it.
+    torch.manual_seed(0)
+    plain = build_model(tiny_config(tokenizer)).state_dict()
+    torch.manual_seed(0)
+    with_lm = build_model(tiny_config(tokenizer, itm_lm=True)).state_dict()
+    assert set(with_lm) - set(plain) == {"heads.itm_lm.weight", "heads.itm_lm.bias"}
+    assert all(torch.equal(plain[k], with_lm[k]) for k in plain)
 
 
 def test_resnet_image_encoder(tokenizer, batch):
