@@ -89,6 +89,8 @@ class FusionModelConfig:
     # so a caption with one wrong colour or shape has one unlikely token. On the kept runs of the
     # default recipe these two numbers alone separated evaluation's positives from its hardest
     # negatives 0.95-0.98 of the time, the ITM head 0.77-0.87 (bench/results/learning-2026-12-04.md).
+    # Trained with the model it lifts ITM to 0.92-0.95 at seeds 0-2 but grounding F1 fell at two
+    # seeds of three, so the recipes leave it off.
     itm_lm: bool = False
     # Hybrid CTC/attention speech recognition (Watanabe et al. 2017): a CTC head on the audio tokens
     # (the vocabulary plus a blank) beside the decoder, for `asr` (`train.ctc_weight`). CTC's
