@@ -143,6 +143,14 @@ def api_log() -> Callable[[str], None]:
     return PrefectLogAdapter(logger, extra=get_run_logger().extra).info
 
 
+@task(name="calibrate-itm", cache_policy=NO_CACHE)
+def calibrate(cfg: Config, checkpoint: str, data_dir: str) -> dict[str, Any]:
+    """Fit the fine-tuned model's ITM score on the validation split, into its checkpoint."""
+    from pipelines.evaluate.calibrate import calibrate_itm
+
+    return calibrate_itm(cfg, checkpoint, data_dir)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_challenger(cfg: Config, checkpoint: str, data_dir: str) -> dict[str, Any]:
     """This run's fine-tuned model on the dataset version's test split (its report card)."""
@@ -231,6 +239,7 @@ def _run_steps(cfg: Config) -> dict[str, Any]:
                 "data_report": data["report"]}
     pretrained, start = _start_weights(cfg, data_dir)
     finetuned = with_step(train, cfg, "train")(cfg, data_dir, "finetune", init_from=start)
+    calibration = with_step(calibrate, cfg, "train")(cfg, finetuned, data_dir) if cfg.train.calibrate_itm else None
     report = with_step(evaluate_challenger, cfg, "evaluate")(cfg, finetuned, data_dir)
     champion_report = with_step(evaluate_champion, cfg, "evaluate")(cfg, data_dir, report["benchmark"])
     lineage = _lineage(cfg, report, data_dir, pretrained or start)
@@ -238,6 +247,7 @@ def _run_steps(cfg: Config) -> dict[str, Any]:
     summary = {
         "data_dir": data_dir, "dataset_reused": data["reused"], "data_report": data["report"],
         "pretrain_checkpoint": pretrained, "init_from": start, "checkpoint": finetuned, "report": report,
+        "itm_calibration": calibration,
         "registration": registration, "lineage": lineage, "tracking_uri": redact(mlflow_tracking_uri(cfg)),
         "home": str(home_dir(cfg)), "ray_dashboard": _dashboard_url(),
     }

@@ -16,7 +16,8 @@ class FusionHeads(nn.Module):
     pooled audio into the same space and its own temperature, for audio-text contrastive learning."""
 
     def __init__(self, dim: int, embed_dim: int, init_temperature: float = 0.07, token_embed: bool = False,
-                 audio: bool = False, itm_pool: str = "cls", itm_lm: bool = False):
+                 audio: bool = False, itm_pool: str = "cls", itm_lm: bool = False,
+                 itm_calibration: bool = False):
         super().__init__()
         if itm_pool not in ("cls", "tokens"):
             raise ValueError(f"itm_pool must be 'cls' or 'tokens', got {itm_pool!r}")
@@ -33,6 +34,8 @@ class FusionHeads(nn.Module):
             with torch.no_grad():
                 self.itm_lm.weight.fill_(1.0)  # a likelier caption is a likelier match from the start
                 self.itm_lm.bias.zero_()
+        if itm_calibration:  # weights of (ITM logit, decoder mean, lowest log-prob, bias), fitted after training
+            self.register_buffer("itm_calibration", torch.tensor([1.0, 0.0, 0.0, 0.0]))
         self.token_embed = token_embed
         if token_embed:
             self.patch_proj = nn.Linear(dim, embed_dim)

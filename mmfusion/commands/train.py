@@ -1,4 +1,7 @@
-"""`mmfusion train pretrain|finetune`: distributed training with Ray Train.
+"""`mmfusion train pretrain|finetune|calibrate`: distributed training with Ray Train.
+
+`finetune` (all of train.finetune_tasks) ends by fitting the model's image-text matching score on
+the validation split (train.calibrate_itm); `calibrate` does only that, for any checkpoint.
 
 The checkpoint directory is printed as the LAST line of stdout, so scripts can capture it:
     CKPT=$(mmfusion train pretrain --data datasets/<version> | tail -n 1)
@@ -22,6 +25,7 @@ examples:
   mmfusion train pretrain --data DIR --set scaling.num_workers=4 --set scaling.use_gpu=true
   mmfusion train finetune --data DIR --init .mmfusion/ray_results/<run>/checkpoint-step0000400
   mmfusion train finetune --data DIR --init models:/mmfusion-debug@champion --task caption
+  mmfusion train calibrate --data DIR --model .mmfusion/ray_results/<run>/checkpoint-step0000720
   mmfusion train pretrain --data DIR --run-name nightly   # same name again: resumes that run
   mmfusion train pretrain --data DIR --set model.preset=large --set scaling.strategy=fsdp
       --set scaling.num_workers=[4,8] --set scaling.use_gpu=true   (sharded; elastic: survives a lost node)
@@ -52,6 +56,17 @@ def register(subparsers) -> None:
         help="what to fine-tune; 'finetune' alternates the tasks in train.finetune_tasks (default); "
              "the audio tasks need model.audio_encoder",
     )
+    cal = modes.add_parser(
+        "calibrate", help="fit a checkpoint's image-text matching score on the validation split (in place)",
+        description="Fit ITM's score as a logistic regression on the matching head's logit and the caption "
+        "decoder's mean and lowest token log-probability, on DATA's validation split (each image's first caption "
+        "against its hardest negative, as evaluation pairs them), and write it into the checkpoint. Training "
+        "is untouched. `mmfusion train finetune` does this at its end unless train.calibrate_itm=false.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(cal)
+    cal.add_argument("--data", required=True, metavar="DIR", help="dataset version directory with a val split")
+    cal.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory to calibrate (changed in place)")
+    cal.set_defaults(func=run_calibrate)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -79,10 +94,35 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"mmfusion train: {e}", file=sys.stderr)
         return 1
+    if task == "finetune" and cfg.train.calibrate_itm:
+        from pipelines.evaluate.calibrate import calibrate_itm
+
+        calibrate_itm(cfg, path, args.data)
     import ray
 
     # Worker log lines reach the driver asynchronously; stop Ray first so none can follow the path.
     ray.shutdown()
     sys.stdout.flush()
     print(path)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from mmcore.checkpoint import CheckpointError
+    from pipelines.core.checkpoints import is_checkpoint_dir
+    from pipelines.evaluate.calibrate import calibrate_itm
+
+    if not is_checkpoint_dir(args.model):
+        print(f"mmfusion train calibrate: {args.model} is not a checkpoint directory (no model.safetensors "
+              "and config.json); pass one printed by `mmfusion train finetune`", file=sys.stderr)
+        return 2
+    try:
+        result = calibrate_itm(cfg, args.model, args.data)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"mmfusion train calibrate: {e}", file=sys.stderr)
+        return 1
+    if "skipped" in result:
+        print(f"mmfusion train calibrate: not calibrated: {result['skipped']}", file=sys.stderr)
+        return 1
     return 0

@@ -206,10 +206,11 @@ def infer_shard(checkpoint_dir: str, url: str, s: InferenceSettings, num_threads
 
 
 def infer_shards(checkpoint_dir: str, urls: list[str], s: InferenceSettings, use_ray: bool,
-                 cpus_per_task: float = 1.0) -> list[dict]:
-    """Outputs of every shard, in shard order (Ray tasks run them in parallel when `use_ray`)."""
+                 cpus_per_task: float = 1.0, label: str = "[eval] inference") -> list[dict]:
+    """Outputs of every shard, in shard order (Ray tasks run them in parallel when `use_ray`);
+    `label` names the work in the progress lines."""
     start = time.time()
-    with Progress("[eval] inference", total=len(urls), unit="shards") as bar:  # live on a TTY, else every 10 s
+    with Progress(label, total=len(urls), unit="shards") as bar:  # live on a TTY, else every 10 s
         if not use_ray:
             outs = []
             for url in urls:
@@ -226,7 +227,7 @@ def infer_shards(checkpoint_dir: str, urls: list[str], s: InferenceSettings, use
             ready, pending = ray.wait(pending, num_returns=1)
             bar.update(len(ready))
     outs = ray.get(refs)
-    print(f"[eval] {len(urls)} shards on Ray: {sum(len(o['keys']) for o in outs)} samples "
+    print(f"{label.split()[0]} {len(urls)} shards on Ray: {sum(len(o['keys']) for o in outs)} samples "
           f"({time.time() - start:.1f}s)", flush=True)
     return outs
 

@@ -27,7 +27,7 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
     from pipelines.config import load_config, mlflow_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = [f"services.home={tmp_path / 'home'}", "data.synth_num=200"]
+    overrides = [f"services.home={tmp_path / 'home'}", "data.synth_num=260"]
     state = retrain(config="debug", overrides=overrides, return_state=True)
     summary = state.result()
 
@@ -41,6 +41,13 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
     for key in ("pretrain_checkpoint", "checkpoint"):
         ckpt = Path(summary[key])
         assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
+
+    # ITM was calibrated on the validation split (260 scenes: over calibrate.MIN_PAIRS pairs), into
+    # the checkpoint evaluated and registered
+    calibration = summary["itm_calibration"]
+    config = json.loads((Path(summary["checkpoint"]) / "config.json").read_text())
+    assert calibration["val_pairs"] >= 20 and config["model"]["itm_calibration"] is True
+    assert config["extra"]["itm_calibration"] == calibration
 
     # a version was registered with metrics, and champion points at it (first model ever)
     cfg = load_config("debug", overrides)

@@ -182,6 +182,36 @@ def test_itm_lm_adds_the_caption_decoders_evidence(tokenizer, batch):
     assert all(torch.equal(plain[k], with_lm[k]) for k in plain)
 
 
+def test_itm_calibration_scores_with_its_fitted_weights_outside_training(tokenizer, batch):
+    """itm_calibration: ITM's score is `features @ w + b` over (head logit, decoder mean, lowest
+    log-prob), with the weights in a buffer that starts as the head alone; training's ITM logits
+    stay the head's, and the buffer draws no random numbers."""
+    torch.manual_seed(0)
+    plain = build_model(tiny_config(tokenizer)).eval()
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tokenizer, itm_calibration=True)).eval()
+    tokens, _ = model.encode_image(batch["image"])
+    ids, mask = batch["caption_ids"], batch["caption_mask"]
+    head = plain.itm_logits(tokens, ids, mask)
+    assert torch.equal(model.itm_logits(tokens, ids, mask), head)  # identity until fitted
+    features = model.itm_features(tokens, ids, mask)
+    assert torch.equal(features[:, 0], head)
+    assert torch.equal(features[:, 1:], model.caption_evidence(ids, mask, tokens))
+    model.heads.itm_calibration.copy_(torch.tensor([0.5, 2.0, -1.0, 0.25]))
+    expected = 0.5 * head + 2.0 * features[:, 1] - features[:, 2] + 0.25
+    assert torch.allclose(model.itm_logits(tokens, ids, mask), expected, atol=1e-5)
+    assert torch.equal(model.itm_features(tokens, ids, mask), features)  # features never calibrated
+    model.train()
+    torch.manual_seed(1)
+    calibrated_out = model(batch, task="retrieval")
+    plain.train()
+    torch.manual_seed(1)
+    assert torch.equal(calibrated_out.itm_logits, plain(batch, task="retrieval").itm_logits)
+    extra = set(model.state_dict()) - set(plain.state_dict())
+    assert extra == {"heads.itm_calibration"}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
 def test_resnet_image_encoder(tokenizer, batch):
     torch.manual_seed(0)
     model = build_model(tiny_config(tokenizer, image_encoder="resnet18", image_size=64))

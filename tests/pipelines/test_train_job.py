@@ -11,7 +11,6 @@ from __future__ import annotations
 import pickle
 
 import pytest
-
 import torch
 
 from mmcore.data import SampleConfig, special_token_ids, train_tokenizer
