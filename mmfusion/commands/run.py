@@ -68,6 +68,7 @@ def format_report(cfg: Config, summary: dict[str, Any]) -> str:
         f"checkpoint  {summary['checkpoint']}",
         f"model       {reg.get('model_uri')}  (run {reg.get('run_id')})",
         f"champion    {'promoted: ' if reg.get('promoted') else 'unchanged: '}{reg.get('reason')}",
+        *_calibration_line(summary.get("itm_calibration")),
         "",
         "test-split metrics:",
     ]
@@ -79,6 +80,16 @@ def format_report(cfg: Config, summary: dict[str, Any]) -> str:
     lines += ["", "figures:", *(f"  {name:<16} {path}" for name, path in summary.get("figures", {}).items())]
     lines += ["", "dashboards:", *dashboard_hints(cfg, summary)]
     return "\n".join(lines)
+
+
+def _calibration_line(calibration: dict[str, Any] | None) -> list[str]:
+    """How ITM scores (train.calibrate_itm): calibrated on the validation split, or why not."""
+    if not calibration:
+        return []
+    if "skipped" in calibration:
+        return [f"ITM         head alone: {calibration['skipped']}"]
+    return [f"ITM         calibrated on {calibration['val_pairs']} validation pairs: accuracy there "
+            f"{calibration['val_acc_head']:.3f} (head alone) -> {calibration['val_acc_calibrated']:.3f}"]
 
 
 def dashboard_hints(cfg: Config, summary: dict[str, Any]) -> list[str]:

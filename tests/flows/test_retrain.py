@@ -65,6 +65,7 @@ def test_retrain_registers_a_champion(tmp_path, monkeypatch, ray_local, prefect_
     # the printed report says where things are and shows generated captions
     text = format_report(cfg, summary)
     assert str(data_dir) in text and "model:" in text and "mlflow ui" in text
+    assert f"ITM         calibrated on {calibration['val_pairs']} validation pairs" in text
 
     # attention pictures of the shown test examples: on disk, in the MLflow run, in the Prefect report
     from flows.retrain import render_markdown
