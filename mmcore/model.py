@@ -94,11 +94,11 @@ class FusionModelConfig:
     itm_lm: bool = False
     # ITM's score is a logistic regression on three numbers: the head's logit and the caption
     # decoder's mean and lowest token log-probability (as `itm_lm`), with weights fitted after
-    # training on the validation split's matching pairs (`pipelines.train.calibrate`). Training
+    # training on the validation split's matching pairs (`pipelines.evaluate.calibrate`). Training
     # is untouched, so every other metric is the same model's. The weights live in a buffer
     # (`heads.itm_calibration`: head, mean, lowest, bias), identity on the head until fitted. On
-    # the kept runs of the default recipe at seeds 0-2, fitted on validation, test ITM 0.77 / 0.81
-    # / 0.87 -> 0.98 / 0.97 / 0.94 (bench/results/learning-2026-12-04.md).
+    # the kept runs of the default recipe at seeds 0-2, fitted on validation, test ITM 0.72 / 0.77
+    # / 0.85 -> 0.98 / 0.97 / 0.94 (bench/results/learning-2026-12-04.md).
     itm_calibration: bool = False
     # Hybrid CTC/attention speech recognition (Watanabe et al. 2017): a CTC head on the audio tokens
     # (the vocabulary plus a blank) beside the decoder, for `asr` (`train.ctc_weight`). CTC's

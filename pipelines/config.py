@@ -182,10 +182,10 @@ class TrainConfig(_Section):
     # square"): the same words as the truth, bound to the wrong objects, which is the negative a
     # bag of words cannot reject (mmcore.data.negatives).
     itm_swap_negatives: float = Field(0.0, ge=0, le=1)
-    # After fine-tuning (the retrain flow, `mmfusion train finetune`): fit ITM's score on the
+    # After fine-tuning in the retrain flow (`mmfusion train calibrate` by hand): fit ITM's score on the
     # validation split, a logistic regression on the head's logit and the caption decoder's token
-    # log-probabilities, into the final checkpoint (pipelines.evaluate.calibrate). Test ITM 0.77 /
-    # 0.81 / 0.87 -> 0.98 / 0.97 / 0.94 on the default recipe's runs at seeds 0-2, in ~3 s.
+    # log-probabilities, into the final checkpoint (pipelines.evaluate.calibrate). Test ITM 0.72 /
+    # 0.77 / 0.85 -> 0.98 / 0.97 / 0.94 on the default recipe's runs at seeds 0-2, in ~3 s.
     calibrate_itm: bool = True
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -1,7 +1,7 @@
 """`mmfusion train pretrain|finetune|calibrate`: distributed training with Ray Train.
 
-`finetune` (all of train.finetune_tasks) ends by fitting the model's image-text matching score on
-the validation split (train.calibrate_itm); `calibrate` does only that, for any checkpoint.
+`calibrate` fits a fine-tuned checkpoint's image-text matching score on the validation split, as
+the retrain flow (`mmfusion run`) does after fine-tuning (train.calibrate_itm).
 
 The checkpoint directory is printed as the LAST line of stdout, so scripts can capture it:
     CKPT=$(mmfusion train pretrain --data datasets/<version> | tail -n 1)
@@ -61,7 +61,7 @@ def register(subparsers) -> None:
         description="Fit ITM's score as a logistic regression on the matching head's logit and the caption "
         "decoder's mean and lowest token log-probability, on DATA's validation split (each image's first caption "
         "against its hardest negative, as evaluation pairs them), and write it into the checkpoint. Training "
-        "is untouched. `mmfusion train finetune` does this at its end unless train.calibrate_itm=false.",
+        "is untouched. The retrain flow (`mmfusion run`) does this after fine-tuning unless train.calibrate_itm=false.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(cal)
     cal.add_argument("--data", required=True, metavar="DIR", help="dataset version directory with a val split")
@@ -94,10 +94,6 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"mmfusion train: {e}", file=sys.stderr)
         return 1
-    if task == "finetune" and cfg.train.calibrate_itm:
-        from pipelines.evaluate.calibrate import calibrate_itm
-
-        calibrate_itm(cfg, path, args.data)
     import ray
 
     # Worker log lines reach the driver asynchronously; stop Ray first so none can follow the path.
