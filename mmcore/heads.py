@@ -7,6 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+# Calibration weights that score ITM with the head alone: (head, decoder mean, lowest, bias).
+ITM_IDENTITY = (1.0, 0.0, 0.0, 0.0)
+
 
 class FusionHeads(nn.Module):
     """Projections of the pooled image/text states into the joint embedding space `E`, the learnable
@@ -35,7 +38,7 @@ class FusionHeads(nn.Module):
                 self.itm_lm.weight.fill_(1.0)  # a likelier caption is a likelier match from the start
                 self.itm_lm.bias.zero_()
         if itm_calibration:  # weights of (ITM logit, decoder mean, lowest log-prob, bias), fitted after training
-            self.register_buffer("itm_calibration", torch.tensor([1.0, 0.0, 0.0, 0.0]))
+            self.register_buffer("itm_calibration", torch.tensor(ITM_IDENTITY))
         self.token_embed = token_embed
         if token_embed:
             self.patch_proj = nn.Linear(dim, embed_dim)
@@ -44,6 +47,15 @@ class FusionHeads(nn.Module):
         if audio:  # only then: an image-text model's state dict is unchanged
             self.audio_proj = nn.Linear(dim, embed_dim)
             self.audio_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    @torch.no_grad()
+    def reset_itm_calibration(self) -> bool:
+        """Back to scoring ITM with the head alone; True when there were weights to reset. Training
+        moves the head, so weights fitted to the old one no longer hold."""
+        if not hasattr(self, "itm_calibration"):
+            return False
+        self.itm_calibration.copy_(torch.tensor(ITM_IDENTITY))
+        return True
 
     def embed_tokens(self, patches: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
         """Image patches `(B, N, D)` and text tokens `(B, L, D)` -> `(B, N, E)`, `(B, L, E)`, L2-normalised."""

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmcore.heads import ITM_IDENTITY
+
 # Fewer validation pairs than this: too few to fit three weights and a bias; the head stays alone.
 MIN_PAIRS = 20
 # L2 penalty on the standardised weights: the validation pairs are often almost separable, and
@@ -104,7 +106,7 @@ def calibrate_itm(cfg, checkpoint, data_dir) -> dict[str, Any]:
     result = {"val_pairs": len(y) // 2, "val_acc_head": pair_accuracy(x[:, 0], y),
               "val_acc_calibrated": pair_accuracy(x @ weights[:3] + weights[3], y)}
     if result["val_acc_calibrated"] < result["val_acc_head"] or not torch.isfinite(weights).all():
-        weights = torch.tensor([1.0, 0.0, 0.0, 0.0])  # the fit does not beat the head: the head alone
+        weights = torch.tensor(ITM_IDENTITY)  # the fit does not beat the head: the head alone
         result["val_acc_calibrated"] = result["val_acc_head"]
     result["weights"] = [round(float(v), 6) for v in weights]
     write_calibration(checkpoint, weights, result)
@@ -129,7 +131,7 @@ def repair(checkpoint: Path) -> None:
     with safe_open(str(checkpoint / WEIGHTS), framework="pt") as f:
         has_buffer = "heads.itm_calibration" in f.keys()
     if has_buffer and not json.loads((checkpoint / CONFIG).read_text())["model"].get("itm_calibration"):
-        write_calibration(checkpoint, torch.tensor([1.0, 0.0, 0.0, 0.0]), {"repaired": "interrupted calibration"})
+        write_calibration(checkpoint, torch.tensor(ITM_IDENTITY), {"repaired": "interrupted calibration"})
 
 
 def write_calibration(checkpoint: Path, weights: Tensor, result: dict[str, Any]) -> None:

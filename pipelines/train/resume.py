@@ -26,6 +26,9 @@ def initial_model(job: TrainJob, resume_dir: str | None) -> nn.Module:
     start = resume_dir or job.run.init_from
     if start:
         model, _, _ = load_checkpoint(start)
+        # A calibrated start (a champion) scores ITM with weights fitted to its head, which this run
+        # moves: back to the head alone until the flow's calibrate-itm step fits the new one.
+        model.heads.reset_itm_calibration()
         return model.train()
     torch.manual_seed(job.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     return build_model(job.model).train()

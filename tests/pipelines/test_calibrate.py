@@ -113,3 +113,29 @@ def test_cli_calibrates_a_checkpoint_and_names_a_bad_one(cfg, tiny_dataset, chec
     assert sum(e["samples"] for e in val) < calib.MIN_PAIRS
     assert ok.returncode == 1 and "fewer than" in ok.stderr, ok.stderr
     assert not config["model"].get("itm_calibration")
+
+
+def test_training_from_a_calibrated_checkpoint_starts_from_the_head_alone(cfg, tiny_dataset, checkpoint, tmp_path):
+    # Fine-tuning a calibrated champion moves its head: the old weights must not score the new one
+    # (with calibrate_itm off, or too few validation pairs to fit again).
+    from types import SimpleNamespace
+
+    from pipelines.evaluate.calibrate import write_calibration
+    from pipelines.train.resume import initial_model
+
+    copy = tmp_path / "champion"
+    shutil.copytree(checkpoint, copy)
+    write_calibration(copy, torch.tensor([0.5, 2.0, 1.0, -0.25]), {"weights": [0.5, 2.0, 1.0, -0.25]})
+    champion, _, _ = load_checkpoint(copy)
+    assert champion.heads.itm_calibration.tolist() == [0.5, 2.0, 1.0, -0.25]
+    model = initial_model(SimpleNamespace(run=SimpleNamespace(init_from=str(copy))), None).eval()
+    assert model.heads.itm_calibration.tolist() == [1.0, 0.0, 0.0, 0.0]
+    # Scored with the head alone, and equal to the champion's uncalibrated logits.
+    _, merged = _val_pairs(cfg, copy, tiny_dataset)
+    x, _ = pair_features(champion, merged, 16)
+    from pipelines.evaluate.ranking import itm_logits
+
+    pairs = itm_logits(model, merged, 16)
+    scores = torch.tensor([p[0] for p in pairs.values()] + [p[1] for p in pairs.values()])
+    assert torch.allclose(scores, x[:, 0], atol=1e-4)
+    assert not torch.allclose(scores, x @ champion.heads.itm_calibration[:3] + champion.heads.itm_calibration[3], atol=1e-2)
