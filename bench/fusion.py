@@ -1,30 +1,33 @@
-"""Which fusion to choose: cross-attention, gated weighted sum and concat + MLP under one budget.
+"""Which fusion to choose: cross-attention, gated weighted sum and concat + MLP, each trained by the
+default run's own recipe and budget.
 
-Each (fusion, seed) trains the config's model in its own process (one torch thread, so `--jobs`
-runs go side by side): pretraining (ITC + ITM + LM) then fine-tuning on the config's tasks, with
-the project's losses, optimiser, schedule and sample decoding, on a dataset version's train split,
-global batch `train.batch_size` x `scaling.num_workers` (its max, if a range). The checkpoint is then
-scored by the pipeline's own evaluation (`pipelines.evaluate.evaluate`, the report card of `mmfusion run`). Prints
-and writes a table: every report-card metric as mean +- std over the seeds, wall time, parameters.
+For each seed, and each fusion in turn within it, runs the real `mmfusion run --config C --set
+model.fusion=F --set train.seed=S` in a fresh state directory, as `bench/learn.py` does: synthesise
+and ingest, pretrain and fine-tune on Ray Train, calibrate ITM, evaluate, register. Everything but
+`model.fusion` is the config's. Runs go one at a time (each uses the machine's cores). Prints, and
+with `--out` writes, a table of every report-card metric as mean ± std over the seeds, the run's
+wall time and the model's parameters.
 
-    python bench/fusion.py --data DATASET_VERSION_DIR [--seeds 3] [--pre 250] [--fine 250] [--jobs 2]
+Each finished run's result is kept as `--results DIR/FUSION-SEED.json`; run again with the same
+directory and the bench continues where it stopped instead of training those runs again.
 
-Training is in-process rather than on Ray Train so that nine runs fit an afternoon on two cores;
-the steps are the same `train_step`-style updates the trainer makes (no gradient accumulation).
+    python bench/fusion.py [--config local] [--seeds 3] [--fusions cross_attention,gated,concat]
+                           [--results DIR] [--out FILE.md] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/fusion.py`: the repository root holds `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.learn import one_round  # noqa: E402
 
 FUSIONS = ("cross_attention", "gated", "concat")
 SHOWN = ("i2t_r1", "t2i_r1", "itm_acc", "vqa_acc", "vqa_count", "vqa_colour", "vqa_size", "vqa_shape",
@@ -33,131 +36,106 @@ SHOWN = ("i2t_r1", "t2i_r1", "itm_acc", "vqa_acc", "vqa_count", "vqa_colour", "v
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="local", help="config file or preset (default: local)")
-    p.add_argument("--data", required=True, help="dataset version directory (mmfusion data ingest prints it)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pre", type=int, default=250, help="pretraining steps (default 250)")
-    p.add_argument("--fine", type=int, default=250, help="fine-tuning steps (default 250)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each (default 2)")
-    p.add_argument("--fusions", default=",".join(FUSIONS))
+    p.add_argument("--config", default="local", help="config file or preset (default: local, the default run)")
+    p.add_argument("--seeds", type=int, default=3, help="train.seed 0..N-1 for each fusion (default 3)")
+    p.add_argument("--fusions", default=",".join(FUSIONS), help=f"comma-separated (default {','.join(FUSIONS)})")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="keep each run's result here and reuse those already there (default: a new temporary directory)")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--one", nargs=3, metavar=("FUSION", "SEED", "RESULT_JSON"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (not model.fusion or train.seed: the bench sets those)")
+    args = p.parse_args(argv)
+    fusions = [f for f in args.fusions.split(",") if f]
+    unknown = sorted(set(fusions) - set(FUSIONS))
+    if unknown or not fusions:
+        p.error(f"--fusions {args.fusions!r}: unknown {unknown}; choose from {', '.join(FUSIONS)}")
+    args.fusions = fusions
+    fixed = {o.split("=", 1)[0].strip() for o in args.overrides} & {"model.fusion", "train.seed"}
+    if fixed:
+        p.error(f"--set {', '.join(sorted(fixed))}: the bench sets these per run; use --fusions / --seeds")
+    return args
 
 
-def train_phase(model, train, decode, collate, tasks, steps, lr, cfg, seed) -> None:
-    import torch
+def model_facts(checkpoint: str) -> dict:
+    """What the evaluated checkpoint is: its fusion and its parameters, from its config (no weights read)."""
+    from mmcore.checkpoint import read_config
+    from mmcore.model import build_model, count_parameters
 
-    from mmcore.losses import build_loss
-    from pipelines.train.optim import build_optimizer
-
-    t = cfg.train
-    weights = {"itc_weight": t.itc_weight, "itm_weight": t.itm_weight, "lm_weight": t.lm_weight,
-               "label_smoothing": t.label_smoothing}
-    losses = {task: build_loss(task, **weights) for task in set(tasks)}
-    opt, sched = build_optimizer(model, lr, t.weight_decay, t.warmup_steps, steps, t.min_lr_ratio)
-    rng, batch = random.Random(seed), t.batch_size * cfg.scaling.max_workers
-    model.train()
-    for step in range(steps):
-        task = tasks[step % len(tasks)]
-        out = losses[task](model(collate([decode(s, rng) for s in rng.sample(train, batch)]), task))
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0:
-            print(f"  [{tasks}] step {step + 1}/{steps} loss {float(out['loss'].detach()):.3f}", flush=True)
+    model_cfg, _ = read_config(checkpoint)
+    return {"fusion": model_cfg.fusion.kind, "params": count_parameters(build_model(model_cfg, load_pretrained=False))}
 
 
-def run_one(args: argparse.Namespace, fusion: str, seed: int, result: Path) -> None:
-    """Train one fusion with one seed, evaluate it, write `{metrics, wall_s, params}` to `result`."""
-    import torch
-
-    from mmcore.checkpoint import save_checkpoint
-    from mmcore.data import SampleConfig, collate, decode_sample, special_token_ids, train_tokenizer
-    from mmcore.model import build_model, count_parameters, model_config
-    from pipelines.config import load_config
-    from pipelines.core.dataset import read_shard, sample_texts, shard_paths
-    from pipelines.evaluate import evaluate
-
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    home = Path(tempfile.mkdtemp(prefix=f"fusion-{fusion}-{seed}-"))
-    cfg = load_config(args.config, [*args.overrides, f"services.home={home}", "eval.parallel=local"])
-    start = time.perf_counter()
-    urls = [str(u) for u in shard_paths(args.data, "train")]
-    train = [s for u in urls for s in read_shard(u)]
-    tok = train_tokenizer(sample_texts(urls), cfg.model.vocab_size)
-    mcfg = model_config(cfg.model.preset, vocab_size=len(tok), fusion=fusion, image_size=cfg.model.image_size,
-                        **special_token_ids(tok))
-    model = build_model(mcfg)
-    scfg = SampleConfig(mcfg.image.image_size, cfg.model.max_text_len, cfg.model.max_answer_len)
-    pad = tok.pad_token_id or 0
-
-    def decode(sample, rng):
-        return decode_sample(sample, tok, scfg, train=True, rng=rng)
-
-    batcher = lambda items: collate(items, pad_id=pad)  # noqa: E731
-    train_phase(model, train, decode, batcher, ["pretrain"], args.pre, cfg.train.lr, cfg, seed)
-    train_phase(model, train, decode, batcher, list(cfg.train.finetune_tasks), args.fine, cfg.train.finetune_lr,
-                cfg, seed + 1)
-    train_s = time.perf_counter() - start
-    ckpt = save_checkpoint(home / "checkpoint", model.eval(), tok)
-    card = evaluate(cfg, ckpt, args.data, home / "eval")
-    result.write_text(json.dumps({"fusion": fusion, "seed": seed, "metrics": card["metrics"],
-                                  "train_s": train_s, "params": count_parameters(model)}))
+def run(args: argparse.Namespace, fusion: str, seed: int, results: Path) -> dict:
+    """One `mmfusion run` with this fusion and seed, or its kept result."""
+    path = results / f"{fusion}-{seed}.json"
+    if path.is_file():
+        print(f"[fusion] {fusion} seed {seed}: kept result {path}", flush=True)
+        return json.loads(path.read_text())
+    print(f"[fusion] {fusion} seed {seed}: mmfusion run --config {args.config} --set model.fusion={fusion}",
+          flush=True)
+    learn_args = argparse.Namespace(config=args.config, overrides=[*args.overrides, f"model.fusion={fusion}"],
+                                    keep=False, measure=model_facts)
+    r = one_round(learn_args, seed)
+    if r["measured"]["fusion"] != fusion:
+        raise SystemExit(f"the {fusion} run evaluated a {r['measured']['fusion']} model: is model.fusion set by --config?")
+    result = {"fusion": fusion, "seed": seed, "wall_s": r["wall_s"], "metrics": r["metrics"],
+              "params": r["measured"]["params"], "itm_calibration": r["itm_calibration"]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)  # a result file is whole or absent
+    print(f"[fusion] {fusion} seed {seed} done in {r['wall_s']:.0f}s: grounding F1 "
+          f"{r['metrics'].get('grounding_f1', float('nan')):.3f}, VQA {r['metrics'].get('vqa_acc', float('nan')):.3f}",
+          flush=True)
+    return result
 
 
-def launch(args: argparse.Namespace, fusion: str, seed: int, out_dir: Path) -> dict:
-    result = out_dir / f"{fusion}-{seed}.json"
-    cmd = [sys.executable, __file__, "--config", args.config, "--data", args.data, "--pre", str(args.pre),
-           "--fine", str(args.fine), *[f"--set={s}" for s in args.overrides], "--one", fusion, str(seed), str(result)]
-    log = out_dir / f"{fusion}-{seed}.log"
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise SystemExit(f"{fusion} seed {seed} failed (exit {code}); see {log}")
-    print(f"[fusion] {fusion} seed {seed} done", flush=True)
-    return json.loads(result.read_text())
+def cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
 
 
 def summarise(runs: list[dict], fusions: list[str]) -> str:
-    def cell(values: list[float], fmt: str) -> str:
-        if not values:
-            return "n/a"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
-
+    """Markdown: each metric's mean ± std per fusion over its seeds, wall time, parameters."""
     head = "| metric | " + " | ".join(fusions) + " |\n|---|" + "---|" * len(fusions)
     rows = []
     for m in SHOWN:
         cells = [cell([r["metrics"][m] for r in runs if r["fusion"] == f and r["metrics"].get(m) is not None], ".3f")
                  for f in fusions]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    rows.append("| train wall s | " + " | ".join(cell([r["train_s"] for r in runs if r["fusion"] == f], ".0f")
-                                                for f in fusions) + " |")
+    rows.append("| run wall s | " + " | ".join(cell([r["wall_s"] for r in runs if r["fusion"] == f], ".0f")
+                                              for f in fusions) + " |")
     rows.append("| parameters | " + " | ".join(f"{next(r['params'] for r in runs if r['fusion'] == f):,}"
-                                                for f in fusions) + " |")
+                                              for f in fusions) + " |")
     return "\n".join([head, *rows])
+
+
+def per_run(runs: list[dict]) -> str:
+    """Markdown: one line per run, the headline metrics."""
+    lines = ["| fusion | seed | ITM | VQA | shape Q | i2t R@1 | BLEU-4 | grounding F1 | wall s |", "|---" * 9 + "|"]
+    for r in runs:
+        m = r["metrics"]
+        lines.append(f"| {r['fusion']} | {r['seed']} | " + " | ".join(
+            f"{m.get(k, float('nan')):.3f}" for k in ("itm_acc", "vqa_acc", "vqa_shape", "i2t_r1", "bleu4", "grounding_f1"))
+            + f" | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     args = parse()
-    if args.one:
-        fusion, seed, result = args.one
-        return run_one(args, fusion, int(seed), Path(result))
-    fusions = [f for f in args.fusions.split(",") if f]
-    out_dir = Path(tempfile.mkdtemp(prefix="fusion-bench-"))
-    print(f"[fusion] {len(fusions)} fusions x {args.seeds} seeds, {args.pre} + {args.fine} steps; logs in {out_dir}",
-          flush=True)
-    jobs = [(f, s) for s in range(args.seeds) for f in fusions]  # alternate fusions within each seed
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda job: launch(args, job[0], job[1], out_dir), jobs))
-    table = summarise(runs, fusions)
-    print(table)
+    results = Path(args.results or tempfile.mkdtemp(prefix="fusion-bench-"))
+    results.mkdir(parents=True, exist_ok=True)
+    print(f"[fusion] {len(args.fusions)} fusions x {args.seeds} seeds of mmfusion run --config {args.config}; "
+          f"results in {results}", flush=True)
+    start = time.perf_counter()
+    runs = [run(args, f, s, results) for s in range(args.seeds) for f in args.fusions]
+    table, lines = summarise(runs, args.fusions), per_run(runs)
+    print(f"{table}\n\n{lines}\n[fusion] done in {time.perf_counter() - start:.0f}s", flush=True)
     if args.out:
-        Path(args.out).write_text(f"{args.pre} + {args.fine} steps, {args.seeds} seeds, config {args.config}, "
-                                  f"data {Path(args.data).name}\n\n{table}\n")
+        sets = " ".join(f"--set {s}" for s in args.overrides)
+        Path(args.out).write_text(f"`python bench/fusion.py --config {args.config} --seeds {args.seeds} {sets}`\n\n"
+                                  f"{table}\n\n{lines}\n")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,14 @@ def one_round(args: argparse.Namespace, seed: int) -> dict:
         raise SystemExit(f"the run wrote no report card under {home}/evaluations")
     card = json.loads(cards[-1].read_text())
     examples = [(e["generated"], e["references"][0]) for e in card.get("examples", [])[:3]]
+    config = json.loads((Path(card["checkpoint"]) / "config.json").read_text())
+    measure = getattr(args, "measure", None)  # a caller's reading of the evaluated checkpoint
+    result = {"wall_s": wall, "metrics": card["metrics"], "examples": examples,
+              "itm_calibration": (config.get("extra") or {}).get("itm_calibration"),
+              "measured": measure(card["checkpoint"]) if measure else None}
     if not args.keep:
         subprocess.run(["rm", "-rf", str(home)], check=False)
-    return {"wall_s": wall, "metrics": card["metrics"], "examples": examples}
+    return result
 
 
 def table(rounds: list[dict]) -> str:
