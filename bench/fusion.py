@@ -74,8 +74,8 @@ def run(args: argparse.Namespace, fusion: str, seed: int, results: Path) -> dict
     print(f"[fusion] {fusion} seed {seed}: mmfusion run --config {args.config} --set model.fusion={fusion}",
           flush=True)
     learn_args = argparse.Namespace(config=args.config, overrides=[*args.overrides, f"model.fusion={fusion}"],
-                                    keep=False, measure=model_facts)
-    r = one_round(learn_args, seed)
+                                    keep=False)
+    r = one_round(learn_args, seed, measure=model_facts)
     if r["measured"]["fusion"] != fusion:
         raise SystemExit(f"the {fusion} run evaluated a {r['measured']['fusion']} model: is model.fusion set by --config?")
     result = {"fusion": fusion, "seed": seed, "wall_s": r["wall_s"], "metrics": r["metrics"],

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TARGETS = {
     "itm_acc": 0.90, "vqa_acc": 0.80, "vqa_count": 0.70, "vqa_colour": 0.70, "vqa_size": 0.70,
@@ -41,8 +43,9 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def one_round(args: argparse.Namespace, seed: int) -> dict:
-    """Run the pipeline once in a fresh state directory; its wall time and test-split metrics."""
+def one_round(args: argparse.Namespace, seed: int, measure: Callable[[str], Any] | None = None) -> dict:
+    """Run the pipeline once in a fresh state directory; its wall time and test-split metrics, and
+    `measure(checkpoint dir)` of the evaluated checkpoint, read before the directory is removed."""
     home = Path(tempfile.mkdtemp(prefix="mmfusion-learn-"))
     sets = [f"--set={s}" for s in [f"train.seed={seed}", *args.overrides]]
     cmd = [sys.executable, "-m", "mmfusion.cli", "run", "--config", args.config, *sets]
@@ -62,7 +65,6 @@ def one_round(args: argparse.Namespace, seed: int) -> dict:
     card = json.loads(cards[-1].read_text())
     examples = [(e["generated"], e["references"][0]) for e in card.get("examples", [])[:3]]
     config = json.loads((Path(card["checkpoint"]) / "config.json").read_text())
-    measure = getattr(args, "measure", None)  # a caller's reading of the evaluated checkpoint
     result = {"wall_s": wall, "metrics": card["metrics"], "examples": examples,
               "itm_calibration": (config.get("extra") or {}).get("itm_calibration"),
               "measured": measure(card["checkpoint"]) if measure else None}

@@ -49,13 +49,11 @@ class FusionHeads(nn.Module):
             self.audio_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
     @torch.no_grad()
-    def reset_itm_calibration(self) -> bool:
-        """Back to scoring ITM with the head alone; True when there were weights to reset. Training
-        moves the head, so weights fitted to the old one no longer hold."""
-        if not hasattr(self, "itm_calibration"):
-            return False
-        self.itm_calibration.copy_(torch.tensor(ITM_IDENTITY))
-        return True
+    def reset_itm_calibration(self) -> None:
+        """Back to scoring ITM with the head alone (when calibrated). Training moves the head, so
+        weights fitted to the old one no longer hold."""
+        if hasattr(self, "itm_calibration"):
+            self.itm_calibration.copy_(torch.tensor(ITM_IDENTITY))
 
     def embed_tokens(self, patches: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
         """Image patches `(B, N, D)` and text tokens `(B, L, D)` -> `(B, N, E)`, `(B, L, E)`, L2-normalised."""
